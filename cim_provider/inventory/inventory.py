@@ -1,0 +1,192 @@
+"""The merged view of every domain, kept up to date incrementally, with a change feed.
+
+Two sources feed it: libvirt (what runs now: a full snapshot after each connect, then
+one event at a time) and the Manager (what is defined: a full list each time it
+changes, or None while the Manager is away). Readers (the CIM providers) call `get`
+and `records` far more often than the sources change anything, so reads are O(1) or
+served from a cache, and every write touches only the records it concerns.
+
+Not thread-safe: everything runs on the asyncio loop.
+"""
+from __future__ import annotations
+
+import bisect
+import itertools
+import logging
+from dataclasses import dataclass
+from typing import Callable, Iterable, Literal, Mapping, Sequence
+
+from .records import DomainConfig, DomainRecord, Kind, RunningDomain
+
+log = logging.getLogger(__name__)
+
+# One counter for the whole process: a (uuid, version) pair then names one record
+# value even across Inventory instances, so a consumer's cache can never confuse two.
+_versions = itertools.count(1)
+
+
+def merge(running: Mapping[str, RunningDomain],
+          defined: Mapping[str, DomainConfig]) -> dict[str, DomainRecord]:
+    """Pure merge: one record per UUID found in either source (version left at 0)."""
+    out: dict[str, DomainRecord] = {}
+    for uuid, dom in running.items():
+        out[uuid] = DomainRecord(uuid=uuid, running=dom, defined=defined.get(uuid))
+    for uuid, cfg in defined.items():
+        if uuid not in out:
+            out[uuid] = DomainRecord(uuid=uuid, defined=cfg)
+    return out
+
+
+@dataclass(frozen=True, slots=True)
+class Change:
+    """One record created, modified or deleted; `old`/`new` are None where absent."""
+    kind: Literal["created", "modified", "deleted"]
+    uuid: str
+    old: DomainRecord | None
+    new: DomainRecord | None
+
+
+def _sort_key(rec: DomainRecord) -> tuple[str, str]:
+    return (rec.name, rec.uuid)
+
+
+class Inventory:
+    """The current records by UUID, fed by the sources, read by the providers."""
+
+    def __init__(self) -> None:
+        self._running: dict[str, RunningDomain] = {}
+        self._defined: dict[str, DomainConfig] = {}
+        self._records: dict[str, DomainRecord] = {}
+        self._keys: list[tuple[str, str]] = []          # sorted (name, uuid)
+        self._ordered: tuple[DomainRecord, ...] | None = ()
+        self._counts: dict[Kind, int] = {k: 0 for k in Kind}
+        self._subscribers: list[Callable[[Change], None]] = []
+        self.generation = 0
+        self.manager_present = False
+
+    # ---- writes -------------------------------------------------------------------
+
+    def set_running(self, running: Mapping[str, RunningDomain]) -> None:
+        """Replace the running set with a full snapshot; only real differences count."""
+        old = self._running
+        new = dict(running)
+        touched = [u for u, dom in new.items() if old.get(u) != dom]
+        touched += [u for u in old if u not in new]
+        self._running = new
+        self._apply(touched)
+
+    def update_running(self, uuid: str, dom: RunningDomain | None) -> None:
+        """Apply one libvirt event: `dom` is the domain now, None when it stopped."""
+        if dom is None:
+            if self._running.pop(uuid, None) is None:
+                return
+        else:
+            if self._running.get(uuid) == dom:
+                return
+            self._running[uuid] = dom
+        self._apply((uuid,))
+
+    def set_defined(self, defined: Mapping[str, DomainConfig] | None) -> None:
+        """Replace the Manager's definitions; None means the Manager is absent."""
+        self.manager_present = defined is not None
+        old = self._defined
+        new = dict(defined) if defined is not None else {}
+        touched = [u for u, cfg in new.items() if old.get(u) != cfg]
+        touched += [u for u in old if u not in new]
+        self._defined = new
+        self._apply(touched)
+
+    # ---- reads --------------------------------------------------------------------
+
+    def get(self, uuid: str) -> DomainRecord | None:
+        return self._records.get(uuid)
+
+    def records(self) -> Sequence[DomainRecord]:
+        """Every record ordered by name then UUID; the same tuple until the next change."""
+        if self._ordered is None:
+            recs = self._records
+            self._ordered = tuple(recs[u] for _, u in self._keys)
+        return self._ordered
+
+    def __len__(self) -> int:
+        return len(self._records)
+
+    def __contains__(self, uuid: object) -> bool:
+        return uuid in self._records
+
+    def counts(self) -> dict[Kind, int]:
+        return dict(self._counts)
+
+    @property
+    def running(self) -> Mapping[str, RunningDomain]:
+        return self._running
+
+    @property
+    def defined(self) -> Mapping[str, DomainConfig]:
+        return self._defined
+
+    def subscribe(self, callback: Callable[[Change], None]) -> Callable[[], None]:
+        """Call `callback` with each Change after it is applied; returns unsubscribe."""
+        self._subscribers.append(callback)
+
+        def unsubscribe() -> None:
+            try:
+                self._subscribers.remove(callback)
+            except ValueError:
+                pass
+        return unsubscribe
+
+    # ---- internals ----------------------------------------------------------------
+
+    def _apply(self, uuids: Iterable[str]) -> None:
+        """Recompute the given records; notify only after all of them are in place."""
+        changes: list[Change] = []
+        for uuid in uuids:
+            change = self._recompute(uuid)
+            if change is not None:
+                changes.append(change)
+        if not changes:
+            return
+        self._ordered = None
+        for change in changes:
+            for cb in tuple(self._subscribers):
+                try:
+                    cb(change)
+                except Exception:  # a broken consumer must not break the sources
+                    log.exception("inventory subscriber %r failed on %s %s",
+                                  cb, change.kind, change.uuid)
+
+    def _recompute(self, uuid: str) -> Change | None:
+        old = self._records.get(uuid)
+        run = self._running.get(uuid)
+        cfg = self._defined.get(uuid)
+        if run is None and cfg is None:
+            if old is None:
+                return None
+            del self._records[uuid]
+            self._remove_key(_sort_key(old))
+            self._counts[old.kind] -= 1
+            self.generation += 1
+            return Change("deleted", uuid, old, None)
+        if old is not None and old.running == run and old.defined == cfg:
+            return None
+        new = DomainRecord(uuid=uuid, running=run, defined=cfg, version=next(_versions))
+        self._records[uuid] = new
+        self._counts[new.kind] += 1
+        self.generation += 1
+        if old is None:
+            bisect.insort(self._keys, _sort_key(new))
+            return Change("created", uuid, None, new)
+        self._counts[old.kind] -= 1
+        if old.name != new.name:
+            self._remove_key(_sort_key(old))
+            bisect.insort(self._keys, _sort_key(new))
+        return Change("modified", uuid, old, new)
+
+    def _remove_key(self, key: tuple[str, str]) -> None:
+        i = bisect.bisect_left(self._keys, key)
+        if i < len(self._keys) and self._keys[i] == key:
+            del self._keys[i]
+        else:  # never expected; keep the order list honest rather than crash
+            log.error("inventory order list lost key %r", key)
+            self._keys = sorted(_sort_key(r) for r in self._records.values())
