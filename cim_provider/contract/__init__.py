@@ -1,1 +1,301 @@
+"""The org.example.virt.Manager contract: its introspection XML, names, and the mapping.
 
+The XML beside this file is the single contract; the client and the reference service
+both load it from here. This module is also the ONE place that maps between the
+contract's dicts (`a{sv}`) and `DomainConfig`. Data from a Manager is untrusted input:
+`config_from_dbus` checks every type and size and raises `InvalidEntry` (a ValueError)
+with a human reason instead of letting odd data reach the inventory.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any
+
+from ..inventory.records import Disk, DomainConfig, Nic
+from ..sources.domxml import canonical_uuid
+from .bus import Variant, intr
+
+log = logging.getLogger(__name__)
+
+BUS_NAME = "org.example.virt"
+OBJECT_PATH = "/org/example/virt/Manager"
+INTERFACE = "org.example.virt.Manager"
+CONTRACT_FILE = "org.example.virt.Manager.xml"
+
+ERROR_PREFIX = "org.example.virt.Error."
+ERROR_NOT_FOUND = ERROR_PREFIX + "NotFound"
+ERROR_ALREADY_RUNNING = ERROR_PREFIX + "AlreadyRunning"
+ERROR_REFUSED = ERROR_PREFIX + "Refused"
+ERROR_INVALID_ARGUMENT = ERROR_PREFIX + "InvalidArgument"
+ERROR_NOT_SUPPORTED = ERROR_PREFIX + "NotSupported"
+ERROR_FAILED = ERROR_PREFIX + "Failed"
+ERRORS = (ERROR_NOT_FOUND, ERROR_ALREADY_RUNNING, ERROR_REFUSED, ERROR_INVALID_ARGUMENT,
+          ERROR_NOT_SUPPORTED, ERROR_FAILED)
+
+REQUIRED_METHODS = frozenset({"ListInactiveDomains", "StartDomain"})
+CHANGE_SIGNALS = frozenset({"DomainDefined", "DomainUndefined", "DomainChanged"})
+
+# Limits past which a value is "absurd" rather than merely large.
+MAX_VCPUS = 4096
+MAX_MEMORY_KIB = 16 * 2 ** 60 // 1024      # 16 EiB
+MAX_CAPACITY_BYTES = 16 * 2 ** 60          # 16 EiB
+MAX_STRING = 4096
+MAX_DEVICES = 256
+
+# The D-Bus type of every key the contract defines (unknown keys are ignored).
+DOMAIN_KEYS: dict[str, str] = {
+    "UUID": "s", "Name": "s", "Title": "s", "Type": "s", "OSType": "s", "Arch": "s",
+    "VCPUs": "u", "MemoryKiB": "t", "MaxMemoryKiB": "t", "Autostart": "b",
+    "Disks": "aa{sv}", "NICs": "aa{sv}", "Active": "b",
+}
+DISK_KEYS: dict[str, str] = {"Target": "s", "Source": "s", "Device": "s", "Bus": "s",
+                             "CapacityBytes": "t"}
+NIC_KEYS: dict[str, str] = {"MAC": "s", "Type": "s", "Source": "s", "Model": "s"}
+
+_MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
+
+
+class InvalidEntry(ValueError):
+    """A dict from (or for) a Manager that does not satisfy the contract."""
+
+
+# ---------------------------------------------------------------- the XML contract
+
+@dataclass(frozen=True, slots=True)
+class Member:
+    """One member of the interface as the contract declares it."""
+    kind: str            # "method" | "signal" | "property"
+    name: str
+    in_signature: str = ""
+    out_signature: str = ""   # a signal's or a property's type goes here
+    access: str = ""          # properties only: read | write | readwrite
+
+
+@functools.cache
+def contract_xml() -> str:
+    """The introspection XML, read from the package (works from a wheel or a zip too)."""
+    return resources.files(__package__).joinpath(CONTRACT_FILE).read_text(encoding="utf-8")
+
+
+def contract_interface() -> intr.Interface:
+    """The contract's interface, parsed by the D-Bus library in use."""
+    node = intr.Node.parse(contract_xml())
+    for iface in node.interfaces:
+        if iface.name == INTERFACE:
+            return iface
+    raise RuntimeError(f"{CONTRACT_FILE} does not declare {INTERFACE}")
+
+
+def interface_members(iface: intr.Interface) -> dict[str, Member]:
+    """Members of a parsed interface, in a library-neutral form for comparisons."""
+    out: dict[str, Member] = {}
+    for m in iface.methods:
+        out[m.name] = Member("method", m.name, m.in_signature, m.out_signature)
+    for s in iface.signals:
+        out[s.name] = Member("signal", s.name, "", s.signature)
+    for p in iface.properties:
+        access = getattr(p.access, "value", p.access)
+        out[p.name] = Member("property", p.name, "", p.signature, str(access))
+    return out
+
+
+@functools.cache
+def members() -> Mapping[str, Member]:
+    """Every member of the contract by name."""
+    return interface_members(contract_interface())
+
+
+def compare_members(offered: Mapping[str, Member]) -> list[str]:
+    """Differences between `offered` and the contract, as sentences (empty: identical)."""
+    problems = []
+    contract = members()
+    for name, m in contract.items():
+        got = offered.get(name)
+        if got is None:
+            problems.append(f"{m.kind} {name} is missing")
+        elif got != m:
+            problems.append(f"{m.kind} {name} is declared as {got}, the contract says {m}")
+    for name in offered.keys() - contract.keys():
+        problems.append(f"{offered[name].kind} {name} is not in the contract")
+    return problems
+
+
+# ---------------------------------------------------------------- dicts <-> DomainConfig
+
+def _value(d: Mapping[str, Any], key: str, sig: str, where: str) -> Any:
+    """The plain value of d[key] if present with the declared type, else None."""
+    v = d.get(key)
+    if v is None:
+        return None
+    if not isinstance(v, Variant):
+        raise InvalidEntry(f"{where}{key} is not a variant")
+    if v.signature != sig:
+        raise InvalidEntry(f"{where}{key} has D-Bus type '{v.signature}', expected '{sig}'")
+    value = v.value
+    if sig == "s":
+        if not isinstance(value, str):
+            raise InvalidEntry(f"{where}{key} is not a string")
+        if len(value) > MAX_STRING:
+            raise InvalidEntry(f"{where}{key} is longer than {MAX_STRING} characters")
+        if "\0" in value:
+            raise InvalidEntry(f"{where}{key} contains a NUL character")
+    elif sig in ("u", "t"):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidEntry(f"{where}{key} is not an integer")
+        if value < 0:
+            raise InvalidEntry(f"{where}{key} is negative")
+    elif sig == "b":
+        if not isinstance(value, bool):
+            # D-Bus booleans arrive as bool; an int here is a type confusion.
+            raise InvalidEntry(f"{where}{key} is not a boolean")
+    elif sig == "aa{sv}":
+        if not isinstance(value, (list, tuple)):
+            raise InvalidEntry(f"{where}{key} is not an array")
+        if len(value) > MAX_DEVICES:
+            raise InvalidEntry(f"{where}{key} has {len(value)} entries (more than {MAX_DEVICES})")
+        for item in value:
+            if not isinstance(item, Mapping):
+                raise InvalidEntry(f"{where}{key} holds something that is not a dict")
+    return value
+
+
+def _opt_str(d: Mapping[str, Any], key: str, where: str = "") -> str | None:
+    """Optional strings: an empty one means "not set"."""
+    return _value(d, key, "s", where) or None
+
+
+def _disk(d: Mapping[str, Any], i: int) -> Disk:
+    where = f"Disks[{i}]."
+    target = (_value(d, "Target", "s", where) or "").strip()
+    if not target:
+        raise InvalidEntry(f"{where}Target is missing or empty")
+    capacity = _value(d, "CapacityBytes", "t", where)
+    if capacity is not None and capacity > MAX_CAPACITY_BYTES:
+        raise InvalidEntry(f"{where}CapacityBytes {capacity} is more than 16 EiB")
+    return Disk(target=target, source=_opt_str(d, "Source", where),
+                device=_opt_str(d, "Device", where) or "disk",
+                bus=_opt_str(d, "Bus", where), capacity_bytes=capacity)
+
+
+def _nic(d: Mapping[str, Any], i: int) -> Nic:
+    where = f"NICs[{i}]."
+    mac = (_value(d, "MAC", "s", where) or "").strip().lower()
+    if not _MAC.match(mac):
+        raise InvalidEntry(f"{where}MAC {mac!r} is not a MAC address")
+    return Nic(mac=mac, type=_opt_str(d, "Type", where), source=_opt_str(d, "Source", where),
+               model=_opt_str(d, "Model", where))
+
+
+def config_from_dbus(d: Any) -> DomainConfig:
+    """A contract dict (`a{sv}`, values are Variants) as a DomainConfig, or InvalidEntry.
+
+    Unknown keys (and `Active`, which is not configuration) are ignored.
+    """
+    if not isinstance(d, Mapping):
+        raise InvalidEntry("entry is not a dict")
+    if not all(isinstance(k, str) for k in d):
+        raise InvalidEntry("entry has a key that is not a string")
+    raw_uuid = _value(d, "UUID", "s", "")
+    if raw_uuid is None:
+        raise InvalidEntry("UUID is missing")
+    uuid = canonical_uuid(raw_uuid)
+    if uuid is None:
+        raise InvalidEntry(f"UUID {raw_uuid[:80]!r} is not a UUID")
+    name = (_value(d, "Name", "s", "") or "").strip()
+    if not name:
+        raise InvalidEntry("Name is missing or empty")
+    vcpus = _value(d, "VCPUs", "u", "")
+    if vcpus is not None and not 1 <= vcpus <= MAX_VCPUS:
+        raise InvalidEntry(f"VCPUs {vcpus} is not between 1 and {MAX_VCPUS}")
+    memory = _value(d, "MemoryKiB", "t", "")
+    max_memory = _value(d, "MaxMemoryKiB", "t", "")
+    for key, v in (("MemoryKiB", memory), ("MaxMemoryKiB", max_memory)):
+        if v is not None and v > MAX_MEMORY_KIB:
+            raise InvalidEntry(f"{key} {v} is more than 16 EiB")
+    _value(d, "Active", "b", "")      # checked so a wrong type is reported, not used here
+    disks = tuple(_disk(x, i) for i, x in enumerate(_value(d, "Disks", "aa{sv}", "") or ()))
+    nics = tuple(_nic(x, i) for i, x in enumerate(_value(d, "NICs", "aa{sv}", "") or ()))
+    if len({x.target for x in disks}) != len(disks):
+        raise InvalidEntry("two disks have the same Target")
+    if len({x.mac for x in nics}) != len(nics):
+        raise InvalidEntry("two NICs have the same MAC")
+    return DomainConfig(
+        uuid=uuid, name=name, title=_opt_str(d, "Title"), type=_opt_str(d, "Type"),
+        os_type=_opt_str(d, "OSType"), arch=_opt_str(d, "Arch"), vcpus=vcpus,
+        memory_kib=memory, max_memory_kib=max_memory,
+        autostart=_value(d, "Autostart", "b", ""), disks=disks, nics=nics)
+
+
+def active_from_dbus(d: Mapping[str, Any]) -> bool:
+    """The `Active` key of a ListDomains entry (absent means not running)."""
+    return bool(_value(d, "Active", "b", ""))
+
+
+def config_to_values(cfg: DomainConfig) -> dict[str, Any]:
+    """A DomainConfig as contract keys with plain Python values (None fields left out)."""
+    out: dict[str, Any] = {"UUID": cfg.uuid, "Name": cfg.name}
+    for key, v in (("Title", cfg.title), ("Type", cfg.type), ("OSType", cfg.os_type),
+                   ("Arch", cfg.arch), ("VCPUs", cfg.vcpus), ("MemoryKiB", cfg.memory_kib),
+                   ("MaxMemoryKiB", cfg.max_memory_kib), ("Autostart", cfg.autostart)):
+        if v is not None:
+            out[key] = v
+    if cfg.disks:
+        out["Disks"] = [
+            {k: v for k, v in (("Target", x.target), ("Source", x.source), ("Device", x.device),
+                               ("Bus", x.bus), ("CapacityBytes", x.capacity_bytes))
+             if v is not None}
+            for x in cfg.disks]
+    if cfg.nics:
+        out["NICs"] = [
+            {k: v for k, v in (("MAC", x.mac), ("Type", x.type), ("Source", x.source),
+                               ("Model", x.model)) if v is not None}
+            for x in cfg.nics]
+    return out
+
+
+def _to_variant(key: str, value: Any, sig: str) -> Variant:
+    if isinstance(value, Variant):
+        return value
+    if sig == "aa{sv}":
+        inner = DISK_KEYS if key == "Disks" else NIC_KEYS
+        if not isinstance(value, (list, tuple)):
+            raise InvalidEntry(f"{key} must be a list of dicts")
+        value = [values_to_dbus(item, inner) for item in value]
+    try:
+        return Variant(sig, value)
+    except Exception as exc:  # each library has its own error types for this
+        raise InvalidEntry(f"{key}: {value!r} is not a valid '{sig}' ({exc})") from None
+
+
+def values_to_dbus(values: Mapping[str, Any],
+                   keys: Mapping[str, str] = DOMAIN_KEYS) -> dict[str, Variant]:
+    """Plain Python values -> `a{sv}`, using the types the contract declares per key.
+
+    Values that already are Variants pass through; a key the contract does not know
+    cannot be typed and is refused.
+    """
+    if not isinstance(values, Mapping):
+        raise InvalidEntry("expected a dict")
+    out: dict[str, Variant] = {}
+    for key, value in values.items():
+        sig = keys.get(key)
+        if sig is None:
+            if isinstance(value, Variant):
+                out[key] = value
+                continue
+            raise InvalidEntry(f"unknown key {key!r}: pass a Variant to send it anyway")
+        out[key] = _to_variant(key, value, sig)
+    return out
+
+
+def config_to_dbus(cfg: DomainConfig, active: bool | None = None) -> dict[str, Variant]:
+    """A DomainConfig as a contract dict; `active` adds the ListDomains key `Active`."""
+    values = config_to_values(cfg)
+    if active is not None:
+        values["Active"] = bool(active)
+    return values_to_dbus(values)
