@@ -1,0 +1,695 @@
+"""Operation dispatch: the generic CIM rules of DSP0200, applied once for every class.
+
+The dispatcher validates parameters, resolves classes in the repository, fans
+enumerations out to the providers of every subclass, walks associations, applies
+PropertyList / DeepInheritance / LocalOnly / IncludeQualifiers / IncludeClassOrigin,
+manages pull contexts and turns everything into CIM-XML fragments. Providers only
+produce complete instances (see provider.py for the contract).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import pywbem
+from pywbem import (CIMClass, CIMClassName, CIMDateTime, CIMError, CIMInstance,
+                    CIMInstanceName)
+from pywbem._tupleparse import TupleParser
+
+from . import writer as w
+from .provider import AssociationProvider, Provider, Registry, path_key
+from .pull import PullContexts
+from .repository import Namespace, Repository
+from .request import CIMRequest
+
+log = logging.getLogger(__name__)
+
+_REQUIRED = object()
+
+
+@dataclass
+class OperationContext:
+    """Who is asking: filled in by the HTTP front (authentication arrives later)."""
+    client: str = "local"
+    user: str | None = None
+    role: str = "operator"           # reader | operator
+
+
+@dataclass
+class Result:
+    """What an operation produced: IRETURNVALUE content (None = no IRETURNVALUE)
+    and extra output PARAMVALUEs (pull operations)."""
+    body: list[str] | None
+    params: list[str] | None = None
+
+
+# --- parameter conversion -----------------------------------------------------
+
+def _as_bool(name: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "false"):
+        return v.strip().lower() == "true"
+    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} must be a boolean")
+
+
+def _as_uint32(name: str, v: Any) -> int:
+    try:
+        n = int(v.strip()) if isinstance(v, str) else int(v)
+    except (TypeError, ValueError):
+        raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} must be a uint32") from None
+    if not 0 <= n <= 0xFFFFFFFF:
+        raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} out of range for uint32")
+    return n
+
+
+def _as_str(name: str, v: Any) -> str:
+    if isinstance(v, str):
+        return v
+    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} must be a string")
+
+
+def _as_strlist(name: str, v: Any) -> list[str]:
+    if isinstance(v, str):
+        return [v]
+    if isinstance(v, list) and all(isinstance(x, str) for x in v):
+        return v
+    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} must be an array of strings")
+
+
+def _as_classname(name: str, v: Any) -> str:
+    if isinstance(v, CIMClassName):
+        return v.classname
+    if isinstance(v, str) and v:
+        return v
+    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} must be a class name")
+
+
+def _as_instancename(name: str, v: Any) -> CIMInstanceName:
+    if isinstance(v, CIMInstanceName):
+        return v
+    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} must be an instance name")
+
+
+def _as_objectname(name: str, v: Any) -> CIMInstanceName | CIMClassName:
+    if isinstance(v, (CIMInstanceName, CIMClassName)):
+        return v
+    if isinstance(v, str) and v:
+        return CIMClassName(v)
+    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} must be a class or instance name")
+
+
+B, U32, S, SL, CN, IN, ON = _as_bool, _as_uint32, _as_str, _as_strlist, _as_classname, \
+    _as_instancename, _as_objectname
+
+_PULL_OPEN = {"FilterQueryLanguage": (S, None), "FilterQuery": (S, None),
+              "OperationTimeout": (U32, None), "ContinueOnError": (B, False),
+              "MaxObjectCount": (U32, 0)}
+_ASSOC = {"AssocClass": (CN, None), "ResultClass": (CN, None), "Role": (S, None),
+          "ResultRole": (S, None)}
+_REF = {"ResultClass": (CN, None), "Role": (S, None)}
+_INST_OUT = {"IncludeQualifiers": (B, False), "IncludeClassOrigin": (B, False),
+             "PropertyList": (SL, None)}
+
+# DSP0200 intrinsic methods: parameter -> (converter, default). Defaults are DSP0200's.
+SIGNATURES: dict[str, dict[str, tuple[Callable, Any]]] = {
+    "GetClass": {"ClassName": (CN, _REQUIRED), "LocalOnly": (B, True),
+                 "IncludeQualifiers": (B, True), "IncludeClassOrigin": (B, False),
+                 "PropertyList": (SL, None)},
+    "EnumerateClasses": {"ClassName": (CN, None), "DeepInheritance": (B, False),
+                         "LocalOnly": (B, True), "IncludeQualifiers": (B, True),
+                         "IncludeClassOrigin": (B, False)},
+    "EnumerateClassNames": {"ClassName": (CN, None), "DeepInheritance": (B, False)},
+    "GetQualifier": {"QualifierName": (S, _REQUIRED)},
+    "EnumerateQualifiers": {},
+    "GetInstance": {"InstanceName": (IN, _REQUIRED), "LocalOnly": (B, False), **_INST_OUT},
+    "EnumerateInstances": {"ClassName": (CN, _REQUIRED), "LocalOnly": (B, False),
+                           "DeepInheritance": (B, True), **_INST_OUT},
+    "EnumerateInstanceNames": {"ClassName": (CN, _REQUIRED)},
+    "Associators": {"ObjectName": (ON, _REQUIRED), **_ASSOC, **_INST_OUT},
+    "AssociatorNames": {"ObjectName": (ON, _REQUIRED), **_ASSOC},
+    "References": {"ObjectName": (ON, _REQUIRED), **_REF, **_INST_OUT},
+    "ReferenceNames": {"ObjectName": (ON, _REQUIRED), **_REF},
+    "OpenEnumerateInstances": {"ClassName": (CN, _REQUIRED), "DeepInheritance": (B, True),
+                               "IncludeClassOrigin": (B, False), "PropertyList": (SL, None),
+                               **_PULL_OPEN},
+    "OpenEnumerateInstancePaths": {"ClassName": (CN, _REQUIRED), **_PULL_OPEN},
+    "OpenAssociatorInstances": {"InstanceName": (IN, _REQUIRED), **_ASSOC,
+                                "IncludeClassOrigin": (B, False), "PropertyList": (SL, None),
+                                **_PULL_OPEN},
+    "OpenAssociatorInstancePaths": {"InstanceName": (IN, _REQUIRED), **_ASSOC, **_PULL_OPEN},
+    "OpenReferenceInstances": {"InstanceName": (IN, _REQUIRED), **_REF,
+                               "IncludeClassOrigin": (B, False), "PropertyList": (SL, None),
+                               **_PULL_OPEN},
+    "OpenReferenceInstancePaths": {"InstanceName": (IN, _REQUIRED), **_REF, **_PULL_OPEN},
+    "PullInstancesWithPath": {"EnumerationContext": (S, _REQUIRED),
+                              "MaxObjectCount": (U32, _REQUIRED)},
+    "PullInstancePaths": {"EnumerationContext": (S, _REQUIRED),
+                          "MaxObjectCount": (U32, _REQUIRED)},
+    "CloseEnumeration": {"EnumerationContext": (S, _REQUIRED)},
+}
+_SIG_BY_LOWER = {k.lower(): k for k in SIGNATURES}
+
+# Operations a read-only server answers with CIM_ERR_NOT_SUPPORTED (DSP0200 allows it).
+UNSUPPORTED = {n.lower() for n in (
+    "CreateClass", "ModifyClass", "DeleteClass", "CreateInstance", "ModifyInstance",
+    "DeleteInstance", "SetQualifier", "DeleteQualifier", "GetProperty", "SetProperty",
+    "ExecQuery", "OpenQueryInstances", "EnumerationCount")}
+
+
+def _convert_params(op: str, sent: dict[str, Any]) -> dict[str, Any]:
+    sig = SIGNATURES[op]
+    lower = {k.lower(): k for k in sig}
+    out: dict[str, Any] = {}
+    for name, value in sent.items():
+        canon = lower.get(name.lower())
+        if canon is None:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                           f"{op} has no parameter {name[:64]!r}")
+        conv, default = sig[canon]
+        # A NULL value (IPARAMVALUE without child) means "use the default".
+        out[canon] = (None if default is _REQUIRED else default) if value is None \
+            else conv(canon, value)
+    for canon, (_conv, default) in sig.items():
+        if canon not in out:
+            if default is _REQUIRED:
+                raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                               f"{op} requires parameter {canon}")
+            out[canon] = default
+        elif out[canon] is None and default is _REQUIRED:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{canon} must not be NULL")
+    return out
+
+
+def convert_value(value: Any, cimtype: str, is_array: bool, what: str) -> Any:
+    """A method parameter or key value, as sent, converted to the declared CIM type."""
+    if value is None:
+        return None
+    if is_array:
+        if not isinstance(value, list):
+            value = [value]
+        return [convert_value(v, cimtype, False, what) for v in value]
+    if isinstance(value, list):
+        raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{what} must not be an array")
+    try:
+        if cimtype == "reference":
+            if isinstance(value, CIMInstanceName):
+                return value
+            raise ValueError("not a reference")
+        if cimtype == "string":
+            if isinstance(value, (CIMInstance, CIMClass)):
+                return value       # an embedded object given as such
+            if isinstance(value, bool):
+                raise ValueError("boolean given for a string")
+            return value if isinstance(value, str) else str(value)
+        if cimtype == "boolean":
+            if isinstance(value, bool):
+                return value
+            if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+                return value.strip().lower() == "true"
+            raise ValueError("not a boolean")
+        if cimtype == "datetime":
+            return value if isinstance(value, CIMDateTime) else CIMDateTime(str(value))
+        if cimtype == "char16":
+            s = str(value)
+            if len(s) != 1:
+                raise ValueError("char16 needs one character")
+            return pywbem.Char16(s)
+        if cimtype in ("real32", "real64"):
+            if isinstance(value, bool):
+                raise ValueError("boolean given for a real")
+            return pywbem.type_from_name(cimtype)(float(value))
+        if isinstance(value, bool):
+            raise ValueError("boolean given for an integer")
+        if isinstance(value, str):
+            value = TupleParser().unpack_numeric(value, cimtype)
+        return pywbem.type_from_name(cimtype)(int(value))
+    except CIMError:
+        raise
+    except Exception as exc:
+        raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                       f"{what}: invalid {cimtype} value ({_short(exc)})") from None
+
+
+def _short(exc: object, limit: int = 200) -> str:
+    s = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return s if len(s) <= limit else s[:limit] + "..."
+
+
+class Dispatcher:
+    """Runs one parsed request against the repository and the providers."""
+
+    def __init__(self, repo: Repository, registry: Registry, host: str,
+                 pulls: PullContexts | None = None):
+        self.repo = repo
+        self.registry = registry
+        self.host = host
+        self.pulls = pulls or PullContexts()
+        self._keys: dict[tuple[str, str], list] = {}
+
+    # -- entry point ---------------------------------------------------------
+
+    async def handle(self, req: CIMRequest, ctx: OperationContext) -> list[str]:
+        """Response body pieces for a parsed request; CIM errors become ERROR."""
+        try:
+            if req.intrinsic:
+                res = await self._intrinsic(req, ctx)
+                inner = []
+                if res.body is not None:
+                    inner = ["<IRETURNVALUE>", *res.body, "</IRETURNVALUE>"]
+                inner += res.params or []
+            else:
+                inner = await self._extrinsic(req, ctx)
+        except CIMError as exc:
+            log.info("%s in %s: %s %s", req.method, req.namespace, exc.status_code_name,
+                     exc.status_description)
+            inner = [w.error_xml(exc.status_code, exc.status_description or "")]
+        except Exception:
+            log.exception("internal error in %s", req.method)
+            inner = [w.error_xml(pywbem.CIM_ERR_FAILED, "internal error; see the server log")]
+        return [w.message_start(req.msg_id, req.intrinsic, req.method), *inner,
+                w.message_end(req.intrinsic)]
+
+    async def _intrinsic(self, req: CIMRequest, ctx: OperationContext) -> Result:
+        lname = req.method.lower()
+        op = _SIG_BY_LOWER.get(lname)
+        if op is None:
+            if lname in UNSUPPORTED:
+                raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED, f"{req.method} is not supported")
+            raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
+                           f"unknown intrinsic method {req.method[:64]!r}")
+        ns = self.repo.namespace(req.namespace)
+        params = _convert_params(op, req.params)
+        return await getattr(self, "op_" + op)(ns, params, ctx)
+
+    # -- classes and qualifiers -----------------------------------------------
+
+    def _class(self, ns: Namespace, name: str, missing: int = pywbem.CIM_ERR_INVALID_CLASS) -> CIMClass:
+        cls = ns.get(name)
+        if cls is None:
+            raise CIMError(missing, f"class {name[:128]!r} does not exist in {ns.name}")
+        return cls
+
+    @staticmethod
+    def _class_view(cls: CIMClass, local_only: bool, property_list: list[str] | None) -> CIMClass:
+        if not local_only and property_list is None:
+            return cls
+        out = cls.copy()
+        wanted = None if property_list is None else {p.lower() for p in property_list}
+        for name in list(out.properties):
+            p = out.properties[name]
+            if (local_only and p.propagated) or (wanted is not None and name.lower() not in wanted):
+                del out.properties[name]
+        if local_only:
+            for name in list(out.methods):
+                if out.methods[name].propagated:
+                    del out.methods[name]
+        return out
+
+    async def op_GetClass(self, ns: Namespace, p: dict, ctx) -> Result:
+        cls = self._class(ns, p["ClassName"], pywbem.CIM_ERR_NOT_FOUND)
+        view = self._class_view(cls, p["LocalOnly"], p["PropertyList"])
+        return Result([w.class_xml(view, qualifiers=p["IncludeQualifiers"],
+                                   class_origin=p["IncludeClassOrigin"])])
+
+    def _class_names(self, ns: Namespace, p: dict) -> list[str]:
+        if p["ClassName"] is not None:
+            self._class(ns, p["ClassName"])
+        return ns.subclasses(p["ClassName"], p["DeepInheritance"])
+
+    async def op_EnumerateClasses(self, ns: Namespace, p: dict, ctx) -> Result:
+        out = []
+        for name in self._class_names(ns, p):
+            view = self._class_view(ns.get(name), p["LocalOnly"], None)
+            out.append(w.class_xml(view, qualifiers=p["IncludeQualifiers"],
+                                   class_origin=p["IncludeClassOrigin"]))
+        return Result(out)
+
+    async def op_EnumerateClassNames(self, ns: Namespace, p: dict, ctx) -> Result:
+        return Result([w.classname_xml(n) for n in self._class_names(ns, p)])
+
+    async def op_GetQualifier(self, ns: Namespace, p: dict, ctx) -> Result:
+        q = ns.qualifiers.get(p["QualifierName"].lower())
+        if q is None:
+            raise CIMError(pywbem.CIM_ERR_NOT_FOUND,
+                           f"qualifier {p['QualifierName'][:64]!r} is not declared")
+        return Result([w.qualifier_declaration_xml(q)])
+
+    async def op_EnumerateQualifiers(self, ns: Namespace, p: dict, ctx) -> Result:
+        return Result([w.qualifier_declaration_xml(q) for q in ns.qualifiers.values()])
+
+    # -- instances --------------------------------------------------------------
+
+    def key_properties(self, ns: Namespace, cls: CIMClass) -> list:
+        k = (ns.name, cls.classname.lower())
+        keys = self._keys.get(k)
+        if keys is None:
+            keys = [p for p in cls.properties.values()
+                    if p.qualifiers.get("Key") is not None and p.qualifiers["Key"].value]
+            self._keys[k] = keys
+        return keys
+
+    def normalize_path(self, ns: Namespace, path: CIMInstanceName,
+                       unknown_class: int = pywbem.CIM_ERR_INVALID_CLASS) -> CIMInstanceName:
+        """The path with the class's exact key names and declared types, in `ns`.
+
+        Missing, extra or unconvertible keys name no instance: CIM_ERR_NOT_FOUND.
+        """
+        if path.namespace and path.namespace.strip("/").lower() != ns.name.lower():
+            ns = self.repo.namespace(path.namespace)
+        cls = self._class(ns, path.classname, unknown_class)
+        keys = self.key_properties(ns, cls)
+        sent = {k.lower(): v for k, v in path.keybindings.items()}
+        if len(sent) != len(path.keybindings) or set(sent) != {p.name.lower() for p in keys}:
+            raise CIMError(pywbem.CIM_ERR_NOT_FOUND,
+                           f"keys of {cls.classname} are "
+                           f"{', '.join(p.name for p in keys)}; the path does not match")
+        kb = {}
+        for prop in keys:
+            try:
+                value = convert_value(sent[prop.name.lower()], prop.type, False, prop.name)
+                if prop.type == "reference":
+                    value = self.normalize_path(ns, value, pywbem.CIM_ERR_NOT_FOUND)
+            except CIMError as exc:
+                raise CIMError(pywbem.CIM_ERR_NOT_FOUND,
+                               f"no instance with that key: {exc.status_description}") from None
+            kb[prop.name] = value
+        return CIMInstanceName(cls.classname, kb, namespace=ns.name)
+
+    def _providers_for(self, ns: Namespace, classname: str) -> list[tuple[str, Provider]]:
+        """(leaf class, provider) for every registered class at or under `classname`."""
+        out = []
+        for leaf in self.registry.classes(ns.name):
+            if ns.is_subclass(leaf, classname):
+                cls = ns.get(leaf)
+                if cls is not None:
+                    out.append((cls.classname, self.registry.provider(ns.name, leaf)))
+        return out
+
+    async def _enumerate(self, ns: Namespace, classname: str) -> list[CIMInstance]:
+        out: list[CIMInstance] = []
+        for leaf, prov in self._providers_for(ns, classname):
+            out.extend(await prov.enumerate_instances(leaf))
+        return out
+
+    async def _enumerate_names(self, ns: Namespace, classname: str) -> list[CIMInstanceName]:
+        out: list[CIMInstanceName] = []
+        for leaf, prov in self._providers_for(ns, classname):
+            out.extend(await prov.enumerate_instance_names(leaf))
+        return out
+
+    async def get_instance(self, path: CIMInstanceName, ns: Namespace | None = None) -> CIMInstance:
+        """A normalized path -> the provider's instance (used by associations too)."""
+        ns = ns or self.repo.namespace(path.namespace)
+        prov = self.registry.provider(ns.name, path.classname)
+        if prov is None:
+            raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no instance {path}")
+        return await prov.get_instance(path)
+
+    def _allowed(self, ns: Namespace, classname: str, deep: bool,
+                 property_list: list[str] | None) -> set[str] | None:
+        allowed = None if property_list is None else {p.lower() for p in property_list}
+        if not deep:
+            own = {n.lower() for n in ns.get(classname).properties}
+            allowed = own if allowed is None else allowed & own
+        return allowed
+
+    def _view(self, ns: Namespace, inst: CIMInstance, allowed: set[str] | None,
+              class_origin: bool) -> CIMInstance:
+        """The instance as the client asked for it; the provider's object if unchanged."""
+        if allowed is None and not class_origin:
+            return inst
+        props = {}
+        cls = ns.get(inst.classname) if class_origin else None
+        for name, prop in inst.properties.items():
+            if allowed is not None and name.lower() not in allowed:
+                continue
+            if cls is not None and name in cls.properties:
+                prop = prop.copy()
+                prop.class_origin = cls.properties[name].class_origin
+                prop.propagated = cls.properties[name].propagated
+            props[name] = prop
+        return CIMInstance(inst.classname, properties=props, path=inst.path)
+
+    async def op_GetInstance(self, ns: Namespace, p: dict, ctx) -> Result:
+        path = self.normalize_path(ns, p["InstanceName"])
+        inst = await self.get_instance(path, ns)
+        view = self._view(ns, inst, self._allowed(ns, inst.classname, True, p["PropertyList"]),
+                          p["IncludeClassOrigin"])
+        return Result([w.instance_xml(view, class_origin=p["IncludeClassOrigin"])])
+
+    async def op_EnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
+        cls = self._class(ns, p["ClassName"])
+        allowed = self._allowed(ns, cls.classname, p["DeepInheritance"], p["PropertyList"])
+        co = p["IncludeClassOrigin"]
+        return Result([w.value_namedinstance_xml(
+            inst, w.instance_xml(self._view(ns, inst, allowed, co), class_origin=co))
+            for inst in await self._enumerate(ns, cls.classname)])
+
+    async def op_EnumerateInstanceNames(self, ns: Namespace, p: dict, ctx) -> Result:
+        cls = self._class(ns, p["ClassName"])
+        return Result([w.instancename_xml(path)
+                       for path in await self._enumerate_names(ns, cls.classname)])
+
+    # -- associations ---------------------------------------------------------------
+
+    def _assoc_classes(self, ns: Namespace, filter_class: str | None) -> list[tuple[str, AssociationProvider]]:
+        if filter_class is not None and ns.get(filter_class) is None:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                           f"class {filter_class[:128]!r} does not exist in {ns.name}")
+        out = []
+        for leaf in self.registry.classes(ns.name):
+            prov = self.registry.provider(ns.name, leaf)
+            if isinstance(prov, AssociationProvider) and (
+                    filter_class is None or ns.is_subclass(leaf, filter_class)):
+                out.append((ns.get(leaf).classname, prov))
+        return out
+
+    async def _references(self, ns: Namespace, source: CIMInstanceName,
+                          result_class: str | None, role: str | None) -> list[tuple[CIMInstance, str]]:
+        """(association instance, name of the reference that names `source`)."""
+        key = path_key(source)
+        out = []
+        for leaf, prov in self._assoc_classes(ns, result_class):
+            for inst in await prov.references(leaf, source):
+                for prop in inst.properties.values():
+                    if prop.type != "reference" or prop.value is None:
+                        continue
+                    if role is not None and prop.name.lower() != role.lower():
+                        continue
+                    if path_key(prop.value, ns.name) == key:
+                        out.append((inst, prop.name))
+                        break
+        return out
+
+    async def _associator_paths(self, ns: Namespace, source: CIMInstanceName, p: dict) -> list[CIMInstanceName]:
+        if p["ResultClass"] is not None and ns.get(p["ResultClass"]) is None:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                           f"class {p['ResultClass'][:128]!r} does not exist in {ns.name}")
+        seen: dict[tuple, CIMInstanceName] = {}
+        for assoc, via in await self._references(ns, source, p["AssocClass"], p["Role"]):
+            for prop in assoc.properties.values():
+                if prop.type != "reference" or prop.value is None or prop.name == via:
+                    continue
+                if p["ResultRole"] is not None and prop.name.lower() != p["ResultRole"].lower():
+                    continue
+                target = prop.value
+                tns = self.repo.namespace(target.namespace or ns.name)
+                if p["ResultClass"] is not None and not tns.is_subclass(target.classname, p["ResultClass"]):
+                    continue
+                seen.setdefault(path_key(target, ns.name), target)
+        return list(seen.values())
+
+    def _source(self, ns: Namespace, obj: CIMInstanceName | CIMClassName) -> CIMInstanceName:
+        if isinstance(obj, CIMClassName):
+            raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
+                           "association operations on classes are not supported")
+        path = self.normalize_path(ns, obj, pywbem.CIM_ERR_INVALID_PARAMETER)
+        return path
+
+    async def _associators(self, ns: Namespace, obj, p: dict) -> list[CIMInstance]:
+        source = self._source(ns, obj)
+        await self.get_instance(source)      # CIM_ERR_NOT_FOUND for a missing source
+        out = []
+        for target in await self._associator_paths(ns, source, p):
+            try:
+                out.append(await self.get_instance(target))
+            except CIMError as exc:
+                if exc.status_code != pywbem.CIM_ERR_NOT_FOUND:
+                    raise
+                log.debug("associated instance %s vanished", target)
+        return out
+
+    async def op_Associators(self, ns: Namespace, p: dict, ctx) -> Result:
+        co = p["IncludeClassOrigin"]
+        out = []
+        for inst in await self._associators(ns, p["ObjectName"], p):
+            view = self._view(self.repo.namespace(inst.path.namespace), inst,
+                              self._allowed(ns, inst.classname, True, p["PropertyList"]), co)
+            out.append(w.value_objectwithpath_xml(inst, w.instance_xml(view, class_origin=co),
+                                                  self.host))
+        return Result(out)
+
+    async def op_AssociatorNames(self, ns: Namespace, p: dict, ctx) -> Result:
+        source = self._source(ns, p["ObjectName"])
+        await self.get_instance(source)
+        return Result([w.objectpath_xml(t, self.host)
+                       for t in await self._associator_paths(ns, source, p)])
+
+    async def _reference_instances(self, ns: Namespace, obj, p: dict) -> list[CIMInstance]:
+        source = self._source(ns, obj)
+        await self.get_instance(source)
+        return [a for a, _via in await self._references(ns, source, p["ResultClass"], p["Role"])]
+
+    async def op_References(self, ns: Namespace, p: dict, ctx) -> Result:
+        co = p["IncludeClassOrigin"]
+        out = []
+        for inst in await self._reference_instances(ns, p["ObjectName"], p):
+            view = self._view(ns, inst, self._allowed(ns, inst.classname, True, p["PropertyList"]), co)
+            out.append(w.value_objectwithpath_xml(inst, w.instance_xml(view, class_origin=co),
+                                                  self.host))
+        return Result(out)
+
+    async def op_ReferenceNames(self, ns: Namespace, p: dict, ctx) -> Result:
+        return Result([w.objectpath_xml(a.path, self.host)
+                       for a in await self._reference_instances(ns, p["ObjectName"], p)])
+
+    # -- pull operations --------------------------------------------------------------
+
+    def _check_open(self, p: dict) -> float | None:
+        if p["FilterQueryLanguage"] is not None or p["FilterQuery"] is not None:
+            raise CIMError(pywbem.CIM_ERR_FILTERED_ENUMERATION_NOT_SUPPORTED,
+                           "filtered enumerations are not supported")
+        if p["ContinueOnError"]:
+            raise CIMError(pywbem.CIM_ERR_CONTINUATION_ON_ERROR_NOT_SUPPORTED,
+                           "ContinueOnError is not supported")
+        return self.pulls.check_timeout(p["OperationTimeout"])
+
+    def _open(self, ns: Namespace, p: dict, ctx: OperationContext, kind: str,
+              items: list[str]) -> Result:
+        timeout = self._check_open(p)
+        ctx_id, chunk, eos = self.pulls.open(ns.name, kind, items, p["MaxObjectCount"],
+                                             timeout, ctx.client)
+        return self._pull_result(chunk, eos, ctx_id)
+
+    @staticmethod
+    def _pull_result(chunk: list[str], eos: bool, ctx_id: str | None) -> Result:
+        params = [w.paramvalue_xml("EndOfSequence", eos, "boolean")]
+        if not eos:
+            params.append(w.paramvalue_xml("EnumerationContext", ctx_id, "string"))
+        return Result(chunk, params)
+
+    def _iwp(self, ns: Namespace, insts: Iterable[CIMInstance], p: dict, deep: bool,
+             classname: str | None) -> list[str]:
+        co = p["IncludeClassOrigin"]
+        out = []
+        for inst in insts:
+            allowed = self._allowed(ns, classname or inst.classname, deep, p["PropertyList"])
+            view = self._view(self.repo.namespace(inst.path.namespace or ns.name), inst, allowed, co)
+            out.append(w.value_instancewithpath_xml(inst, w.instance_xml(view, class_origin=co),
+                                                    self.host))
+        return out
+
+    async def op_OpenEnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
+        self._check_open(p)
+        cls = self._class(ns, p["ClassName"])
+        items = self._iwp(ns, await self._enumerate(ns, cls.classname), p,
+                          p["DeepInheritance"], cls.classname)
+        return self._open(ns, p, ctx, "instances", items)
+
+    async def op_OpenEnumerateInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
+        self._check_open(p)
+        cls = self._class(ns, p["ClassName"])
+        items = [w.instancepath_xml(path, self.host)
+                 for path in await self._enumerate_names(ns, cls.classname)]
+        return self._open(ns, p, ctx, "paths", items)
+
+    async def op_OpenAssociatorInstances(self, ns: Namespace, p: dict, ctx) -> Result:
+        self._check_open(p)
+        items = self._iwp(ns, await self._associators(ns, p["InstanceName"], p), p, True, None)
+        return self._open(ns, p, ctx, "instances", items)
+
+    async def op_OpenAssociatorInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
+        self._check_open(p)
+        source = self._source(ns, p["InstanceName"])
+        await self.get_instance(source)
+        items = [w.instancepath_xml(t, self.host)
+                 for t in await self._associator_paths(ns, source, p)]
+        return self._open(ns, p, ctx, "paths", items)
+
+    async def op_OpenReferenceInstances(self, ns: Namespace, p: dict, ctx) -> Result:
+        self._check_open(p)
+        items = self._iwp(ns, await self._reference_instances(ns, p["InstanceName"], p), p,
+                          True, None)
+        return self._open(ns, p, ctx, "instances", items)
+
+    async def op_OpenReferenceInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
+        self._check_open(p)
+        items = [w.instancepath_xml(a.path, self.host)
+                 for a in await self._reference_instances(ns, p["InstanceName"], p)]
+        return self._open(ns, p, ctx, "paths", items)
+
+    async def op_PullInstancesWithPath(self, ns: Namespace, p: dict, ctx) -> Result:
+        chunk, eos, ctx_id = self.pulls.pull(ns.name, "instances", p["EnumerationContext"],
+                                             p["MaxObjectCount"], ctx.client)
+        return self._pull_result(chunk, eos, ctx_id)
+
+    async def op_PullInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
+        chunk, eos, ctx_id = self.pulls.pull(ns.name, "paths", p["EnumerationContext"],
+                                             p["MaxObjectCount"], ctx.client)
+        return self._pull_result(chunk, eos, ctx_id)
+
+    async def op_CloseEnumeration(self, ns: Namespace, p: dict, ctx) -> Result:
+        self.pulls.close(ns.name, p["EnumerationContext"], ctx.client)
+        return Result(None)
+
+    # -- extrinsic methods -------------------------------------------------------------
+
+    async def _extrinsic(self, req: CIMRequest, ctx: OperationContext) -> list[str]:
+        if ctx.role != "operator":
+            raise CIMError(pywbem.CIM_ERR_ACCESS_DENIED,
+                           f"user {ctx.user!r} may not invoke methods (role {ctx.role})")
+        ns = self.repo.namespace(req.namespace)
+        target = req.target
+        if isinstance(target, CIMInstanceName):
+            cls = self._class(ns, target.classname, pywbem.CIM_ERR_INVALID_CLASS)
+            target = self.normalize_path(ns, target)
+            await self.get_instance(target, ns)
+        else:
+            cls = self._class(ns, target.classname, pywbem.CIM_ERR_INVALID_CLASS)
+            target = CIMClassName(cls.classname, namespace=ns.name)
+        method = next((m for n, m in cls.methods.items() if n.lower() == req.method.lower()), None)
+        if method is None:
+            raise CIMError(pywbem.CIM_ERR_METHOD_NOT_FOUND,
+                           f"{cls.classname} has no method {req.method[:64]!r}")
+        decls = {n.lower(): prm for n, prm in method.parameters.items()}
+        params: dict[str, Any] = {}
+        for name, (_ptype, value) in req.params.items():
+            decl = decls.get(name.lower())
+            if decl is None or not _is_input(decl):
+                raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                               f"{method.name} has no input parameter {name[:64]!r}")
+            if decl.name in params:
+                raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{decl.name} given twice")
+            params[decl.name] = convert_value(value, decl.type, decl.is_array, decl.name)
+        prov = self.registry.provider(ns.name, cls.classname)
+        if prov is None:
+            raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
+                           f"{cls.classname}.{method.name} is not implemented")
+        rv, out = await prov.invoke_method(target, method.name, params)
+        pieces = [w.returnvalue_xml(rv, method.return_type)]
+        for name, value in (out or {}).items():
+            decl = decls.get(name.lower())
+            pieces.append(w.paramvalue_xml(decl.name if decl else name, value,
+                                           decl.type if decl else None))
+        return pieces
+
+
+def _is_input(decl) -> bool:
+    q = decl.qualifiers
+    if q.get("In") is not None:
+        return bool(q["In"].value)
+    return True     # In defaults to true in the CIM meta-model

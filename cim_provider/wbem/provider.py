@@ -1,0 +1,123 @@
+"""The provider contract and the registry, the one place that maps class -> provider.
+
+What the dispatcher has already done before it calls a provider:
+- the namespace exists and the class is one this provider registered;
+- an instance path has exactly the class's key properties, converted to their
+  declared types, with the canonical namespace set;
+- extrinsic method parameters are converted to their declared types and unknown
+  ones rejected; the target instance of an instance method exists.
+
+What the provider must do:
+- `get_instance`: raise CIM_ERR_NOT_FOUND when the keys name no instance;
+- return complete instances with their paths (the dispatcher applies PropertyList,
+  DeepInheritance, IncludeClassOrigin and sets namespace and host);
+- `invoke_method`: raise CIM_ERR_INVALID_PARAMETER for values it cannot accept,
+  CIM_ERR_NOT_SUPPORTED for methods it does not implement, CIM_ERR_FAILED with a
+  message for anything that went wrong underneath.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pywbem
+from pywbem import CIMClass, CIMClassName, CIMError, CIMInstance, CIMInstanceName, CIMProperty
+
+
+class Provider:
+    """Serves the instances of some leaf classes in one namespace."""
+
+    namespace: str = "root/virt"
+    classnames: tuple[str, ...] = ()
+
+    async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
+        return ()
+
+    async def enumerate_instance_names(self, classname: str) -> Iterable[CIMInstanceName]:
+        return [inst.path for inst in await self.enumerate_instances(classname)]
+
+    async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
+        for inst in await self.enumerate_instances(path.classname):
+            if path_key(inst.path) == path_key(path):
+                return inst
+        raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no instance {path}")
+
+    async def invoke_method(self, target: CIMInstanceName | CIMClassName, method: str,
+                            params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
+        raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
+                       f"method {method} is not supported on {target.classname}")
+
+
+class AssociationProvider(Provider):
+    """Serves association instances; `references` finds those that name an object."""
+
+    async def references(self, classname: str,
+                         source: CIMInstanceName) -> Iterable[CIMInstance]:
+        """Association instances of `classname` with any reference equal to `source`."""
+        out = []
+        key = path_key(source)
+        for inst in await self.enumerate_instances(classname):
+            for prop in inst.properties.values():
+                if prop.type == "reference" and prop.value is not None \
+                        and path_key(prop.value) == key:
+                    out.append(inst)
+                    break
+        return out
+
+
+class Registry:
+    """(namespace, class) -> provider; enumerations fan out to every registered subclass."""
+
+    def __init__(self) -> None:
+        self._by_class: dict[tuple[str, str], Provider] = {}
+
+    def add(self, provider: Provider) -> None:
+        for cls in provider.classnames:
+            key = (provider.namespace.lower(), cls.lower())
+            if key in self._by_class:
+                raise ValueError(f"two providers for {cls} in {provider.namespace}")
+            self._by_class[key] = provider
+
+    def provider(self, namespace: str, classname: str) -> Provider | None:
+        return self._by_class.get((namespace.lower(), classname.lower()))
+
+    def classes(self, namespace: str) -> list[str]:
+        ns = namespace.lower()
+        return [cls for (n, cls) in self._by_class if n == ns]
+
+
+def _norm_value(value: Any) -> Any:
+    if isinstance(value, CIMInstanceName):
+        return path_key(value)
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, int):
+        return int(value)
+    if isinstance(value, str):
+        return value
+    return str(value)
+
+
+def path_key(path: CIMInstanceName, namespace: str | None = None) -> tuple:
+    """A hashable identity of an instance path: namespace, class and keys, host ignored."""
+    ns = (path.namespace or namespace or "").strip("/").lower()
+    return (ns, path.classname.lower(),
+            tuple(sorted((k.lower(), _norm_value(v)) for k, v in path.keybindings.items())))
+
+
+def build_instance(cls: CIMClass, values: Mapping[str, Any],
+                   path: CIMInstanceName | None = None) -> CIMInstance:
+    """An instance of `cls` with `values` typed as the class declares them.
+
+    None values are left out. Unknown property names are a programming error.
+    """
+    props = {}
+    for name, value in values.items():
+        if value is None:
+            continue
+        decl = cls.properties[name]
+        props[decl.name] = CIMProperty(
+            decl.name, value, type=decl.type, reference_class=decl.reference_class,
+            embedded_object=decl.embedded_object, is_array=decl.is_array)
+    inst = CIMInstance(cls.classname, properties=props, path=path)
+    return inst

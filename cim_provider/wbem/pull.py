@@ -1,0 +1,109 @@
+"""Pull enumeration contexts (DSP0200 5.4): rendered results handed out in slices.
+
+An Open operation renders its whole result once; each Pull hands out the next
+MaxObjectCount pieces. A context expires OperationTimeout seconds after the last
+operation on it; the number of open contexts is capped overall and per client.
+"""
+from __future__ import annotations
+
+import secrets
+import time
+from dataclasses import dataclass, field
+
+import pywbem
+from pywbem import CIMError
+
+DEFAULT_TIMEOUT = 60.0       # seconds, when the client sends no OperationTimeout
+MAX_TIMEOUT = 3600.0
+MAX_CONTEXTS = 1000
+MAX_CONTEXTS_PER_CLIENT = 64
+MAX_OBJECT_COUNT = 100_000   # per Open/Pull response
+
+
+@dataclass
+class _Context:
+    namespace: str
+    kind: str                    # "instances" | "paths"
+    items: list[str]
+    timeout: float
+    client: str
+    pos: int = 0
+    expires: float = field(default=0.0)
+
+
+class PullContexts:
+    def __init__(self, max_contexts: int = MAX_CONTEXTS,
+                 max_per_client: int = MAX_CONTEXTS_PER_CLIENT,
+                 default_timeout: float = DEFAULT_TIMEOUT, max_timeout: float = MAX_TIMEOUT):
+        self._ctx: dict[str, _Context] = {}
+        self.max_contexts = max_contexts
+        self.max_per_client = max_per_client
+        self.default_timeout = default_timeout
+        self.max_timeout = max_timeout
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._ctx)
+
+    def check_timeout(self, timeout: int | None) -> float:
+        """OperationTimeout -> seconds. 0 would mean 'never expire': refused (DSP0200
+        lets a server reject it with CIM_ERR_INVALID_OPERATION_TIMEOUT)."""
+        if timeout is None:
+            return self.default_timeout
+        if timeout == 0 or timeout > self.max_timeout:
+            raise CIMError(pywbem.CIM_ERR_INVALID_OPERATION_TIMEOUT,
+                           f"OperationTimeout must be 1..{int(self.max_timeout)} seconds")
+        return float(timeout)
+
+    def _expire(self) -> None:
+        now = time.monotonic()
+        for cid in [c for c, v in self._ctx.items() if v.expires <= now]:
+            del self._ctx[cid]
+
+    @staticmethod
+    def _check_count(n: int) -> None:
+        if n > MAX_OBJECT_COUNT:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                           f"MaxObjectCount above the server's limit of {MAX_OBJECT_COUNT}")
+
+    def open(self, namespace: str, kind: str, items: list[str], max_count: int,
+             timeout: float, client: str) -> tuple[str | None, list[str], bool]:
+        """Returns (context id or None, first slice, end of sequence)."""
+        self._check_count(max_count)
+        if len(items) <= max_count:
+            return None, items, True
+        self._expire()
+        if len(self._ctx) >= self.max_contexts or \
+                sum(1 for c in self._ctx.values() if c.client == client) >= self.max_per_client:
+            raise CIMError(pywbem.CIM_ERR_SERVER_LIMITS_EXCEEDED,
+                           "too many open enumeration contexts; close some first")
+        cid = secrets.token_urlsafe(18)
+        ctx = _Context(namespace.lower(), kind, items, timeout, client, pos=max_count,
+                       expires=time.monotonic() + timeout)
+        self._ctx[cid] = ctx
+        return cid, items[:max_count], False
+
+    def _get(self, namespace: str, kind: str | None, cid: str, client: str) -> _Context:
+        self._expire()
+        ctx = self._ctx.get(cid)
+        if ctx is None or ctx.namespace != namespace.lower() or ctx.client != client \
+                or (kind is not None and ctx.kind != kind):
+            raise CIMError(pywbem.CIM_ERR_INVALID_ENUMERATION_CONTEXT,
+                           "enumeration context unknown, closed, expired or of another kind")
+        return ctx
+
+    def pull(self, namespace: str, kind: str, cid: str, max_count: int,
+             client: str) -> tuple[list[str], bool, str | None]:
+        self._check_count(max_count)
+        ctx = self._get(namespace, kind, cid, client)
+        chunk = ctx.items[ctx.pos:ctx.pos + max_count]
+        ctx.pos += len(chunk)
+        if ctx.pos >= len(ctx.items):
+            del self._ctx[cid]
+            return chunk, True, None
+        ctx.expires = time.monotonic() + ctx.timeout
+        return chunk, False, cid
+
+    def close(self, namespace: str, cid: str, client: str) -> None:
+        self._get(namespace, None, cid, client)
+        del self._ctx[cid]
