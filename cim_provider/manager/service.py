@@ -1,0 +1,403 @@
+"""The reference org.example.virt.Manager: stores, a memory policy, StartDomain.
+
+The exported interface is checked against the contract XML at start-up, so this
+service cannot drift from what clients load. Every change, whether made through the
+bus or behind our back (virsh define, a domain that stopped), is found by comparing
+snapshots and announced with DomainDefined / DomainUndefined / DomainChanged and a new
+Generation.
+
+(No `from __future__ import annotations` here: the D-Bus decorators read the
+annotations, which are D-Bus type strings, not Python types.)
+"""
+import asyncio
+import contextlib
+import functools
+import logging
+import time
+import uuid as uuidlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Optional, Union
+
+import libvirt
+
+from ..contract import (BUS_NAME, ERROR_ALREADY_RUNNING, ERROR_FAILED, ERROR_INVALID_ARGUMENT,
+                        ERROR_NOT_FOUND, ERROR_REFUSED, INTERFACE, OBJECT_PATH, InvalidEntry,
+                        compare_members, config_from_dbus, config_to_dbus, interface_members)
+from ..contract.bus import (DBusError, MessageBus, NameFlag, PropertyAccess, RequestNameReply,
+                            ServiceInterface, Variant, connect, dbus_property, method, signal)
+from ..inventory.records import DomainConfig
+from ..sources.domxml import canonical_uuid, config_to_domain_xml
+from .store import (LibvirtConnection, LibvirtStore, Store, Stored, StoreError,
+                    libvirt_type_for)
+
+log = logging.getLogger(__name__)
+
+# What a definition without any memory size gets (the same default as domxml).
+DEFAULT_MEMORY_KIB = 131072
+
+
+@dataclass(frozen=True, slots=True)
+class Entry:
+    """One definition as the service sees it: which store holds it, is it running."""
+    config: DomainConfig
+    active: bool
+    store: Store
+
+
+def _size(kib: int) -> str:
+    """Memory in a form a person reads at a glance, with the exact KiB beside it."""
+    for unit, factor in (("TiB", 1024 ** 3), ("GiB", 1024 ** 2), ("MiB", 1024)):
+        if kib >= factor:
+            return f"{kib / factor:.1f} {unit} ({kib} KiB)"
+    return f"{kib} KiB"
+
+
+def _contract_errors(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
+    """Turn every failure of a handler into one of the contract's D-Bus errors."""
+    @functools.wraps(fn)
+    async def wrapper(self: "ManagerService", *args: Any) -> Any:
+        try:
+            return await fn(self, *args)
+        except DBusError:
+            raise
+        except StoreError as exc:
+            raise DBusError(exc.name, exc.message) from None
+        except InvalidEntry as exc:
+            raise DBusError(ERROR_INVALID_ARGUMENT, str(exc)) from None
+        except libvirt.libvirtError as exc:
+            raise DBusError(ERROR_FAILED, f"libvirt: {exc.get_error_message() or exc}") from None
+        except Exception as exc:
+            log.exception("%s failed", fn.__name__)
+            raise DBusError(ERROR_FAILED, f"{fn.__name__} failed: {exc}") from None
+    return wrapper
+
+
+class ManagerService(ServiceInterface):
+    """org.example.virt.Manager over one or more stores and one libvirt connection.
+
+    `libvirt_conn` is an open virConnect (shared with the rest of the process, e.g. by
+    the demo) or a LibvirtConnection; SQLite definitions start there. DefineDomain
+    writes to the first store.
+    """
+
+    def __init__(self, stores: Sequence[Store],
+                 libvirt_conn: Union[libvirt.virConnect, LibvirtConnection, None] = None,
+                 *, poll_interval: float = 1.0) -> None:
+        super().__init__(INTERFACE)
+        if not stores:
+            raise ValueError("the Manager needs at least one store")
+        self.stores = list(stores)
+        if isinstance(libvirt_conn, LibvirtConnection):
+            self.libvirt = libvirt_conn
+        else:
+            self.libvirt = LibvirtConnection(None, libvirt_conn)
+        self.poll_interval = poll_interval
+        # Starts from the clock so that a restarted Manager never repeats an old value.
+        self._generation = time.time_ns() // 1000
+        self._snapshot: dict[str, Entry] = {}
+        self._change_lock = asyncio.Lock()      # defines, undefines, updates, starts
+        self._sync_lock = asyncio.Lock()        # snapshot comparison and signals
+        self._poller: Optional[asyncio.Task] = None
+        self._warned_dupes: set[str] = set()
+
+    # ------------------------------------------------------------ plumbing
+
+    def verify_contract(self) -> None:
+        """Refuse to run if what we export differs from the contract XML."""
+        problems = compare_members(interface_members(self.introspect()))
+        if problems:
+            raise RuntimeError("the Manager service does not match "
+                               "org.example.virt.Manager.xml: " + "; ".join(problems))
+
+    async def start(self) -> None:
+        await self._sync(emit=False)
+        self._poller = asyncio.create_task(self._poll(), name="manager-service-poll")
+
+    async def stop(self) -> None:
+        if self._poller is not None:
+            self._poller.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._poller
+            self._poller = None
+
+    async def _poll(self) -> None:
+        """Notice changes made behind our back (virsh, a guest shutting down)."""
+        while True:
+            await asyncio.sleep(self.poll_interval)
+            try:
+                await self._sync()
+            except Exception as exc:
+                log.debug("poll failed: %s", exc)
+
+    @staticmethod
+    async def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+
+    def _running_uuids(self) -> set[str]:
+        """UUIDs libvirt runs on the service's connection (blocking)."""
+        conn = self.libvirt.get()
+        return {d.UUIDString() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+
+    def _collect(self) -> dict[str, Entry]:
+        """Every definition in every store (blocking). A UUID held twice: first store wins."""
+        try:
+            running: Optional[set[str]] = self._running_uuids()
+        except (StoreError, libvirt.libvirtError) as exc:
+            log.warning("cannot ask libvirt which domains run: %s", exc)
+            running = None
+        out: dict[str, Entry] = {}
+        for store in self.stores:
+            try:
+                listed = store.list()
+            except (StoreError, libvirt.libvirtError) as exc:
+                log.warning("%s: cannot list: %s", store.spec, exc)
+                # Keep what we knew rather than announcing every definition undefined.
+                listed = [_stored_from(e) for e in self._snapshot.values() if e.store is store]
+            for item in listed:
+                uuid = item.config.uuid
+                if uuid in out:
+                    if uuid not in self._warned_dupes:
+                        self._warned_dupes.add(uuid)
+                        log.warning("UUID %s is defined in %s and in %s; using the first",
+                                    uuid, out[uuid].store.spec, store.spec)
+                    continue
+                active = item.active
+                if active is None:
+                    active = bool(running and uuid in running)
+                out[uuid] = Entry(item.config, active, store)
+        return out
+
+    async def _sync(self, emit: bool = True) -> dict[str, Entry]:
+        """Re-read everything; announce what changed since the last read."""
+        async with self._sync_lock:
+            new = await self._blocking(self._collect)
+            old = self._snapshot
+            self._snapshot = new
+            if not emit:
+                return new
+            defined = [u for u in new if u not in old]
+            undefined = [u for u in old if u not in new]
+            changed = [u for u in new if u in old and
+                       (new[u].config != old[u].config or new[u].active != old[u].active)]
+            if defined or undefined or changed:
+                self._generation += 1
+                for u in defined:
+                    self.DomainDefined(u)
+                for u in undefined:
+                    self.DomainUndefined(u)
+                for u in changed:
+                    self.DomainChanged(u)
+                self.emit_properties_changed({"Generation": self._generation})
+                log.info("generation %d: %d defined, %d undefined, %d changed",
+                         self._generation, len(defined), len(undefined), len(changed))
+            return new
+
+    async def _entry(self, uuid: str) -> Entry:
+        canonical = canonical_uuid(uuid)
+        if canonical is None:
+            raise DBusError(ERROR_INVALID_ARGUMENT, f"{uuid[:80]!r} is not a UUID")
+        entry = (await self._sync()).get(canonical)
+        if entry is None:
+            raise DBusError(ERROR_NOT_FOUND, f"no definition with UUID {canonical}")
+        return entry
+
+    def _check_name(self, cfg: DomainConfig) -> None:
+        """Names are unique across stores, as libvirt wants them."""
+        for other in self._snapshot.values():
+            if other.config.name == cfg.name and other.config.uuid != cfg.uuid:
+                raise DBusError(ERROR_INVALID_ARGUMENT,
+                                f"the name {cfg.name!r} is already used by {other.config.uuid}")
+
+    # ------------------------------------------------------------ starting
+
+    def _free_memory_kib(self, conn: libvirt.virConnect) -> tuple[int, int, int]:
+        """(host, used, free) KiB: host memory from getInfo() minus the current memory
+        of every running domain. getFreeMemory() is not used: it counts page cache
+        and the host's own processes, and the test driver returns a fixed number."""
+        host = int(conn.getInfo()[1]) * 1024
+        used = 0
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            with contextlib.suppress(libvirt.libvirtError):   # stopped meanwhile
+                used += int(dom.info()[2])
+        return host, used, max(host - used, 0)
+
+    def _start_blocking(self, entry: Entry) -> str:
+        cfg = entry.config
+        if isinstance(entry.store, LibvirtStore):
+            conn = entry.store.connection.get()
+        else:
+            conn = self.libvirt.get()
+        # A scan, not lookupByUUIDString: a miss is normal here, and libvirt's default
+        # error handler would print every miss on stderr.
+        dom = next((d for d in conn.listAllDomains() if d.UUIDString() == cfg.uuid), None)
+        if dom is not None and dom.isActive():
+            raise DBusError(ERROR_ALREADY_RUNNING, f"{cfg.name} ({cfg.uuid}) is already running")
+        needed = cfg.memory_kib or cfg.max_memory_kib or DEFAULT_MEMORY_KIB
+        host, used, free = self._free_memory_kib(conn)
+        if needed > free:
+            raise DBusError(ERROR_REFUSED,
+                            f"starting {cfg.name} needs {_size(needed)} of memory but only "
+                            f"{_size(free)} is free (host {_size(host)}, running domains use "
+                            f"{_size(used)})")
+        if isinstance(entry.store, LibvirtStore):
+            if dom is None:
+                raise DBusError(ERROR_NOT_FOUND, f"libvirt no longer has {cfg.name}")
+            dom.create()
+            log.info("started %s (%s) from %s", cfg.name, cfg.uuid, entry.store.spec)
+            return dom.UUIDString()
+        xml = config_to_domain_xml(cfg, libvirt_type_for(conn, cfg))
+        dom = conn.createXML(xml, 0)
+        log.info("started %s (%s) as a transient domain", cfg.name, cfg.uuid)
+        return dom.UUIDString()
+
+    # ------------------------------------------------------------ the contract
+
+    @method()
+    @_contract_errors
+    async def ListInactiveDomains(self) -> "aa{sv}":
+        snap = await self._sync()
+        return [config_to_dbus(e.config) for e in snap.values() if not e.active]
+
+    @method()
+    @_contract_errors
+    async def ListDomains(self) -> "aa{sv}":
+        snap = await self._sync()
+        return [config_to_dbus(e.config, active=e.active) for e in snap.values()]
+
+    @method()
+    @_contract_errors
+    async def StartDomain(self, uuid: "s") -> "s":
+        async with self._change_lock:
+            entry = await self._entry(uuid)
+            if entry.active:
+                raise DBusError(ERROR_ALREADY_RUNNING,
+                                f"{entry.config.name} ({entry.config.uuid}) is already running")
+            running = await self._blocking(self._start_blocking, entry)
+            await self._sync()
+            return canonical_uuid(running) or running
+
+    @method()
+    @_contract_errors
+    async def DefineDomain(self, properties: "a{sv}") -> "s":
+        props = dict(properties)
+        if "UUID" not in props:
+            props["UUID"] = Variant("s", str(uuidlib.uuid4()))
+        cfg = config_from_dbus(props)
+        async with self._change_lock:
+            snap = await self._sync()
+            if cfg.uuid in snap:
+                raise DBusError(ERROR_INVALID_ARGUMENT, f"UUID {cfg.uuid} is already defined "
+                                f"(as {snap[cfg.uuid].config.name})")
+            self._check_name(cfg)
+            await self._blocking(self.stores[0].define, cfg)
+            await self._sync()
+        log.info("defined %s (%s) in %s", cfg.name, cfg.uuid, self.stores[0].spec)
+        return cfg.uuid
+
+    @method()
+    @_contract_errors
+    async def UndefineDomain(self, uuid: "s"):
+        async with self._change_lock:
+            entry = await self._entry(uuid)
+            await self._blocking(entry.store.undefine, entry.config.uuid)
+            await self._sync()
+        log.info("undefined %s (%s)", entry.config.name, entry.config.uuid)
+
+    @method()
+    @_contract_errors
+    async def GetDomain(self, uuid: "s") -> "a{sv}":
+        entry = await self._entry(uuid)
+        return config_to_dbus(entry.config, active=entry.active)
+
+    @method()
+    @_contract_errors
+    async def UpdateDomain(self, uuid: "s", changes: "a{sv}"):
+        async with self._change_lock:
+            entry = await self._entry(uuid)
+            old = entry.config
+            given = changes.get("UUID")
+            if given is not None and canonical_uuid(getattr(given, "value", None)) != old.uuid:
+                raise DBusError(ERROR_INVALID_ARGUMENT, "UpdateDomain cannot change the UUID")
+            merged = config_to_dbus(old)
+            merged.update({k: v for k, v in changes.items() if k not in ("UUID", "Active")})
+            new = config_from_dbus(merged)
+            if new == old:
+                return
+            self._check_name(new)
+            await self._blocking(entry.store.update, old, new)
+            await self._sync()
+
+    @signal()
+    def DomainDefined(self, uuid) -> "s":
+        return uuid
+
+    @signal()
+    def DomainUndefined(self, uuid) -> "s":
+        return uuid
+
+    @signal()
+    def DomainChanged(self, uuid) -> "s":
+        return uuid
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Generation(self) -> "t":
+        return self._generation
+
+
+def _stored_from(entry: Entry) -> Stored:
+    return Stored(entry.config, entry.active)
+
+
+class ManagerHandle:
+    """A running Manager: the bus it is on, the service object, and how to stop it."""
+
+    def __init__(self, bus: MessageBus, service: ManagerService, own_bus: bool) -> None:
+        self.bus = bus
+        self.service = service
+        self._own_bus = own_bus
+
+    async def stop(self) -> None:
+        """Leave the bus (the name first, so clients see the Manager go) and stop."""
+        await self.service.stop()
+        if self.bus.connected:
+            with contextlib.suppress(Exception):
+                await self.bus.release_name(BUS_NAME)
+            with contextlib.suppress(Exception):
+                self.bus.unexport(OBJECT_PATH, self.service)
+            if self._own_bus:
+                self.bus.disconnect()
+                with contextlib.suppress(Exception):
+                    await self.bus.wait_for_disconnect()
+
+    async def wait_closed(self) -> None:
+        """Until the bus connection ends (the daemon went away)."""
+        with contextlib.suppress(Exception):
+            await self.bus.wait_for_disconnect()
+
+
+async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Store],
+                        libvirt_conn: Union[libvirt.virConnect, LibvirtConnection, None] = None,
+                        *, poll_interval: float = 1.0) -> ManagerHandle:
+    """Export the reference Manager on `bus` (system, session, an address, or a
+    connected MessageBus) and own org.example.virt. For in-process use (the demo)."""
+    service = ManagerService(stores, libvirt_conn, poll_interval=poll_interval)
+    service.verify_contract()
+    own_bus = isinstance(bus, str)
+    mb = await connect(bus) if isinstance(bus, str) else bus
+    try:
+        await service.start()
+        mb.export(OBJECT_PATH, service)
+        reply = await mb.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        if reply not in (RequestNameReply.PRIMARY_OWNER, RequestNameReply.ALREADY_OWNER):
+            raise RuntimeError(f"{BUS_NAME} is already owned by another Manager")
+    except BaseException:
+        await service.stop()
+        with contextlib.suppress(Exception):
+            mb.unexport(OBJECT_PATH, service)
+        if own_bus:
+            mb.disconnect()
+        raise
+    log.info("serving %s on %s with %s", BUS_NAME, mb.unique_name,
+             ", ".join(s.spec for s in stores))
+    return ManagerHandle(mb, service, own_bus)

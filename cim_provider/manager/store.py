@@ -1,0 +1,303 @@
+"""Where the reference Manager keeps definitions: SQLite, or libvirt's persistent domains.
+
+Stores are deliberately dumb: they persist and list. Policy, uniqueness across stores,
+starting, and the D-Bus signals live in the service. Every method here is blocking and
+is called off the event loop (SQLite on its own single thread, libvirt on the default
+executor).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import sqlite3
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import libvirt
+
+from ..contract import (ERROR_FAILED, ERROR_INVALID_ARGUMENT, ERROR_NOT_FOUND,
+                        ERROR_NOT_SUPPORTED, InvalidEntry, config_from_dbus, config_to_values,
+                        values_to_dbus)
+from ..inventory.records import DomainConfig
+from ..sources.domxml import DomainXMLError, config_to_domain_xml, parse_domain_xml
+
+log = logging.getLogger(__name__)
+
+
+class StoreError(Exception):
+    """A failure with the contract error name a client should see."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+
+def default_db_path() -> Path:
+    """/var/lib/cim-provider/manager.db as root, else under $XDG_STATE_HOME."""
+    if os.geteuid() == 0:
+        return Path("/var/lib/cim-provider/manager.db")
+    state = os.environ.get("XDG_STATE_HOME") or os.path.join(Path.home(), ".local", "state")
+    return Path(state) / "cim-provider" / "manager.db"
+
+
+class LibvirtConnection:
+    """One libvirt connection, opened on first use and reopened after it died.
+
+    A connection handed in by the caller (the demo shares one `test:///default`
+    connection between the Manager and the WBEM server) is used as is and never closed.
+    """
+
+    def __init__(self, uri: str | None = None, conn: libvirt.virConnect | None = None) -> None:
+        self.uri = uri
+        self._conn = conn
+        self._owned = conn is None
+        self._lock = threading.Lock()
+
+    def get(self) -> libvirt.virConnect:
+        with self._lock:
+            if self._conn is not None and not self._owned:
+                return self._conn
+            if self._conn is not None:
+                try:
+                    if self._conn.isAlive():
+                        return self._conn
+                except libvirt.libvirtError:
+                    pass
+                log.warning("libvirt connection to %s died; reopening", self.uri or "default")
+                self._close_quietly()
+            try:
+                self._conn = libvirt.open(self.uri)
+            except libvirt.libvirtError as exc:
+                raise StoreError(ERROR_FAILED, f"cannot connect to libvirt "
+                                 f"({self.uri or 'default URI'}): {exc}") from None
+            return self._conn
+
+    def _close_quietly(self) -> None:
+        try:
+            if self._conn is not None:
+                self._conn.close()
+        except libvirt.libvirtError:
+            pass
+        self._conn = None
+
+    def close(self) -> None:
+        with self._lock:
+            if self._owned:
+                self._close_quietly()
+
+
+@dataclass(frozen=True, slots=True)
+class Stored:
+    """A definition as a store lists it; `active` is None when the store cannot tell."""
+    config: DomainConfig
+    active: bool | None = None
+
+
+class Store:
+    """What the service needs from a store (all blocking)."""
+    spec: str = ""
+
+    def list(self) -> list[Stored]:
+        raise NotImplementedError
+
+    def define(self, cfg: DomainConfig) -> None:
+        raise NotImplementedError
+
+    def undefine(self, uuid: str) -> None:
+        raise NotImplementedError
+
+    def update(self, old: DomainConfig, new: DomainConfig) -> None:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        pass
+
+
+class SqliteStore(Store):
+    """Definitions as JSON rows (contract keys) in one table.
+
+    WAL with synchronous=FULL and one transaction per change, committed before the
+    service replies: an acknowledged definition survives kill -9 and power loss.
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.spec = f"sqlite:{self.path}"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # One connection, used by one thread at a time (the service's store executor);
+        # the lock makes direct use from other threads safe too.
+        self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
+                                   check_same_thread=False)
+        self._lock = threading.Lock()
+        with self._lock:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=FULL")
+            self._db.execute("CREATE TABLE IF NOT EXISTS domains ("
+                             " uuid TEXT PRIMARY KEY, name TEXT NOT NULL, config TEXT NOT NULL)")
+
+    def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+        with self._lock:
+            try:
+                self._db.execute("BEGIN IMMEDIATE")
+                cur = self._db.execute(sql, params)
+                self._db.execute("COMMIT")
+            except BaseException:
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
+                raise
+            return cur.rowcount
+
+    def list(self) -> list[Stored]:
+        with self._lock:
+            rows = self._db.execute("SELECT uuid, config FROM domains ORDER BY rowid").fetchall()
+        out = []
+        for uuid, text in rows:
+            try:
+                cfg = config_from_dbus(values_to_dbus(json.loads(text)))
+            except (ValueError, TypeError) as exc:   # InvalidEntry and JSON errors
+                log.warning("%s: skipping unreadable row %s: %s", self.spec, uuid, exc)
+                continue
+            out.append(Stored(cfg))
+        return out
+
+    def define(self, cfg: DomainConfig) -> None:
+        try:
+            self._write("INSERT INTO domains (uuid, name, config) VALUES (?, ?, ?)",
+                        (cfg.uuid, cfg.name, json.dumps(config_to_values(cfg))))
+        except sqlite3.IntegrityError:
+            raise StoreError(ERROR_INVALID_ARGUMENT, f"UUID {cfg.uuid} is already defined") \
+                from None
+
+    def undefine(self, uuid: str) -> None:
+        if self._write("DELETE FROM domains WHERE uuid = ?", (uuid,)) == 0:
+            raise StoreError(ERROR_NOT_FOUND, f"no definition with UUID {uuid}")
+
+    def update(self, old: DomainConfig, new: DomainConfig) -> None:
+        n = self._write("UPDATE domains SET name = ?, config = ? WHERE uuid = ?",
+                        (new.name, json.dumps(config_to_values(new)), old.uuid))
+        if n == 0:
+            raise StoreError(ERROR_NOT_FOUND, f"no definition with UUID {old.uuid}")
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+
+def libvirt_type_for(conn: libvirt.virConnect, cfg: DomainConfig) -> str:
+    """The <domain type=...> to use for `cfg` on this hypervisor."""
+    driver = conn.getType().lower()
+    if driver == "qemu":
+        return "qemu" if (cfg.type or "").lower() == "qemu" else "kvm"
+    return driver
+
+
+def _libvirt_error(action: str, exc: libvirt.libvirtError) -> StoreError:
+    if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+        return StoreError(ERROR_NOT_FOUND, f"{action}: {exc.get_error_message()}")
+    return StoreError(ERROR_FAILED, f"{action}: {exc.get_error_message() or exc}")
+
+
+class LibvirtStore(Store):
+    """libvirt's own persistent domains, as definitions; libvirt says which are active."""
+
+    def __init__(self, conn: LibvirtConnection) -> None:
+        self.connection = conn
+        self.spec = f"libvirt:{conn.uri or ''}"
+
+    def list(self) -> list[Stored]:
+        conn = self.connection.get()
+        out = []
+        try:
+            domains = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error("listing libvirt domains", exc) from None
+        for dom in domains:
+            try:
+                xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+                cfg = parse_domain_xml(xml, autostart=bool(dom.autostart()))
+                out.append(Stored(cfg, bool(dom.isActive())))
+            except libvirt.libvirtError as exc:
+                if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:   # gone meanwhile
+                    log.warning("%s: cannot read a domain: %s", self.spec, exc)
+            except DomainXMLError as exc:
+                log.warning("%s: skipping a domain with unusable XML: %s", self.spec, exc)
+        return out
+
+    def lookup(self, uuid: str) -> libvirt.virDomain:
+        try:
+            return self.connection.get().lookupByUUIDString(uuid)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(f"looking up {uuid}", exc) from None
+
+    def define(self, cfg: DomainConfig) -> None:
+        conn = self.connection.get()
+        try:
+            dom = conn.defineXML(config_to_domain_xml(cfg, libvirt_type_for(conn, cfg)))
+            if cfg.autostart:
+                dom.setAutostart(1)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(f"defining {cfg.name}", exc) from None
+
+    def undefine(self, uuid: str) -> None:
+        dom = self.lookup(uuid)
+        try:
+            if not dom.isPersistent():
+                raise StoreError(ERROR_NOT_FOUND, f"no definition with UUID {uuid}")
+            dom.undefine()
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(f"undefining {uuid}", exc) from None
+
+    def update(self, old: DomainConfig, new: DomainConfig) -> None:
+        """Only what libvirt can change in place; rewriting the XML from our reduced
+        model would silently drop every device and setting the model does not carry."""
+        unsupported = [f for f in ("type", "os_type", "arch", "disks", "nics")
+                       if getattr(old, f) != getattr(new, f)]
+        if unsupported:
+            raise StoreError(ERROR_NOT_SUPPORTED, "a libvirt-store definition cannot change "
+                             + ", ".join(unsupported) + " through the Manager; use virsh edit")
+        dom = self.lookup(old.uuid)
+        config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        try:
+            if new.max_memory_kib is not None and new.max_memory_kib != old.max_memory_kib:
+                dom.setMemoryFlags(new.max_memory_kib, config | libvirt.VIR_DOMAIN_MEM_MAXIMUM)
+            if new.memory_kib is not None and new.memory_kib != old.memory_kib:
+                dom.setMemoryFlags(new.memory_kib, config)
+            if new.vcpus is not None and new.vcpus != old.vcpus:
+                dom.setVcpusFlags(new.vcpus, config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
+                dom.setVcpusFlags(new.vcpus, config)
+            if new.title != old.title:
+                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, new.title or "", None, None,
+                                config)
+            if new.autostart is not None and new.autostart != old.autostart:
+                dom.setAutostart(int(new.autostart))
+            if new.name != old.name:
+                dom.rename(new.name, 0)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(f"updating {old.name}", exc) from None
+
+
+def open_store(spec: str, connections: dict[str | None, LibvirtConnection]) -> Store:
+    """`sqlite:PATH` or `libvirt:URI` (an empty URI means libvirt's default).
+
+    `connections` maps URIs to shared connections, so a libvirt store and the service
+    talk to the same hypervisor connection when their URIs match.
+    """
+    kind, _, rest = spec.partition(":")
+    if kind == "sqlite":
+        if not rest:
+            raise ValueError("sqlite store needs a path: sqlite:PATH")
+        return SqliteStore(rest)
+    if kind == "libvirt":
+        uri = rest or None
+        if uri not in connections:
+            connections[uri] = LibvirtConnection(uri)
+        return LibvirtStore(connections[uri])
+    raise ValueError(f"unknown store {spec!r}: use sqlite:PATH or libvirt:URI")
+
+
+__all__ = ["Store", "SqliteStore", "LibvirtStore", "LibvirtConnection", "Stored",
+           "StoreError", "open_store", "default_db_path", "libvirt_type_for", "InvalidEntry"]

@@ -1,0 +1,521 @@
+"""Client of an org.example.virt.Manager: the passive domain definitions, kept current.
+
+A Manager is another program, possibly not running, possibly restarted at any time,
+possibly written by someone else. So this client follows its presence on the bus
+(NameOwnerChanged), learns what it offers by introspection (only ListInactiveDomains
+and StartDomain are required), treats every entry it returns as untrusted input, and
+puts a timeout on every call so that no caller can hang on it.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from ..contract import (BUS_NAME, CHANGE_SIGNALS, ERROR_INVALID_ARGUMENT,
+                        ERROR_NOT_SUPPORTED, INTERFACE,
+                        OBJECT_PATH, REQUIRED_METHODS, InvalidEntry, Member,
+                        active_from_dbus, config_from_dbus, interface_members, members,
+                        values_to_dbus)
+from ..contract.bus import (DBUS_INTERFACE, DBUS_NAME, DBUS_PATH, DBusError, Message,
+                            MessageBus, MessageType, bus_description, connect, intr)
+from ..inventory.records import DomainConfig
+from .domxml import canonical_uuid
+
+log = logging.getLogger(__name__)
+
+# Signals often come in bursts (a tool defining ten domains): wait this long after one
+# before re-listing, so a burst costs one ListDomains.
+DEBOUNCE = 0.05
+# Back-off between attempts to reach the bus itself (not the Manager) after it failed.
+RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0
+
+OnChange = Callable[[dict[str, DomainConfig] | None], None]
+
+# Our own error names, for failures that are not a D-Bus error reply.
+ERR_UNAVAILABLE = "cim_provider.Manager.Unavailable"
+ERR_TIMEOUT = "cim_provider.Manager.Timeout"
+ERR_BAD_REPLY = "cim_provider.Manager.BadReply"
+
+_ABSENT_ERRORS = {"org.freedesktop.DBus.Error.ServiceUnknown",
+                  "org.freedesktop.DBus.Error.NameHasNoOwner",
+                  "org.freedesktop.DBus.Error.NoReply",
+                  "org.freedesktop.DBus.Error.Disconnected"}
+_UNSUPPORTED_ERRORS = {"org.freedesktop.DBus.Error.UnknownMethod",
+                       "org.freedesktop.DBus.Error.UnknownInterface",
+                       "org.freedesktop.DBus.Error.UnknownObject",
+                       "org.freedesktop.DBus.Error.UnknownProperty",
+                       ERROR_NOT_SUPPORTED}
+
+
+class ManagerError(Exception):
+    """A Manager call failed; `name` is the D-Bus error name (or one of ours)."""
+
+    def __init__(self, name: str, message: str) -> None:
+        super().__init__(message)
+        self.name = name
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class ManagerUnavailable(ManagerError):
+    """No Manager owns org.example.virt (or the bus itself is unreachable)."""
+
+
+class ManagerTimeout(ManagerError):
+    """The Manager did not answer within the call timeout."""
+
+
+class ManagerNotSupported(ManagerError):
+    """The Manager does not offer this (optional) member."""
+
+
+def error_from_dbus(name: str, text: str, member: str) -> ManagerError:
+    """The one mapping from a D-Bus error reply to our exceptions."""
+    message = text or f"{member} failed with {name}"
+    if name in _ABSENT_ERRORS:
+        return ManagerUnavailable(name, f"no Manager on the bus ({message})")
+    if name in _UNSUPPORTED_ERRORS:
+        return ManagerNotSupported(name, f"the Manager does not offer {member}: {message}")
+    return ManagerError(name, message)
+
+
+def _ident(entry: Any) -> str:
+    """A short way to name an entry in a warning, from whatever it carries."""
+    if isinstance(entry, Mapping):
+        for key in ("UUID", "Name"):
+            v = getattr(entry.get(key), "value", None)
+            if isinstance(v, str):
+                return f"{key} {v[:64]!r}"
+    return "without a usable UUID or Name"
+
+
+class ManagerClient:
+    """Follows one Manager on one bus and keeps `definitions` current.
+
+    `on_change(defs)` runs on the event loop with all current definitions whenever a
+    (re)read differs from the previous one (definitions or the set of active UUIDs),
+    and with None when the Manager goes away.
+    """
+
+    def __init__(self, bus: str = "system", *, call_timeout: float = 5.0,
+                 relist_interval: float = 5.0, on_change: OnChange | None = None) -> None:
+        self.bus_spec = bus
+        self.call_timeout = call_timeout
+        self.relist_interval = relist_interval
+        self.on_change = on_change
+        self.definitions: dict[str, DomainConfig] | None = None
+        self.active: set[str] = set()
+        self.generation: int | None = None
+        self._bus: MessageBus | None = None
+        self._owner: str | None = None
+        self._epoch = 0                    # bumped whenever the owner changes
+        self._offered: set[str] = set()
+        self._need_introspect = True
+        self._warned: set[tuple[str, str]] = set()
+        self._wake = asyncio.Event()
+        self._debounce = False
+        self._refresh_lock = asyncio.Lock()
+        self._task: asyncio.Task[None] | None = None
+        self._watch: asyncio.Task[None] | None = None
+        self._stopping = False
+
+    # ------------------------------------------------------------ public state
+
+    @property
+    def present(self) -> bool:
+        return self._owner is not None
+
+    @property
+    def knows_twins(self) -> bool:
+        return self.offers("ListDomains")
+
+    def offers(self, member: str) -> bool:
+        """Whether the Manager now on the bus offers `member` (method, signal, property)."""
+        return self._owner is not None and member in self._offered
+
+    # ------------------------------------------------------------ life cycle
+
+    async def start(self) -> None:
+        """Connect and read the list if a Manager is there; absence is not an error."""
+        if self._task is not None:
+            return
+        self._stopping = False
+        try:
+            await self._connect()
+        except Exception as exc:  # the bus may come later (system bus restart)
+            log.warning("cannot connect to %s: %s; will retry",
+                        bus_description(self.bus_spec), exc)
+        if self._owner is not None:
+            await self._refresh()
+            if self.definitions is not None:
+                self._wake.clear()      # already read: no need for the loop to repeat it
+        self._task = asyncio.create_task(self._run(), name="manager-client")
+
+    async def stop(self) -> None:
+        self._stopping = True
+        for task in (self._task, self._watch):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        self._task = self._watch = None
+        if self._bus is not None:
+            self._bus.remove_message_handler(self._on_message)
+            self._bus.disconnect()
+            self._bus = None
+        self._owner = None
+
+    async def _connect(self) -> None:
+        bus = await connect(self.bus_spec)
+        bus.add_message_handler(self._on_message)
+        self._bus = bus
+        try:
+            await self._add_match(f"type='signal',sender='{DBUS_NAME}',interface='{DBUS_INTERFACE}',"
+                                  f"member='NameOwnerChanged',arg0='{BUS_NAME}'")
+            await self._add_match(f"type='signal',sender='{BUS_NAME}',interface='{INTERFACE}',"
+                                  f"path='{OBJECT_PATH}'")
+            try:
+                reply = await self._raw_call(DBUS_NAME, DBUS_PATH, DBUS_INTERFACE,
+                                             "GetNameOwner", "s", [BUS_NAME])
+                owner = reply[0]
+            except ManagerUnavailable:
+                owner = None
+        except BaseException:
+            self._bus = None
+            bus.remove_message_handler(self._on_message)
+            bus.disconnect()
+            raise
+        self._watch = asyncio.create_task(self._watch_disconnect(bus), name="manager-bus-watch")
+        log.info("following %s on %s (%s)", BUS_NAME, bus_description(self.bus_spec),
+                 "present" if owner else "absent")
+        if owner:
+            self._appeared(owner)
+
+    async def _add_match(self, rule: str) -> None:
+        await self._raw_call(DBUS_NAME, DBUS_PATH, DBUS_INTERFACE, "AddMatch", "s", [rule])
+
+    async def _watch_disconnect(self, bus: MessageBus) -> None:
+        """When the bus connection drops, the Manager is as good as gone."""
+        with contextlib.suppress(Exception):
+            await bus.wait_for_disconnect()
+        if self._stopping or bus is not self._bus:
+            return
+        log.warning("lost the connection to %s", bus_description(self.bus_spec))
+        self._bus = None
+        self._vanished()
+        self._wake.set()
+
+    async def _run(self) -> None:
+        """The background loop: re-list on signals, on an interval, or on (re)appearance."""
+        backoff = RECONNECT_MIN
+        while not self._stopping:
+            if self._bus is None:
+                await asyncio.sleep(backoff)
+                try:
+                    await self._connect()
+                    backoff = RECONNECT_MIN
+                except Exception as exc:
+                    backoff = min(backoff * 2, RECONNECT_MAX)
+                    log.debug("bus still unreachable: %s", exc)
+                continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), self._wait_timeout())
+            self._wake.clear()
+            if self._owner is None:
+                continue
+            if self._debounce:
+                await asyncio.sleep(DEBOUNCE)
+                self._debounce = False
+                self._wake.clear()
+            try:
+                await self._refresh()
+            except Exception:  # never let the loop die on a surprise
+                log.exception("unexpected error while reading the Manager's domains")
+
+    def _wait_timeout(self) -> float | None:
+        if self._owner is None:
+            return None
+        if (self.definitions is None or self._need_introspect
+                or not CHANGE_SIGNALS <= self._offered):
+            return self.relist_interval
+        return None
+
+    # ------------------------------------------------------------ presence and signals
+
+    def _on_message(self, msg: Message) -> None:
+        if msg.message_type != MessageType.SIGNAL:
+            return
+        if (msg.member == "NameOwnerChanged" and msg.interface == DBUS_INTERFACE
+                and msg.sender == DBUS_NAME):
+            body = list(msg.body)
+            if len(body) == 3 and body[0] == BUS_NAME:
+                if body[2]:
+                    self._appeared(body[2])
+                else:
+                    self._vanished()
+        elif (msg.interface == INTERFACE and msg.path == OBJECT_PATH
+              and msg.member in CHANGE_SIGNALS and msg.sender == self._owner):
+            log.debug("%s%s from the Manager", msg.member, tuple(msg.body))
+            self._debounce = True
+            self._wake.set()
+
+    def _appeared(self, owner: str) -> None:
+        if owner == self._owner:
+            return
+        log.info("Manager %s appeared as %s", BUS_NAME, owner)
+        self._owner = owner
+        self._epoch += 1
+        self._offered = set(REQUIRED_METHODS)
+        self._need_introspect = True
+        self._warned.clear()
+        self.generation = None
+        self._debounce = False
+        self._wake.set()
+
+    def _vanished(self) -> None:
+        if self._owner is not None:
+            log.info("Manager %s left the bus", BUS_NAME)
+        self._owner = None
+        self._epoch += 1
+        self._offered = set()
+        self.generation = None
+        if self.definitions is not None or self.active:
+            self.definitions = None
+            self.active = set()
+            self._notify(None)
+
+    def _notify(self, defs: dict[str, DomainConfig] | None) -> None:
+        if self.on_change is None:
+            return
+        try:
+            self.on_change(None if defs is None else dict(defs))
+        except Exception:
+            log.exception("on_change callback failed")
+
+    # ------------------------------------------------------------ reading the list
+
+    async def _introspect(self) -> None:
+        """Learn which optional members this Manager offers (and with the right types)."""
+        reply = await self._raw_call(BUS_NAME, OBJECT_PATH, "org.freedesktop.DBus.Introspectable",
+                                     "Introspect", "", [], member_for_errors="Introspect")
+        try:
+            node = intr.Node.parse(reply[0])
+        except Exception as exc:
+            raise ManagerError(ERR_BAD_REPLY, f"unparsable introspection data: {exc}") from None
+        remote: dict[str, Member] = {}
+        for iface in node.interfaces:
+            if iface.name == INTERFACE:
+                remote = interface_members(iface)
+        offered = set(REQUIRED_METHODS)
+        for name, want in members().items():
+            got = remote.get(name)
+            if got is None:
+                continue
+            same_type = (got.kind, got.in_signature, got.out_signature) == \
+                (want.kind, want.in_signature, want.out_signature)
+            if same_type and (got.kind != "property" or "read" in got.access):
+                offered.add(name)
+            else:
+                self._warn_once(("member", name),
+                                "the Manager's %s does not match the contract (%s); not using it",
+                                name, got)
+        if not remote:
+            # Not exported yet (name taken first) or no introspection: try again later.
+            log.info("the Manager does not introspect %s yet; assuming only the required "
+                     "methods", INTERFACE)
+        else:
+            self._need_introspect = False
+        self._offered = offered
+        log.info("Manager offers: %s", ", ".join(sorted(offered)))
+
+    async def _refresh(self) -> None:
+        async with self._refresh_lock:
+            epoch = self._epoch
+            if self._owner is None:
+                return
+            try:
+                if self._need_introspect:
+                    try:
+                        await self._introspect()
+                    except (ManagerNotSupported, ManagerError) as exc:
+                        if isinstance(exc, (ManagerUnavailable, ManagerTimeout)):
+                            raise
+                        log.info("cannot introspect the Manager (%s); assuming only the "
+                                 "required methods", exc)
+                    if epoch != self._epoch:
+                        return
+                polling = not CHANGE_SIGNALS <= self._offered
+                generation = None
+                if polling and self.offers("Generation"):
+                    # A cheap question first: has anything changed since the last list?
+                    generation = await self._get_generation()
+                    if (generation is not None and generation == self.generation
+                            and self.definitions is not None):
+                        return
+                entries, with_active = await self._list()
+            except ManagerError as exc:
+                if epoch == self._epoch:
+                    log.warning("cannot read the Manager's domains: %s", exc)
+                return
+            if epoch != self._epoch:
+                return       # the Manager changed while we listened to the old one
+            self.generation = generation
+            defs, active = self._parse(entries, with_active)
+            if defs != self.definitions or active != self.active:
+                self.definitions = defs
+                self.active = active
+                log.debug("Manager lists %d definitions (%d active)", len(defs), len(active))
+                self._notify(defs)
+
+    async def _get_generation(self) -> int | None:
+        try:
+            reply = await self._raw_call(BUS_NAME, OBJECT_PATH, "org.freedesktop.DBus.Properties",
+                                         "Get", "ss", [INTERFACE, "Generation"],
+                                         member_for_errors="Generation")
+        except ManagerNotSupported:
+            self._offered.discard("Generation")
+            return None
+        value = getattr(reply[0], "value", None) if reply else None
+        return value if isinstance(value, int) else None
+
+    async def _list(self) -> tuple[list[Any], bool]:
+        if self.offers("ListDomains"):
+            try:
+                return await self._call("ListDomains"), True
+            except ManagerNotSupported:
+                self._offered.discard("ListDomains")
+        return await self._call("ListInactiveDomains"), False
+
+    def _parse(self, entries: list[Any], with_active: bool
+               ) -> tuple[dict[str, DomainConfig], set[str]]:
+        """Keep the good entries; skip each bad one with one warning."""
+        defs: dict[str, DomainConfig] = {}
+        active: set[str] = set()
+        for i, entry in enumerate(entries):
+            try:
+                cfg = config_from_dbus(entry)
+                is_active = with_active and active_from_dbus(entry)
+            except InvalidEntry as exc:
+                self._warn_once(("entry", f"{_ident(entry)}: {exc}"),
+                                "skipping Manager entry #%d (%s): %s", i, _ident(entry), exc)
+                continue
+            if cfg.uuid in defs:
+                self._warn_once(("duplicate", cfg.uuid),
+                                "skipping Manager entry #%d: UUID %s is listed twice; "
+                                "keeping the first", i, cfg.uuid)
+                continue
+            defs[cfg.uuid] = cfg
+            if is_active:
+                active.add(cfg.uuid)
+        return defs, active
+
+    def _warn_once(self, key: tuple[str, str], fmt: str, *args: Any) -> None:
+        """One warning per bad thing per Manager instance, not one per poll."""
+        if key not in self._warned:
+            self._warned.add(key)
+            log.warning(fmt, *args)
+
+    # ------------------------------------------------------------ calls
+
+    async def _raw_call(self, destination: str, path: str, interface: str, member: str,
+                        signature: str, body: list[Any], *,
+                        member_for_errors: str | None = None) -> list[Any]:
+        """One method call with a timeout; every failure becomes a ManagerError."""
+        bus = self._bus
+        what = member_for_errors or member
+        if bus is None:
+            raise ManagerUnavailable(ERR_UNAVAILABLE,
+                                     f"not connected to {bus_description(self.bus_spec)}")
+        msg = Message(destination=destination, path=path, interface=interface, member=member,
+                      signature=signature, body=body)
+        try:
+            reply = await asyncio.wait_for(bus.call(msg), self.call_timeout)
+        except asyncio.TimeoutError:
+            raise ManagerTimeout(ERR_TIMEOUT, f"{what} got no answer within "
+                                 f"{self.call_timeout:g} s") from None
+        except DBusError as exc:
+            raise error_from_dbus(str(exc.type), exc.text, what) from None
+        except (OSError, EOFError) as exc:
+            raise ManagerUnavailable(ERR_UNAVAILABLE, f"{what}: bus connection failed: {exc}") \
+                from None
+        if reply is None:
+            raise ManagerUnavailable(ERR_UNAVAILABLE, f"{what}: no reply")
+        if reply.message_type == MessageType.ERROR:
+            text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
+            raise error_from_dbus(reply.error_name or "", text, what)
+        return list(reply.body)
+
+    async def _call(self, member: str, *args: Any) -> Any:
+        """Call a contract method with the contract's signatures; return its one result."""
+        m = members()[member]
+        if self._owner is None:
+            raise ManagerUnavailable(ERR_UNAVAILABLE, f"no Manager on the bus for {member}")
+        if member not in self._offered:
+            raise ManagerNotSupported(ERROR_NOT_SUPPORTED,
+                                      f"the Manager does not offer {member}")
+        body = await self._raw_call(BUS_NAME, OBJECT_PATH, INTERFACE, member,
+                                    m.in_signature, list(args))
+        expected = 1 if m.out_signature else 0
+        if len(body) != expected:
+            raise ManagerError(ERR_BAD_REPLY, f"{member} returned {len(body)} values, "
+                               f"expected {expected}")
+        result = body[0] if body else None
+        if m.out_signature == "s" and not isinstance(result, str):
+            raise ManagerError(ERR_BAD_REPLY, f"{member} did not return a string")
+        if m.out_signature.startswith("a"):
+            want = list if m.out_signature.startswith("aa") else dict
+            if not isinstance(result, (list, tuple) if want is list else dict):
+                raise ManagerError(ERR_BAD_REPLY, f"{member} returned the wrong type")
+            if want is list:
+                result = list(result)
+        return result
+
+    @staticmethod
+    def _uuid(uuid: str) -> str:
+        canonical = canonical_uuid(uuid)
+        if canonical is None:
+            raise ManagerError(ERROR_INVALID_ARGUMENT,
+                               f"{uuid!r} is not a UUID")
+        return canonical
+
+    async def start_domain(self, uuid: str) -> str:
+        """Ask the Manager to start a definition; returns the running domain's UUID."""
+        result = await self._call("StartDomain", self._uuid(uuid))
+        running = canonical_uuid(result)
+        if running is None:
+            raise ManagerError(ERR_BAD_REPLY, f"StartDomain returned {result[:80]!r}, not a UUID")
+        return running
+
+    async def define_domain(self, props: Mapping[str, Any]) -> str:
+        """Define a domain from plain values (typed per the contract); returns its UUID."""
+        try:
+            values = values_to_dbus(props)
+        except InvalidEntry as exc:
+            raise ManagerError(ERROR_INVALID_ARGUMENT, str(exc)) from None
+        result = await self._call("DefineDomain", values)
+        uuid = canonical_uuid(result)
+        if uuid is None:
+            raise ManagerError(ERR_BAD_REPLY, f"DefineDomain returned {result[:80]!r}")
+        return uuid
+
+    async def undefine_domain(self, uuid: str) -> None:
+        await self._call("UndefineDomain", self._uuid(uuid))
+
+    async def get_domain(self, uuid: str) -> DomainConfig:
+        result = await self._call("GetDomain", self._uuid(uuid))
+        try:
+            return config_from_dbus(result)
+        except InvalidEntry as exc:
+            raise ManagerError(ERR_BAD_REPLY, f"GetDomain returned a bad entry: {exc}") from None
+
+    async def update_domain(self, uuid: str, changes: Mapping[str, Any]) -> None:
+        try:
+            values = values_to_dbus(changes)
+        except InvalidEntry as exc:
+            raise ManagerError(ERROR_INVALID_ARGUMENT, str(exc)) from None
+        await self._call("UpdateDomain", self._uuid(uuid), values)

@@ -1,0 +1,1 @@
+"""Helpers shared by tests: a private dbus-daemon, a minimal Manager."""
