@@ -74,14 +74,16 @@ def parse_request(body: bytes, max_depth: int = 64) -> CIMRequest:
             out: dict[str, Any] = {}
             for pname, value in params:
                 if pname.lower() in (k.lower() for k in out):
-                    raise RequestError(400, "request-not-valid", f"parameter {pname!r} given twice")
+                    raise RequestError(400, "request-not-valid", f"parameter {pname[:64]!r} given twice")
                 out[pname] = value
             return CIMRequest(mattrs["ID"], True, cattrs["NAME"], namespace, out)
-        name, cattrs, path, params = parser.parse_methodcall(call[0])
-        target = parser.parse_any(path)
+        # pywbem 1.9 returns the target already parsed (CIMClassName / CIMInstanceName)
+        # and each PARAMVALUE as (name, PARAMTYPE or None, parsed value).
+        name, cattrs, target, params = parser.parse_methodcall(call[0])
         out = {}
-        for node in params:
-            pname, ptype, value = parser.parse_paramvalue(node)
+        for pname, ptype, value in params:
+            if pname.lower() in (k.lower() for k in out):
+                raise RequestError(400, "request-not-valid", f"parameter {pname[:64]!r} given twice")
             out[pname] = (ptype, value)
         return CIMRequest(mattrs["ID"], False, cattrs["NAME"], target.namespace or "",
                           out, target)

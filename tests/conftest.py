@@ -1,0 +1,44 @@
+"""Shared fixtures: the real WBEM server as a subprocess, and in-process with test
+providers (see tests/support/wbem_server.py)."""
+from __future__ import annotations
+
+import pytest
+import pywbem
+
+from tests.support.wbem_server import (InProcessServer, SubprocessServer,
+                                       make_test_providers)
+
+
+@pytest.fixture(scope="session")
+def subprocess_server(tmp_path_factory):
+    """`.venv/bin/cim-provider serve` on a free loopback port (interop providers only)."""
+    srv = SubprocessServer(tmp_path_factory.mktemp("server") / "serve.log")
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(scope="session")
+def inproc_server():
+    """start_server() in a thread, with root/virt test providers."""
+    srv = InProcessServer(make_test_providers)
+    yield srv
+    srv.stop()
+
+
+def connect(url: str, namespace: str = "interop", timeout: int = 30) -> pywbem.WBEMConnection:
+    return pywbem.WBEMConnection(url, default_namespace=namespace, timeout=timeout,
+                                 no_verification=True)
+
+
+@pytest.fixture
+def interop_conn(subprocess_server):
+    conn = connect(subprocess_server.url, "interop")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def virt_conn(inproc_server):
+    conn = connect(inproc_server.url, "root/virt")
+    yield conn
+    conn.close()
