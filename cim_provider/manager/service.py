@@ -372,8 +372,9 @@ class ManagerHandle:
 
     async def wait_closed(self) -> None:
         """Until the bus connection ends (the daemon went away)."""
+        # Shielded: cancelling this wait must not cancel the bus's own future.
         with contextlib.suppress(Exception):
-            await self.bus.wait_for_disconnect()
+            await asyncio.shield(self.bus.wait_for_disconnect())
 
 
 async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Store],

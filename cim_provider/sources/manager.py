@@ -202,7 +202,8 @@ class ManagerClient:
     async def _watch_disconnect(self, bus: MessageBus) -> None:
         """When the bus connection drops, the Manager is as good as gone."""
         with contextlib.suppress(Exception):
-            await bus.wait_for_disconnect()
+            # Shielded: cancelling this watch must not cancel the bus's own future.
+            await asyncio.shield(bus.wait_for_disconnect())
         if self._stopping or bus is not self._bus:
             return
         log.warning("lost the connection to %s", bus_description(self.bus_spec))

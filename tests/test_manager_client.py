@@ -1,0 +1,340 @@
+"""ManagerClient against real Managers on a private dbus-daemon: the minimal one
+(required methods only), bad data, a slow one, and the reference Manager as a separate
+process that is killed and restarted."""
+import asyncio
+import logging
+import signal
+import subprocess
+
+import pytest
+
+from cim_provider.contract import values_to_dbus
+from cim_provider.contract.bus import Variant
+from cim_provider.manager.service import serve_manager
+from cim_provider.manager.store import SqliteStore
+from cim_provider.sources.manager import (ManagerClient, ManagerError, ManagerNotSupported,
+                                          ManagerTimeout, ManagerUnavailable)
+try:
+    from tests.support import eventually, manager_command, run, wait_for_owner
+    from tests.support.dbus_daemon import dbus_address, subprocess_env  # noqa: F401 (fixture)
+    from tests.support.minimal_manager import serve_minimal
+except ImportError:          # tests/ itself is on sys.path (rootdir-less layout)
+    from support import eventually, manager_command, run, wait_for_owner
+    from support.dbus_daemon import dbus_address, subprocess_env  # noqa: F401 (fixture)
+    from support.minimal_manager import serve_minimal
+
+pytestmark = pytest.mark.dbus
+
+LOGGER = "cim_provider.sources.manager"
+UUID_A = "11111111-2222-3333-4444-555555555555"
+UUID_B = "aaaaaaaa-bbbb-cccc-dddd-eeeeeeeeeeee"
+UUID_C = "12345678-1234-5678-1234-567812345678"
+GOOD_A = {"UUID": Variant("s", UUID_A), "Name": Variant("s", "good-a")}
+GOOD_B = {"UUID": Variant("s", UUID_B), "Name": Variant("s", "good-b"),
+          "VCPUs": Variant("u", 2), "MemoryKiB": Variant("t", 1 << 20)}
+
+
+def with_c(**extra):
+    """An entry for UUID_C with the given raw variants (overriding the defaults)."""
+    entry = {"UUID": Variant("s", UUID_C), "Name": Variant("s", "case")}
+    entry.update(extra)
+    return {k: v for k, v in entry.items() if v is not None}
+
+
+def disks(n):
+    return Variant("aa{sv}", [{"Target": Variant("s", f"vd{i}")} for i in range(n)])
+
+
+def nics(n):
+    return Variant("aa{sv}", [{"MAC": Variant("s", f"52:54:00:00:{i // 256:02x}:{i % 256:02x}")}
+                              for i in range(n)])
+
+
+# (description, entry, expected): expected is the kept name, or None for "skipped with
+# one warning". GOOD_A and GOOD_B are listed around every case and must always survive.
+TESTCASES = [
+    ("valid entry", with_c(), "case"),
+    ("unknown keys are ignored", with_c(Colour=Variant("s", "blue"), Extra=Variant("ai", [1])),
+     "case"),
+    ("upper-case UUID is canonicalised", with_c(UUID=Variant("s", UUID_C.upper())), "case"),
+    ("256 disks is still sane", with_c(Disks=disks(256)), "case"),
+    ("UUID missing", with_c(UUID=None), None),
+    ("UUID malformed", with_c(UUID=Variant("s", "not-a-uuid")), None),
+    ("UUID empty", with_c(UUID=Variant("s", "")), None),
+    ("UUID of the wrong type", with_c(UUID=Variant("ay", b"\x11" * 16)), None),
+    ("Name missing", with_c(Name=None), None),
+    ("Name empty", with_c(Name=Variant("s", "   ")), None),
+    ("Name of the wrong type", with_c(Name=Variant("i", 7)), None),
+    ("VCPUs as a string", with_c(VCPUs=Variant("s", "4")), None),
+    ("VCPUs absurd", with_c(VCPUs=Variant("u", 5000)), None),
+    ("VCPUs zero", with_c(VCPUs=Variant("u", 0)), None),
+    ("MemoryKiB signed and negative", with_c(MemoryKiB=Variant("x", -5)), None),
+    ("MemoryKiB beyond 16 EiB", with_c(MemoryKiB=Variant("t", 2 ** 63)), None),
+    ("MaxMemoryKiB beyond 16 EiB", with_c(MaxMemoryKiB=Variant("t", 2 ** 55)), None),
+    ("Autostart as an integer", with_c(Autostart=Variant("u", 1)), None),
+    ("Title too long", with_c(Title=Variant("s", "x" * 5000)), None),
+    ("Disks not an array of dicts", with_c(Disks=Variant("as", ["vda"])), None),
+    ("a disk without Target", with_c(Disks=Variant("aa{sv}", [{"Source": Variant("s", "/x")}])),
+     None),
+    ("CapacityBytes of the wrong type",
+     with_c(Disks=Variant("aa{sv}", [{"Target": Variant("s", "vda"),
+                                      "CapacityBytes": Variant("d", 1.5)}])), None),
+    ("257 disks", with_c(Disks=disks(257)), None),
+    ("257 NICs", with_c(NICs=nics(257)), None),
+    ("a NIC with a malformed MAC",
+     with_c(NICs=Variant("aa{sv}", [{"MAC": Variant("s", "52:54:00:zz:00:01")}])), None),
+    ("two NICs with one MAC",
+     with_c(NICs=Variant("aa{sv}", [{"MAC": Variant("s", "52:54:00:00:00:01")}] * 2)), None),
+    ("a value wrapped twice", with_c(Name=Variant("v", Variant("s", "x"))), None),
+    ("duplicate UUID (of good-a, other spelling)",
+     {"UUID": Variant("s", UUID_A.upper()), "Name": Variant("s", "impostor")}, None),
+]
+
+
+def skip_warnings(caplog):
+    return [r for r in caplog.records
+            if r.name == LOGGER and r.levelno == logging.WARNING and "skipping" in r.getMessage()]
+
+
+@pytest.mark.parametrize("desc, entry, expected", TESTCASES, ids=[c[0] for c in TESTCASES])
+def test_bad_manager_data_is_skipped_with_one_warning(dbus_address, caplog, desc, entry,
+                                                      expected):
+    async def scenario():
+        manager = await serve_minimal(dbus_address, [GOOD_A, entry, GOOD_B])
+        client = ManagerClient(dbus_address, relist_interval=60)
+        try:
+            with caplog.at_level(logging.WARNING, logger=LOGGER):
+                await client.start()
+            defs = client.definitions
+            assert defs is not None
+            assert defs[UUID_A].name == "good-a"
+            assert defs[UUID_B].name == "good-b" and defs[UUID_B].vcpus == 2
+            warnings = skip_warnings(caplog)
+            if expected is None:
+                assert set(defs) == {UUID_A, UUID_B}, desc
+                assert len(warnings) == 1, [w.getMessage() for w in warnings]
+            else:
+                assert defs[UUID_C].name == expected
+                assert warnings == []
+        finally:
+            await client.stop()
+            await manager.stop()
+    run(scenario())
+
+
+def test_warnings_are_not_repeated_on_every_relist(dbus_address, caplog):
+    async def scenario():
+        bad = with_c(VCPUs=Variant("u", 99999))
+        manager = await serve_minimal(dbus_address, [GOOD_A, bad])
+        relists = []
+        client = ManagerClient(dbus_address, relist_interval=0.05)
+        original = client._list
+
+        async def counting_list():
+            relists.append(1)
+            return await original()
+        client._list = counting_list
+        try:
+            with caplog.at_level(logging.WARNING, logger=LOGGER):
+                await client.start()
+                await eventually(lambda: len(relists) >= 4, within=2.0, what="polling")
+            assert len(skip_warnings(caplog)) == 1
+        finally:
+            await client.stop()
+            await manager.stop()
+    run(scenario())
+
+
+def test_minimal_manager(dbus_address):
+    """Only the two required methods: list, start (recorded), poll for changes."""
+    async def scenario():
+        manager = await serve_minimal(dbus_address, [GOOD_A, GOOD_B])
+        changes = []
+        client = ManagerClient(dbus_address, relist_interval=0.2, on_change=changes.append)
+        try:
+            await client.start()
+            assert client.present
+            assert set(client.definitions) == {UUID_A, UUID_B}
+            assert changes == [client.definitions]
+            assert not client.knows_twins and client.active == set()
+            assert client.offers("ListInactiveDomains") and client.offers("StartDomain")
+            for optional in ("ListDomains", "DefineDomain", "DomainChanged", "Generation"):
+                assert not client.offers(optional)
+
+            assert await client.start_domain(UUID_A.upper()) == UUID_A
+            assert manager.manager.starts == [UUID_A]
+            # No signals: the client notices by re-listing on its interval.
+            await eventually(lambda: set(client.definitions) == {UUID_B}, within=1.0,
+                             what="re-list after start")
+            assert changes[-1] == client.definitions
+
+            with pytest.raises(ManagerError) as err:
+                await client.start_domain(UUID_C)
+            assert err.value.name == "org.example.virt.Error.NotFound"
+            with pytest.raises(ManagerError) as err:
+                await client.start_domain("no-uuid")
+            assert err.value.name == "org.example.virt.Error.InvalidArgument"
+            assert manager.manager.starts == [UUID_A, UUID_C]
+            with pytest.raises(ManagerNotSupported):
+                await client.define_domain({"Name": "x"})
+            with pytest.raises(ManagerNotSupported):
+                await client.get_domain(UUID_B)
+        finally:
+            await client.stop()
+            await manager.stop()
+    run(scenario())
+
+
+def test_optional_method_called_anyway_maps_unknown_method(dbus_address):
+    async def scenario():
+        manager = await serve_minimal(dbus_address, [GOOD_A])
+        client = ManagerClient(dbus_address)
+        try:
+            await client.start()
+            client._offered.add("GetDomain")      # pretend introspection said so
+            with pytest.raises(ManagerNotSupported) as err:
+                await client.get_domain(UUID_A)
+            assert err.value.name == "org.freedesktop.DBus.Error.UnknownMethod"
+        finally:
+            await client.stop()
+            await manager.stop()
+    run(scenario())
+
+
+def test_manager_absent_at_start_then_appears_then_vanishes(dbus_address):
+    async def scenario():
+        changes = []
+        client = ManagerClient(dbus_address, relist_interval=60, on_change=changes.append)
+        await client.start()
+        manager = None
+        try:
+            assert not client.present and client.definitions is None
+            with pytest.raises(ManagerUnavailable):
+                await client.start_domain(UUID_A)
+            assert changes == []
+
+            manager = await serve_minimal(dbus_address, [GOOD_A])
+            await eventually(lambda: client.definitions is not None, within=1.0,
+                             what="definitions after the Manager appeared")
+            assert set(client.definitions) == {UUID_A} and client.present
+
+            await manager.stop()
+            manager = None
+            await eventually(lambda: not client.present, within=1.0, what="absence")
+            assert client.definitions is None and changes[-1] is None
+            with pytest.raises(ManagerUnavailable):
+                await client.start_domain(UUID_A)
+
+            manager = await serve_minimal(dbus_address, [GOOD_B])
+            await eventually(lambda: client.definitions is not None, within=1.0,
+                             what="definitions after the Manager came back")
+            assert set(client.definitions) == {UUID_B}
+            assert [None if c is None else set(c) for c in changes] == \
+                [{UUID_A}, None, {UUID_B}]
+        finally:
+            await client.stop()
+            if manager:
+                await manager.stop()
+    run(scenario())
+
+
+def test_slow_manager_times_out_cleanly(dbus_address, caplog):
+    async def scenario():
+        manager = await serve_minimal(dbus_address, [GOOD_A], delay=1.5)
+        client = ManagerClient(dbus_address, call_timeout=0.2, relist_interval=60)
+        try:
+            with caplog.at_level(logging.WARNING, logger=LOGGER):
+                await client.start()          # must not hang nor raise
+            assert client.present and client.definitions is None
+            assert any("cannot read" in r.getMessage() for r in caplog.records)
+            with pytest.raises(ManagerTimeout) as err:
+                await client.start_domain(UUID_A)
+            assert "0.2" in err.value.message
+            assert isinstance(err.value, ManagerError)
+        finally:
+            await client.stop()
+            await manager.stop()
+    run(scenario())
+
+
+def test_signals_replace_polling(dbus_address, tmp_path):
+    """With the signals offered, the client re-lists on change only (debounced)."""
+    async def scenario():
+        handle = await serve_manager(dbus_address, [SqliteStore(tmp_path / "m.db")], None,
+                                     poll_interval=60)
+        lists = []
+        client = ManagerClient(dbus_address, relist_interval=0.05)
+        original = client._list
+
+        async def counting_list():
+            lists.append(1)
+            return await original()
+        client._list = counting_list
+        try:
+            await client.start()
+            assert client.knows_twins and client.offers("DomainChanged")
+            assert client.definitions == {}
+            await asyncio.sleep(0.4)          # 8 intervals: polling would show here
+            assert len(lists) == 1
+            uuids = await asyncio.gather(*(client.define_domain({"Name": f"d{i}"})
+                                           for i in range(5)))
+            await eventually(lambda: set(client.definitions) == set(uuids), within=1.0,
+                             what="definitions after DefineDomain")
+            assert 2 <= len(lists) < 7
+        finally:
+            await client.stop()
+            await handle.stop()
+    run(scenario())
+
+
+def _spawn(address, db):
+    return subprocess.Popen(
+        manager_command("--bus", address, "--store", f"sqlite:{db}",
+                        "--libvirt-uri", "test:///default", "--poll-interval", "0.2",
+                        "--log-level", "WARNING"),
+        env=subprocess_env(address), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_reference_manager_killed_and_restarted(dbus_address, tmp_path):
+    """A separate `cim-provider manager` process: the client follows it within 1 s."""
+    db = tmp_path / "manager.db"
+
+    async def scenario():
+        changes = []
+        client = ManagerClient(dbus_address, relist_interval=60, on_change=changes.append)
+        await client.start()
+        procs = []
+        try:
+            assert not client.present
+            procs.append(_spawn(dbus_address, db))
+            await wait_for_owner(dbus_address)
+            await eventually(lambda: client.definitions is not None, within=1.0,
+                             what="first list")
+            assert client.knows_twins and client.definitions == {}
+            uuid = await client.define_domain({"Name": "durable", "MemoryKiB": 65536,
+                                               "Disks": [{"Target": "vda", "Source": "/d.img"}]})
+            await eventually(lambda: uuid in client.definitions, within=1.0, what="define seen")
+            before = dict(client.definitions)
+
+            procs[0].kill()                   # SIGKILL: no goodbye on the bus
+            procs[0].wait()
+            await eventually(lambda: not client.present, within=1.0, what="absence after kill")
+            assert client.definitions is None and changes[-1] is None
+
+            procs.append(_spawn(dbus_address, db))
+            await wait_for_owner(dbus_address)
+            await eventually(lambda: client.definitions is not None, within=1.0,
+                             what="list after restart")
+            assert client.definitions == before        # durable across kill -9
+
+            procs[1].send_signal(signal.SIGTERM)
+            assert await asyncio.get_running_loop().run_in_executor(None, procs[1].wait, 10) == 0
+            await eventually(lambda: not client.present, within=1.0, what="absence after stop")
+        finally:
+            await client.stop()
+            for p in procs:
+                if p.poll() is None:
+                    p.kill()
+                p.wait()
+                p.stderr.close()
+    run(scenario())
