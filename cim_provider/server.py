@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 
 from aiohttp import web
 
+from .inventory.inventory import Inventory
+from .providers import Backend, virt_providers
 from .providers.interop import interop_providers
 from .wbem.dispatch import Dispatcher
 from .wbem.http import DEFAULT_MAX_BODY, HTTPLimits, make_app
@@ -46,7 +48,40 @@ def host_fqdn(timeout: float = 2.0) -> str:
     t = threading.Thread(target=resolve, daemon=True)
     t.start()
     t.join(timeout)
-    return result[0] if result and result[0] else name
+    fqdn = result[0] if result else ""
+    # Without DNS the resolver may only offer "localhost": the host name says more.
+    return fqdn if fqdn and not fqdn.startswith("localhost") else name
+
+
+@dataclass
+class Sources:
+    """The inventory and the two sources that keep it current."""
+    inventory: Inventory
+    libvirt: object | None = None       # sources.libvirt.LibvirtSource
+    manager: object | None = None       # sources.manager.ManagerClient
+
+    async def close(self) -> None:
+        for src in (self.manager, self.libvirt):
+            if src is not None:
+                await src.stop()
+
+
+async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
+                        manager_bus: str | None = "system", call_timeout: float = 10.0,
+                        manager_timeout: float = 5.0, relist_interval: float = 5.0) -> Sources:
+    """Connect libvirt (events on this loop) and follow the Manager; neither has to be up."""
+    from .sources.libvirt import LibvirtSource
+    from .sources.manager import ManagerClient
+    inv = Inventory()
+    lv = LibvirtSource(libvirt_uri, conn=libvirt_conn, call_timeout=call_timeout,
+                       on_snapshot=inv.set_running, on_domain=inv.update_running)
+    await lv.start()
+    mgr = None
+    if manager_bus:
+        mgr = ManagerClient(manager_bus, call_timeout=manager_timeout,
+                            relist_interval=relist_interval, on_change=inv.set_defined)
+        await mgr.start()
+    return Sources(inv, lv, mgr)
 
 
 @dataclass
@@ -54,25 +89,36 @@ class ServerHandle:
     runner: web.AppRunner
     dispatcher: Dispatcher
     addresses: list[tuple[str, int]] = field(default_factory=list)
+    sources: Sources | None = None
 
     async def close(self) -> None:
         await self.runner.cleanup()
+        if self.sources is not None:
+            await self.sources.close()
 
 
 async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None = None,
                        host: str | None = None, providers: list[Provider] | None = None,
+                       sources: Sources | None = None,
                        limits: HTTPLimits | None = None) -> ServerHandle:
-    """Build the repository, registry and dispatcher, and listen on every address."""
+    """Build the repository, registry and dispatcher, and listen on every address.
+
+    With `sources`, the virtual-system model is served from their inventory.
+    """
     repo = repo or Repository.load()
     host = host or host_fqdn()
     registry = Registry()
-    for prov in interop_providers(repo, host) + list(providers or ()):
+    model: list[Provider] = []
+    if sources is not None:
+        model = virt_providers(Backend(repo, sources.inventory, host,
+                                       sources.libvirt, sources.manager))
+    for prov in interop_providers(repo, host) + model + list(providers or ()):
         registry.add(prov)
     dispatcher = Dispatcher(repo, registry, host, PullContexts())
     app = make_app(dispatcher, limits)
     runner = web.AppRunner(app, access_log=None, handle_signals=False)
     await runner.setup()
-    handle = ServerHandle(runner, dispatcher)
+    handle = ServerHandle(runner, dispatcher, sources=sources)
     for h, p in listen:
         site = web.TCPSite(runner, h, p, reuse_address=True)
         await site.start()
@@ -87,11 +133,24 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="address to serve plain HTTP on (repeatable; default 127.0.0.1:5988)")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
                    help="largest request body in bytes (default 16 MiB)")
+    p.add_argument("--libvirt-uri", default=None,
+                   help="libvirt URI of the running domains (default LIBVIRT_DEFAULT_URI, "
+                        "else libvirt's own default)")
+    p.add_argument("--manager-bus", default="system", metavar="system|session|ADDRESS",
+                   help="bus of org.example.virt.Manager (default system; honours "
+                        "DBUS_SYSTEM_BUS_ADDRESS / DBUS_SESSION_BUS_ADDRESS)")
+    p.add_argument("--manager-timeout", type=float, default=5.0,
+                   help="seconds before a Manager call fails (default 5)")
+    p.add_argument("--manager-relist", type=float, default=5.0,
+                   help="seconds between re-reads of a Manager without signals (default 5)")
 
 
 async def _serve(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
-    handle = await start_server(args.listen or [("127.0.0.1", 5988)],
+    sources = await start_sources(libvirt_uri=args.libvirt_uri, manager_bus=args.manager_bus,
+                                  manager_timeout=args.manager_timeout,
+                                  relist_interval=args.manager_relist)
+    handle = await start_server(args.listen or [("127.0.0.1", 5988)], sources=sources,
                                 limits=HTTPLimits(max_body=args.max_body))
     log.info("ready in %.2f s", time.monotonic() - t0)
     stop = asyncio.Event()

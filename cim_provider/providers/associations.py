@@ -1,0 +1,147 @@
+"""The root/virt associations, each computed from inventory records.
+
+`references(source)` answers from the source's own record (or the host), so walking
+from one system costs the same with 10 domains or 10,000.
+
+- HostedDependency: Antecedent = host, Dependent = each guest.
+- SettingsDefineState: system -> its state VSSD, or its defined VSSD when not running.
+- ElementSettingData: system -> defined VSSD, only when the Manager holds a definition.
+- VirtualSystemSettingDataComponent: VSSD -> its RASDs.
+- HostedService: host -> the management service.
+- ElementCapabilities: system -> its capabilities; service -> service capabilities.
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Callable
+
+import pywbem
+from pywbem import CIMError, CIMInstance, CIMInstanceName
+
+from ..inventory.records import DomainRecord
+from ..wbem.provider import AssociationProvider, path_key
+from .backend import CS_CLASS, HOST_CLASS, VIRT_NS, VSMS_CLASS, Backend, RecordCache, make
+from .computer_system import CapabilitiesProvider, system_path
+from .management_service import vsmc_path
+from .settings import SettingsProvider, configs_of, split_iid, vssd_path
+
+HD, SDS, ESD, VSSDC, HS, EC = ("VIRT_HostedDependency", "VIRT_SettingsDefineState",
+                               "VIRT_ElementSettingData",
+                               "VIRT_VirtualSystemSettingDataComponent",
+                               "VIRT_HostedService", "VIRT_ElementCapabilities")
+
+
+class AssociationsProvider(AssociationProvider):
+    namespace = VIRT_NS
+    classnames = (HD, SDS, ESD, VSSDC, HS, EC)
+
+    def __init__(self, backend: Backend, settings: SettingsProvider):
+        self.b = backend
+        self.settings = settings
+        self._cache = RecordCache()
+
+    def _assoc(self, cls: str, a: tuple[str, CIMInstanceName], d: tuple[str, CIMInstanceName],
+               extra: dict | None = None) -> CIMInstance:
+        keys = {a[0]: a[1], d[0]: d[1]}
+        return make(self.b, cls, {**keys, **(extra or {})},
+                    CIMInstanceName(cls, keys, namespace=VIRT_NS))
+
+    def _of_record(self, rec: DomainRecord) -> dict[str, list[CIMInstance]]:
+        """Every association instance that involves one system (cached per version)."""
+        def build() -> dict[str, list[CIMInstance]]:
+            sp = system_path(rec.uuid)
+            out: dict[str, list[CIMInstance]] = {c: [] for c in (HD, SDS, ESD, VSSDC, EC)}
+            out[HD].append(self._assoc(HD, ("Antecedent", self.b.host_path()), ("Dependent", sp)))
+            which = "state" if rec.running is not None else "defined"
+            out[SDS].append(self._assoc(SDS, ("ManagedElement", sp),
+                                        ("SettingData", vssd_path(which, rec.uuid))))
+            if rec.defined is not None:
+                out[ESD].append(self._assoc(ESD, ("ManagedElement", sp),
+                                            ("SettingData", vssd_path("defined", rec.uuid)),
+                                            {"IsDefault": 1, "IsCurrent": 2 if rec.running else 1}))
+            for which, _cfg in configs_of(rec):
+                group = vssd_path(which, rec.uuid)
+                for cls in ("VIRT_ResourceAllocationSettingData",
+                            "VIRT_StorageAllocationSettingData",
+                            "VIRT_EthernetPortAllocationSettingData"):
+                    for inst in self.settings.of_record(rec, cls):
+                        if inst["InstanceID"].startswith(group.keybindings["InstanceID"] + "/"):
+                            out[VSSDC].append(self._assoc(VSSDC, ("GroupComponent", group),
+                                                          ("PartComponent", inst.path)))
+            out[EC].append(self._assoc(EC, ("ManagedElement", sp),
+                                       ("Capabilities", CapabilitiesProvider.path(rec.uuid)),
+                                       {"Characteristics": [2]}))
+            return out
+        return self._cache.get((rec.uuid, "assoc"), rec.version, build)
+
+    def _service_assocs(self) -> dict[str, list[CIMInstance]]:
+        return {HS: [self._assoc(HS, ("Antecedent", self.b.host_path()),
+                                 ("Dependent", self.b.vsms_path()))],
+                EC: [self._assoc(EC, ("ManagedElement", self.b.vsms_path()),
+                                 ("Capabilities", vsmc_path()), {"Characteristics": [2]})]}
+
+    def _canon(self, classname: str) -> str:
+        return next(c for c in self.classnames if c.lower() == classname.lower())
+
+    async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
+        cls = self._canon(classname)
+        out = list(self._service_assocs().get(cls, ()))
+        if cls != HS:
+            for rec in self.b.inventory.records():
+                out.extend(self._of_record(rec)[cls])
+        return out
+
+    async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
+        key = path_key(path)
+        for inst in await self.references(path.classname, _first_ref(path)):
+            if path_key(inst.path) == key:
+                return inst
+        raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no {path.classname} with those references")
+
+    def _record_of(self, source: CIMInstanceName) -> DomainRecord | None:
+        """The record a guest-side object belongs to (system, VSSD, RASD, capabilities)."""
+        cls = source.classname.lower()
+        kb = source.keybindings
+        if cls == CS_CLASS.lower():
+            try:
+                return self.b.record_for(source)
+            except CIMError:
+                return None
+        iid = kb.get("InstanceID")
+        if cls == "virt_enabledlogicalelementcapabilities":
+            if isinstance(iid, str) and iid.startswith(CapabilitiesProvider.PREFIX):
+                return self.b.inventory.get(iid[len(CapabilitiesProvider.PREFIX):])
+            return None
+        parts = split_iid(iid)
+        return self.b.inventory.get(parts[0]) if parts else None
+
+    async def references(self, classname: str, source: CIMInstanceName) -> Iterable[CIMInstance]:
+        cls = self._canon(classname)
+        if source is None:
+            return []
+        key = path_key(source, VIRT_NS)
+        scls = source.classname.lower()
+        if scls == HOST_CLASS.lower():
+            if path_key(self.b.host_path()) != key:
+                return []
+            if cls == HD:
+                return [self._of_record(r)[HD][0] for r in self.b.inventory.records()]
+            return self._service_assocs().get(cls, []) if cls == HS else []
+        if scls in (VSMS_CLASS.lower(), "virt_virtualsystemmanagementcapabilities"):
+            return [a for a in self._service_assocs().get(cls, []) if _names(a, key)]
+        rec = self._record_of(source)
+        if rec is None:
+            return []
+        return [a for a in self._of_record(rec).get(cls, []) if _names(a, key)]
+
+
+def _names(assoc: CIMInstance, key: tuple) -> bool:
+    return any(p.type == "reference" and p.value is not None and path_key(p.value) == key
+               for p in assoc.properties.values())
+
+
+def _first_ref(path: CIMInstanceName) -> CIMInstanceName | None:
+    for v in path.keybindings.values():
+        if isinstance(v, CIMInstanceName):
+            return v
+    return None

@@ -1,0 +1,122 @@
+"""What the root/virt providers read and act through, and the names they share.
+
+The providers never talk to libvirt or D-Bus themselves: reads come from the
+inventory (a cache kept fresh by events), actions go through the two sources, and
+after an action the inventory is brought up to date before the method returns, so
+the next read by any client shows the new state.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import pywbem
+from pywbem import CIMClass, CIMError, CIMInstance, CIMInstanceName
+
+from ..inventory.inventory import Inventory
+from ..sources.domxml import canonical_uuid
+from ..wbem.provider import build_instance
+from ..wbem.repository import Namespace, Repository
+
+log = logging.getLogger(__name__)
+
+VIRT_NS = "root/virt"
+INTEROP_NS = "interop"
+CS_CLASS = "VIRT_ComputerSystem"
+HOST_CLASS = "VIRT_HostSystem"
+VSMS_CLASS = "VIRT_VirtualSystemManagementService"
+VSMS_NAME = "VirtualSystemManagementService"
+STATE_PREFIX = "VIRT:state:"
+DEFINED_PREFIX = "VIRT:defined:"
+
+
+@dataclass
+class Backend:
+    repo: Repository
+    inventory: Inventory
+    host: str                                  # host FQDN: VIRT_HostSystem.Name
+    libvirt: Any = None                        # sources.libvirt.LibvirtSource
+    manager: Any = None                        # sources.manager.ManagerClient
+    # Last successful RequestStateChange per UUID (RequestedState); 12 otherwise.
+    requested_state: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def ns(self) -> Namespace:
+        return self.repo.namespace(VIRT_NS)
+
+    def cls(self, name: str, namespace: str = VIRT_NS) -> CIMClass:
+        return self.repo.namespace(namespace).get(name)
+
+    def host_path(self) -> CIMInstanceName:
+        return CIMInstanceName(HOST_CLASS, {"CreationClassName": HOST_CLASS, "Name": self.host},
+                               namespace=VIRT_NS)
+
+    def vsms_path(self) -> CIMInstanceName:
+        return CIMInstanceName(VSMS_CLASS, {
+            "SystemCreationClassName": HOST_CLASS, "SystemName": self.host,
+            "CreationClassName": VSMS_CLASS, "Name": VSMS_NAME}, namespace=VIRT_NS)
+
+    def record_for(self, path: CIMInstanceName):
+        """The inventory record a VIRT_ComputerSystem path names; CIM_ERR_NOT_FOUND else."""
+        kb = path.keybindings
+        uuid = canonical_uuid(kb.get("Name"))
+        if kb.get("CreationClassName") != CS_CLASS or uuid is None:
+            raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no virtual system {kb.get('Name')!r}")
+        rec = self.inventory.get(uuid)
+        if rec is None:
+            raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no virtual system with UUID {uuid}")
+        return rec
+
+    def require_manager(self):
+        if self.manager is None or not getattr(self.manager, "present", False):
+            raise CIMError(pywbem.CIM_ERR_FAILED,
+                           "no org.example.virt.Manager is on the bus; passive domains "
+                           "cannot be started, defined or changed now")
+        return self.manager
+
+    def require_libvirt(self):
+        if self.libvirt is None or not getattr(self.libvirt, "connected", False):
+            raise CIMError(pywbem.CIM_ERR_FAILED, "libvirt is not connected")
+        return self.libvirt
+
+    async def settle_running(self, uuid: str) -> None:
+        """Read one domain from libvirt again so the inventory shows an action's result."""
+        if self.libvirt is not None:
+            await self.libvirt.refresh(uuid)
+
+    async def settle_defined(self) -> None:
+        """Re-read the Manager's list so a define/undefine/update shows at once."""
+        refresh = getattr(self.manager, "refresh", None) or getattr(self.manager, "_refresh", None)
+        if refresh is not None:
+            await refresh()
+
+
+class RecordCache:
+    """Instances derived from one record, rebuilt only when the record changes.
+
+    Keyed by (uuid, what); valid while the record's version (and any extra state
+    folded into `stamp`) is unchanged. Instances are never mutated once built, so
+    the dispatcher may cache their rendered XML too.
+    """
+
+    def __init__(self) -> None:
+        self._data: dict[tuple[str, str], tuple[Any, Any]] = {}
+
+    def get(self, key: tuple[str, str], stamp: Any, build: Callable[[], Any]) -> Any:
+        hit = self._data.get(key)
+        if hit is not None and hit[0] == stamp:
+            return hit[1]
+        value = build()
+        self._data[key] = (stamp, value)
+        return value
+
+    def prune(self, live: Callable[[str], bool]) -> None:
+        for key in [k for k in self._data if not live(k[0])]:
+            del self._data[key]
+
+
+def make(backend: Backend, classname: str, values: dict[str, Any],
+         path: CIMInstanceName) -> CIMInstance:
+    return build_instance(backend.cls(classname, path.namespace or VIRT_NS), values, path)

@@ -1,0 +1,296 @@
+"""VIRT_VirtualSystemManagementService (+ its Capabilities): define, destroy, modify.
+
+Every change of a definition goes through the Manager (DefineDomain,
+UndefineDomain, UpdateDomain), so the tool that owns definitions keeps its policy.
+Converters: `definition_from_settings` (embedded VSSD + RASDs -> the Manager's
+DefineDomain dict) and `changes_from_*` (ModifySystemSettings /
+ModifyResourceSettings -> UpdateDomain changes).
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import pywbem
+from pywbem import CIMError, CIMInstance, CIMInstanceName
+
+from ..wbem.embedded import parse_embedded_instance
+from ..wbem.provider import Provider, path_key
+from .backend import HOST_CLASS, VIRT_NS, VSMS_CLASS, VSMS_NAME, Backend, make
+from .computer_system import system_path
+from .settings import RT_DISK, RT_DVD, RT_ETHERNET, RT_FLOPPY, RT_MEMORY, RT_PROCESSOR, split_iid
+
+log = logging.getLogger(__name__)
+
+VSMC_CLASS = "VIRT_VirtualSystemManagementCapabilities"
+VSMC_IID = "VIRT:VirtualSystemManagementCapabilities"
+RC_OK, RC_NOT_SUPPORTED, RC_FAILED, RC_INVALID_PARAMETER = 0, 1, 4, 5
+_UNIT_KIB = {"byte*2^10": 1, "kilobytes": 1, "kb": 1, "byte*2^20": 1024, "megabytes": 1024,
+             "mb": 1024, "byte*2^30": 1024 ** 2, "gigabytes": 1024 ** 2, "gb": 1024 ** 2,
+             "byte": None}
+
+
+def vsmc_path() -> CIMInstanceName:
+    return CIMInstanceName(VSMC_CLASS, {"InstanceID": VSMC_IID}, namespace=VIRT_NS)
+
+
+def _memory_kib(rasd: CIMInstance) -> int | None:
+    qty = rasd.get("VirtualQuantity")
+    if qty is None:
+        return None
+    units = (rasd.get("AllocationUnits") or rasd.get("VirtualQuantityUnits") or "byte*2^10")
+    factor = _UNIT_KIB.get(units.strip().lower())
+    if units.strip().lower() == "byte":
+        return int(qty) // 1024
+    if factor is None:
+        raise ValueError(f"memory AllocationUnits {units!r} not understood")
+    return int(qty) * factor
+
+
+def _autostart(vssd: CIMInstance) -> bool | None:
+    action = vssd.get("AutomaticStartupAction")
+    return None if action is None else int(action) in (3, 4)
+
+
+def definition_from_settings(vssd: CIMInstance, rasds: list[CIMInstance]) -> dict[str, Any]:
+    """Embedded VSSD + RASDs -> the Manager's DefineDomain dict (contract keys)."""
+    name = vssd.get("ElementName") or vssd.get("VirtualSystemIdentifier")
+    if not name:
+        raise ValueError("SystemSettings needs ElementName (the domain name)")
+    out: dict[str, Any] = {"Name": str(name)}
+    if vssd.get("VirtualSystemType"):
+        out["Type"] = str(vssd["VirtualSystemType"])
+    if _autostart(vssd) is not None:
+        out["Autostart"] = _autostart(vssd)
+    disks, nics = [], []
+    for r in rasds:
+        rt = r.get("ResourceType")
+        rt = int(rt) if rt is not None else None
+        if rt == RT_PROCESSOR:
+            if r.get("VirtualQuantity") is not None:
+                out["VCPUs"] = int(r["VirtualQuantity"])
+        elif rt == RT_MEMORY:
+            kib = _memory_kib(r)
+            if kib is not None:
+                out["MemoryKiB"] = kib
+                out["MaxMemoryKiB"] = max(kib, _memory_kib_limit(r) or 0)
+        elif rt in (RT_DISK, RT_DVD, RT_FLOPPY):
+            target = r.get("Address") or r.get("ElementName")
+            if not target:
+                raise ValueError("a disk RASD needs Address (the target device, e.g. vda)")
+            disk: dict[str, Any] = {"Target": str(target),
+                                    "Device": {RT_DVD: "cdrom", RT_FLOPPY: "floppy"}.get(rt, "disk")}
+            if r.get("HostResource"):
+                disk["Source"] = str(r["HostResource"][0])
+            if r.get("ResourceSubType"):
+                disk["Bus"] = str(r["ResourceSubType"])
+            if r.get("VirtualQuantity") is not None and (r.get("AllocationUnits") or "byte") == "byte":
+                disk["CapacityBytes"] = int(r["VirtualQuantity"])
+            disks.append(disk)
+        elif rt == RT_ETHERNET:
+            mac = r.get("Address")
+            if not mac:
+                raise ValueError("a NIC RASD needs Address (the MAC address)")
+            nic: dict[str, Any] = {"MAC": str(mac).lower()}
+            src = (r.get("Connection") or r.get("HostResource") or [None])[0]
+            if src:
+                nic["Source"] = str(src)
+                nic["Type"] = "network"
+            if r.get("ResourceSubType"):
+                nic["Model"] = str(r["ResourceSubType"])
+            nics.append(nic)
+        else:
+            raise ValueError(f"ResourceType {rt} is not supported (3, 4, 10, 14, 16, 17 are)")
+    if disks:
+        out["Disks"] = disks
+    if nics:
+        out["NICs"] = nics
+    return out
+
+
+def _memory_kib_limit(r: CIMInstance) -> int | None:
+    lim = r.get("Limit")
+    if lim is None:
+        return None
+    clone = r.copy()
+    clone["VirtualQuantity"] = lim
+    return _memory_kib(clone)
+
+
+class ManagementServiceProvider(Provider):
+    namespace = VIRT_NS
+    classnames = (VSMS_CLASS, VSMC_CLASS)
+
+    def __init__(self, backend: Backend):
+        self.b = backend
+        self._service = make(backend, VSMS_CLASS, {
+            **backend.vsms_path().keybindings,
+            "ElementName": "Virtual system management", "Caption": "Virtual system management",
+            "Description": "Defines, destroys and modifies virtual systems through the "
+                           "org.example.virt.Manager",
+            "EnabledState": 2, "RequestedState": 12, "EnabledDefault": 2, "Started": True,
+            "OperationalStatus": [2], "HealthState": 5}, backend.vsms_path())
+        self._caps = make(backend, VSMC_CLASS, {
+            "InstanceID": VSMC_IID, "ElementName": "Virtual system management capabilities",
+            # DefineSystem 2, DestroySystem 3, ModifyResourceSettings 5, ModifySystemSettings 6
+            "SynchronousMethodsSupported": [2, 3, 5, 6],
+            "VirtualSystemTypesSupported": ["KVM", "QEMU", "Xen", "LXC", "Test"],
+        }, vsmc_path())
+
+    async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
+        return [self._service] if classname.lower() == VSMS_CLASS.lower() else [self._caps]
+
+    async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
+        for inst in await self.enumerate_instances(path.classname):
+            if path_key(inst.path) == path_key(path):
+                return inst
+        raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no {path.classname} with those keys")
+
+    async def invoke_method(self, target, method: str, params: Mapping[str, Any]):
+        if target.classname.lower() != VSMS_CLASS.lower():
+            return await super().invoke_method(target, method, params)
+        handler = {"DefineSystem": self.define_system, "DestroySystem": self.destroy_system,
+                   "ModifySystemSettings": self.modify_system_settings,
+                   "ModifyResourceSettings": self.modify_resource_settings}.get(method)
+        if handler is None:
+            return await super().invoke_method(target, method, params)
+        return await handler(params)
+
+    def _embedded(self, name: str, value: Any) -> CIMInstance:
+        try:
+            return parse_embedded_instance(value, self.b.ns)
+        except ValueError as exc:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name}: {exc}") from None
+
+    async def _manager_call(self, what: str, call, *args):
+        from ..sources.manager import ManagerError, ManagerNotSupported
+        manager = self.b.require_manager()
+        try:
+            return await getattr(manager, call)(*args)
+        except ManagerNotSupported:
+            raise
+        except ManagerError as exc:
+            raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager could not {what}: {exc.message}") from None
+
+    async def define_system(self, params: Mapping[str, Any]):
+        """DefineSystem: VSSD + RASDs -> Manager.DefineDomain; ResultingSystem out."""
+        from ..sources.manager import ManagerNotSupported
+        if params.get("SystemSettings") is None:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "SystemSettings is required")
+        if params.get("ReferenceConfiguration") is not None:
+            raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED, "ReferenceConfiguration is not supported")
+        vssd = self._embedded("SystemSettings", params["SystemSettings"])
+        rasds = [self._embedded(f"ResourceSettings[{i}]", r)
+                 for i, r in enumerate(params.get("ResourceSettings") or [])]
+        try:
+            definition = definition_from_settings(vssd, rasds)
+        except (ValueError, TypeError) as exc:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, str(exc)) from None
+        manager = self.b.require_manager()
+        if not manager.offers("DefineDomain"):
+            return RC_NOT_SUPPORTED, {}
+        try:
+            uuid = await self._manager_call("define the system", "define_domain", definition)
+        except ManagerNotSupported:
+            return RC_NOT_SUPPORTED, {}
+        await self.b.settle_defined()
+        return RC_OK, {"ResultingSystem": system_path(uuid)}
+
+    async def destroy_system(self, params: Mapping[str, Any]):
+        """DestroySystem: destroy the running domain, undefine the Manager's definition."""
+        from ..sources.libvirt import DomainNotFound, LibvirtError
+        from ..sources.manager import ManagerNotSupported
+        target = params.get("AffectedSystem")
+        if target is None:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "AffectedSystem is required")
+        rec = self.b.record_for(target)
+        if rec.defined is not None:
+            manager = self.b.require_manager()
+            if not manager.offers("UndefineDomain"):
+                return RC_NOT_SUPPORTED, {}
+        if rec.running is not None:
+            src = self.b.require_libvirt()
+            try:
+                await src.destroy(rec.uuid)
+            except DomainNotFound:
+                pass
+            except LibvirtError as exc:
+                raise CIMError(pywbem.CIM_ERR_FAILED,
+                               f"libvirt could not destroy {rec.name}: {exc.message}") from None
+            await self.b.settle_running(rec.uuid)
+        if rec.defined is not None:
+            try:
+                await self._manager_call("undefine the system", "undefine_domain", rec.uuid)
+            except ManagerNotSupported:
+                return RC_NOT_SUPPORTED, {}
+            await self.b.settle_defined()
+        self.b.requested_state.pop(rec.uuid, None)
+        return RC_OK, {}
+
+    async def _update(self, uuid: str, changes: dict[str, Any]):
+        from ..sources.manager import ManagerNotSupported
+        rec = self.b.inventory.get(uuid)
+        if rec is None or rec.defined is None:
+            raise CIMError(pywbem.CIM_ERR_NOT_FOUND,
+                           f"no defined configuration for {uuid}: only the Manager's "
+                           "definitions can be modified")
+        manager = self.b.require_manager()
+        if not manager.offers("UpdateDomain"):
+            return RC_NOT_SUPPORTED
+        if changes:
+            try:
+                await self._manager_call("modify the system", "update_domain", uuid, changes)
+            except ManagerNotSupported:
+                return RC_NOT_SUPPORTED
+            await self.b.settle_defined()
+        return RC_OK
+
+    async def modify_system_settings(self, params: Mapping[str, Any]):
+        """ModifySystemSettings: ElementName and AutomaticStartupAction of a definition."""
+        if params.get("SystemSettings") is None:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "SystemSettings is required")
+        vssd = self._embedded("SystemSettings", params["SystemSettings"])
+        parts = split_iid(vssd.get("InstanceID"))
+        if parts is None or parts[2] is not None:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                           "SystemSettings.InstanceID must name a VIRT_VirtualSystemSettingData")
+        changes: dict[str, Any] = {}
+        if vssd.get("ElementName") is not None:
+            changes["Name"] = str(vssd["ElementName"])
+        if _autostart(vssd) is not None:
+            changes["Autostart"] = _autostart(vssd)
+        return await self._update(parts[0], changes), {}
+
+    async def modify_resource_settings(self, params: Mapping[str, Any]):
+        """ModifyResourceSettings: vCPUs (proc) and memory (mem) of a definition."""
+        settings = params.get("ResourceSettings")
+        if not settings:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "ResourceSettings is required")
+        per_uuid: dict[str, dict[str, Any]] = {}
+        paths = []
+        for i, text in enumerate(settings):
+            rasd = self._embedded(f"ResourceSettings[{i}]", text)
+            parts = split_iid(rasd.get("InstanceID"))
+            if parts is None or parts[2] not in ("proc", "mem"):
+                raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                               f"ResourceSettings[{i}]: only the processor and memory "
+                               "settings (InstanceID .../proc, .../mem) can be modified")
+            if rasd.get("VirtualQuantity") is None:
+                raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                               f"ResourceSettings[{i}]: VirtualQuantity is required")
+            ch = per_uuid.setdefault(parts[0], {})
+            if parts[2] == "proc":
+                ch["VCPUs"] = int(rasd["VirtualQuantity"])
+            else:
+                try:
+                    ch["MemoryKiB"] = _memory_kib(rasd)
+                except ValueError as exc:
+                    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, str(exc)) from None
+            paths.append(CIMInstanceName(rasd.classname, {"InstanceID": rasd["InstanceID"]},
+                                         namespace=VIRT_NS))
+        for uuid, changes in per_uuid.items():
+            rc = await self._update(uuid, changes)
+            if rc != RC_OK:
+                return rc, {}
+        return RC_OK, {"ResultingResourceSettings": paths}
