@@ -262,13 +262,23 @@ class LibvirtStore(Store):
         dom = self.lookup(old.uuid)
         config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
         try:
+            # A maximum must never drop below the current value, even for a moment:
+            # raise the maximum first when growing, lower the current first when shrinking.
+            mem_steps = []
             if new.max_memory_kib is not None and new.max_memory_kib != old.max_memory_kib:
-                dom.setMemoryFlags(new.max_memory_kib, config | libvirt.VIR_DOMAIN_MEM_MAXIMUM)
+                mem_steps.append((new.max_memory_kib, config | libvirt.VIR_DOMAIN_MEM_MAXIMUM))
             if new.memory_kib is not None and new.memory_kib != old.memory_kib:
-                dom.setMemoryFlags(new.memory_kib, config)
+                mem_steps.append((new.memory_kib, config))
+            if (new.max_memory_kib or 0) < (old.max_memory_kib or 0):
+                mem_steps.reverse()
+            for kib, flags in mem_steps:
+                dom.setMemoryFlags(kib, flags)
             if new.vcpus is not None and new.vcpus != old.vcpus:
-                dom.setVcpusFlags(new.vcpus, config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM)
-                dom.setVcpusFlags(new.vcpus, config)
+                vcpu_steps = [config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM, config]
+                if new.vcpus < (old.vcpus or 0):
+                    vcpu_steps.reverse()
+                for flags in vcpu_steps:
+                    dom.setVcpusFlags(new.vcpus, flags)
             if new.title != old.title:
                 dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, new.title or "", None, None,
                                 config)
