@@ -1,0 +1,145 @@
+"""`cim-provider demo`: everything on one machine, nothing outside a temporary folder.
+
+A private dbus-daemon; libvirt's `test:///default` opened once and shared by the
+reference Manager and the WBEM server (each new test:/// connection would get its
+own private state); the Manager with two stores, SQLite seeded with passive domains
+and libvirt's own persistent domains; one transient domain; the server on
+127.0.0.1:5988. So all three kinds of system are there from the first request:
+"test" (running, with its libvirt definition as passive twin), "transient-demo"
+(running, no twin), "gnome-test" and "kde-dev" (passive only; kde-dev is too large
+for the host, so the Manager's policy refuses to start it).
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import tempfile
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .inventory.records import Disk, DomainConfig, Nic
+
+log = logging.getLogger(__name__)
+
+SEED = [
+    DomainConfig(uuid="1f0c2a53-5d3e-4b8e-9a55-6a2f3d7c0001", name="gnome-test",
+                 title="GNOME test machine", type="Test", os_type="hvm", arch="x86_64",
+                 vcpus=2, memory_kib=524288, max_memory_kib=524288, autostart=False,
+                 disks=(Disk("vda", "/var/lib/images/gnome-test.qcow2", "disk", "virtio",
+                             10 * 1024 ** 3),),
+                 nics=(Nic("52:54:00:6a:10:01", "network", "default", "virtio"),)),
+    DomainConfig(uuid="1f0c2a53-5d3e-4b8e-9a55-6a2f3d7c0002", name="kde-dev",
+                 title="KDE development machine (too large for this host)", type="Test",
+                 os_type="hvm", arch="x86_64", vcpus=8, memory_kib=64 * 1024 ** 2,
+                 max_memory_kib=64 * 1024 ** 2, autostart=False,
+                 disks=(Disk("vda", "/var/lib/images/kde-dev.qcow2", "disk", "virtio",
+                             40 * 1024 ** 3),),
+                 nics=(Nic("52:54:00:6a:10:02", "network", "default", "virtio"),)),
+]
+TRANSIENT = DomainConfig(uuid=str(uuidlib.uuid4()), name="transient-demo",
+                         title="A running domain no tool has a definition for", type="Test",
+                         os_type="hvm", arch="x86_64", vcpus=1, memory_kib=131072,
+                         max_memory_kib=131072)
+
+
+@dataclass
+class Demo:
+    """Everything the demo started, so it can be stopped in reverse order."""
+    workdir: Path
+    bus: object = None
+    conn: object = None
+    manager: object = None
+    server: object = None
+    stores: list = field(default_factory=list)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()         # also stops the sources
+        if self.manager is not None:
+            await self.manager.stop()
+        for store in self.stores:
+            with contextlib.suppress(Exception):
+                store.close()
+        if self.conn is not None:
+            with contextlib.suppress(Exception):
+                self.conn.close()
+        if self.bus is not None:
+            self.bus.stop()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+async def start_demo(listen: list[tuple[str, int]], host: str | None = None) -> Demo:
+    import libvirt
+
+    from .busdaemon import PrivateBus
+    from .manager.service import serve_manager
+    from .manager.store import LibvirtConnection, LibvirtStore, SqliteStore
+    from .server import start_server, start_sources
+    from .sources.domxml import config_to_domain_xml
+    from .sources.libvirt import ensure_event_loop_impl
+
+    loop = asyncio.get_running_loop()
+    demo = Demo(Path(tempfile.mkdtemp(prefix="cim-provider-demo-")))
+    try:
+        demo.bus = PrivateBus()
+        ensure_event_loop_impl(loop)          # before the connection is opened
+        demo.conn = await loop.run_in_executor(None, libvirt.open, "test:///default")
+        await loop.run_in_executor(None, demo.conn.createXML,
+                                   config_to_domain_xml(TRANSIENT), 0)
+        sqlite = SqliteStore(demo.workdir / "definitions.db")
+        for cfg in SEED:
+            await loop.run_in_executor(None, sqlite.define, cfg)
+        shared = LibvirtConnection("test:///default", conn=demo.conn)
+        demo.stores = [sqlite, LibvirtStore(shared)]
+        demo.manager = await serve_manager(demo.bus.address, demo.stores, shared)
+        sources = await start_sources(libvirt_conn=demo.conn, manager_bus=demo.bus.address)
+        demo.server = await start_server(listen, sources=sources, host=host)
+        return demo
+    except BaseException:
+        await demo.close()
+        raise
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .server import parse_listen
+    p.add_argument("--listen", action="append", type=parse_listen, metavar="HOST:PORT",
+                   help="address to serve on (repeatable; default 127.0.0.1:5988)")
+
+
+def _banner(addr: tuple[str, int], bus: str) -> str:
+    url = f"http://{addr[0]}:{addr[1]}"
+    return f"""
+cim-provider demo is serving on {url}   (Ctrl-C stops everything)
+Private D-Bus: {bus}
+
+Try:
+  wbemcli ein '{url}/root/virt:VIRT_ComputerSystem'
+  wbemcli ei  '{url}/root/virt:VIRT_ComputerSystem'
+  .venv/bin/pywbemcli -s {url} -d root/virt instance enumerate VIRT_ComputerSystem --pl ElementName,EnabledState
+  .venv/bin/pywbemcli -s {url} -d root/virt instance associators VIRT_HostSystem.?
+  .venv/bin/pywbemcli -s {url} -d interop profile list
+See README.md for starting "gnome-test" through the Manager, pausing it and a refusal.
+"""
+
+
+async def _run(args: argparse.Namespace) -> int:
+    demo = await start_demo(args.listen or [("127.0.0.1", 5988)])
+    print(_banner(demo.server.addresses[0], demo.bus.address), flush=True)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        await demo.close()
+    return 0
+
+
+def run(args: argparse.Namespace) -> int:
+    return asyncio.run(_run(args))
