@@ -5,8 +5,11 @@ from __future__ import annotations
 import pytest
 import pywbem
 
-from tests.support.wbem_server import (InProcessServer, SubprocessServer,
-                                       make_test_providers)
+try:
+    from tests.support.wbem_server import (InProcessServer, SubprocessServer,
+                                           make_test_providers)
+except ImportError:  # tests/ itself on sys.path (pytest's default rootdir conftest import)
+    from support.wbem_server import InProcessServer, SubprocessServer, make_test_providers
 
 
 @pytest.fixture(scope="session")

@@ -41,6 +41,15 @@ def esc(s: str) -> str:
     return _NEEDS_ESCAPE.sub(_escape_match, s)
 
 
+def esc_attr(s: str) -> str:
+    """Escape free text for an attribute value: as `esc`, plus newline and tab as
+    references (an XML reader turns literal ones into spaces in attributes)."""
+    s = esc(s)
+    if "\n" in s or "\t" in s:
+        s = s.replace("\n", "&#10;").replace("\t", "&#9;")
+    return s
+
+
 # --- values -------------------------------------------------------------------
 
 def _float_text(v: float) -> str:
@@ -85,7 +94,7 @@ def _scalar_value_xml(value: object, type_: str | None) -> str:
     if isinstance(value, CIMInstance):
         return "<VALUE>" + esc(instance_xml(value)) + "</VALUE>"
     if isinstance(value, CIMClass):
-        return "<VALUE>" + esc(class_xml(value)) + "</VALUE>"
+        return "<VALUE>" + esc(class_xml(value, class_origin=True)) + "</VALUE>"
     return "<VALUE>" + esc(scalar_text(value)) + "</VALUE>"
 
 
@@ -106,6 +115,8 @@ def _keyvalue_xml(value: object) -> str:
     if isinstance(value, bool):
         return f'<KEYVALUE VALUETYPE="boolean" TYPE="boolean">{"TRUE" if value else "FALSE"}</KEYVALUE>'
     if isinstance(value, (int, float)):
+        if type(value) in (int, float):      # untyped Python number: no TYPE attribute
+            return f'<KEYVALUE VALUETYPE="numeric">{scalar_text(value)}</KEYVALUE>'
         return (f'<KEYVALUE VALUETYPE="numeric" TYPE="{_pywbem_cimtype(value)}">'
                 f"{scalar_text(value)}</KEYVALUE>")
     if isinstance(value, str):
@@ -314,7 +325,7 @@ def objectpath_xml(path: CIMInstanceName, host: str | None = None) -> str:
 
 
 def error_xml(code: int, description: str) -> str:
-    return f'<ERROR CODE="{int(code)}" DESCRIPTION="{esc(description)}"></ERROR>'
+    return f'<ERROR CODE="{int(code)}" DESCRIPTION="{esc_attr(description)}"></ERROR>'
 
 
 def message_start(msg_id: str, intrinsic: bool, method: str) -> str:
