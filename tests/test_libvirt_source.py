@@ -175,16 +175,53 @@ def test_actions_and_their_errors():
                 await src.resume("not-a-uuid")
 
             # shutdown of a persistent domain: stopped, but still defined
-            await src.shutdown(TEST_DOMAIN)
-            assert TEST_DOMAIN not in src.running
-            assert conn.lookupByUUIDString(TEST_DOMAIN).state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
+            puuid = str(uuidlib.uuid4())
+            pdom = conn.defineXML(domain_xml("act-persistent", puuid))
+            pdom.create()
+            await until(lambda: puuid in src.running, what="persistent started")
+            await src.shutdown(puuid)
+            assert puuid not in src.running
+            assert pdom.state()[0] == libvirt.VIR_DOMAIN_SHUTOFF
             with pytest.raises(LibvirtError) as stopped:
-                await src.shutdown(TEST_DOMAIN)
+                await src.shutdown(puuid)
             assert "not running" in stopped.value.message
+            pdom.undefine()
 
             info = await src.host_info()
             assert info["hostname"] and info["memory_kib"] > 0 and info["cpus"] > 0
             assert info["hypervisor"] == "TEST"
+        finally:
+            await src.stop()
+            conn.close()
+    run(body)
+
+
+def test_a_burst_of_events_converges_to_what_libvirt_says():
+    async def body() -> None:
+        ensure_event_loop_impl()
+        conn = libvirt.open("test:///default")
+        src = LibvirtSource(conn=conn)
+        await src.start()
+        try:
+            doms = [conn.createXML(domain_xml(f"burst{i}", str(uuidlib.uuid4())), 0)
+                    for i in range(20)]
+            for i, dom in enumerate(doms):
+                if i % 3 == 0:
+                    dom.suspend()
+                if i % 3 == 1:
+                    dom.suspend()
+                    dom.resume()
+                if i % 5 == 0:
+                    dom.destroy()
+
+            def truth() -> dict[str, RunState]:
+                return {d.UUIDString(): RunState(d.state()[0]) for d in
+                        conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+
+            expected = truth()
+            assert len({d.UUIDString() for d in doms} & set(expected)) == 20 - 4
+            await until(lambda: {u: d.state for u, d in src.running.items()} == expected,
+                        what="converged")
         finally:
             await src.stop()
             conn.close()
@@ -294,6 +331,25 @@ def test_a_hung_libvirtd_gives_a_timeout_not_a_hang(libvirtd):
                         what="late suspend seen")
             await src.resume(TEST_DOMAIN)
             assert state_of(src, TEST_DOMAIN) is RunState.RUNNING and src.connected
+        finally:
+            await src.stop()
+    run(body)
+
+
+def test_start_against_a_hung_libvirtd_returns_and_connects_later(libvirtd):
+    async def body() -> None:
+        pid = libvirtd.proc.pid
+        os.kill(pid, signal.SIGSTOP)
+        src = LibvirtSource(libvirtd.uri, call_timeout=0.5)
+        try:
+            try:
+                t0 = time.monotonic()
+                await src.start()
+                assert time.monotonic() - t0 < 5 and not src.connected
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await src.wait_connected(10)
+            assert list(src.running) == [TEST_DOMAIN]
         finally:
             await src.stop()
     run(body)

@@ -55,6 +55,23 @@ class LibvirtTimeout(LibvirtUnavailable):
 
 # ---- the event loop glue -------------------------------------------------------------
 
+class _Descriptor(libvirtaio.Descriptor):
+    def _handle(self, event: int) -> None:
+        # Another thread may remove a watch while the loop dispatches this fd: skip
+        # callbacks that are gone rather than call libvirt back for a removed watch.
+        for callback in list(self.callbacks.values()):
+            if callback.event is not None and callback.event & event \
+                    and callback.iden in self.callbacks:
+                callback.cb(callback.iden, self.fd, event, callback.opaque)
+
+
+class _Descriptors(libvirtaio.DescriptorDict):
+    def __missing__(self, fd: int) -> _Descriptor:
+        descriptor = _Descriptor(self.impl, fd)
+        self[fd] = descriptor
+        return descriptor
+
+
 class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
     """libvirtaio's adapter, made safe for two things our use of libvirt needs.
 
@@ -68,6 +85,7 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop=loop)
+        self.descriptors = _Descriptors(self)
         self._lock = threading.RLock()
         self._thread = threading.get_ident()
 
@@ -444,8 +462,7 @@ class LibvirtSource:
         if self._shared is not None and self._shared_alive():
             conn = self._shared
         else:
-            uri = self.uri or self._conn_uri
-            conn = await self._call(functools.partial(libvirt.open, uri), what="open")
+            conn = await self._open(self.uri or self._conn_uri)
         self._conn = conn
         self._owned = conn is not self._shared
         self._conn_uri, self._event_ids, self._close_cb = await self._call(
@@ -467,6 +484,22 @@ class LibvirtSource:
             self._up.set()
         for uuid in list(self._dirty):       # events that came in during the full read
             self._kick(uuid)
+
+    async def _open(self, uri: str | None) -> libvirt.virConnect:
+        """Open a connection; one that arrives after we gave up waiting is closed."""
+        assert self._loop is not None and self._executor is not None
+        fut = self._loop.run_in_executor(self._executor, functools.partial(
+            _guarded, functools.partial(libvirt.open, uri)))
+        try:
+            return await asyncio.wait_for(asyncio.shield(fut), self.call_timeout)
+        except asyncio.TimeoutError:
+            def close_late(f: asyncio.Future[libvirt.virConnect]) -> None:
+                if not f.cancelled() and f.exception() is None:
+                    threading.Thread(target=_quietly, args=(f.result().close,),
+                                     name="libvirt-close", daemon=True).start()
+            fut.add_done_callback(close_late)
+            raise LibvirtTimeout(f"libvirt open of {uri or 'the default URI'} did not answer "
+                                 f"within {self.call_timeout:g} s") from None
 
     def _shared_alive(self) -> bool:
         """Use the caller's connection unless it has died (then we open our own)."""
