@@ -8,20 +8,22 @@ import subprocess
 
 import pytest
 
-from cim_provider.contract import values_to_dbus
-from cim_provider.contract.bus import Variant
+from cim_provider.contract import BUS_NAME, OBJECT_PATH
+from cim_provider.contract.bus import NameFlag, PropertyAccess, Variant, connect, dbus_property, method
 from cim_provider.manager.service import serve_manager
 from cim_provider.manager.store import SqliteStore
 from cim_provider.sources.manager import (ManagerClient, ManagerError, ManagerNotSupported,
                                           ManagerTimeout, ManagerUnavailable)
 try:
     from tests.support import eventually, manager_command, run, wait_for_owner
-    from tests.support.dbus_daemon import dbus_address, subprocess_env  # noqa: F401 (fixture)
-    from tests.support.minimal_manager import serve_minimal
+    from tests.support.dbus_daemon import (DBusDaemon, dbus_address,  # noqa: F401 (fixture)
+                                           subprocess_env)
+    from tests.support.minimal_manager import MinimalManager, serve_minimal
 except ImportError:          # tests/ itself is on sys.path (rootdir-less layout)
     from support import eventually, manager_command, run, wait_for_owner
-    from support.dbus_daemon import dbus_address, subprocess_env  # noqa: F401 (fixture)
-    from support.minimal_manager import serve_minimal
+    from support.dbus_daemon import (DBusDaemon, dbus_address,  # noqa: F401 (fixture)
+                                     subprocess_env)
+    from support.minimal_manager import MinimalManager, serve_minimal
 
 pytestmark = pytest.mark.dbus
 
@@ -337,4 +339,79 @@ def test_reference_manager_killed_and_restarted(dbus_address, tmp_path):
                     p.kill()
                 p.wait()
                 p.stderr.close()
+    run(scenario())
+
+
+def test_bus_absent_at_start_then_up_then_down(tmp_path):
+    """start() does not fail without a bus; the client connects when it comes, and
+    treats the bus going away as the Manager going away."""
+    socket = tmp_path / "bus"
+    address = f"unix:path={socket}"
+
+    async def scenario():
+        changes = []
+        client = ManagerClient(address, relist_interval=60, on_change=changes.append)
+        await client.start()
+        daemon = manager = None
+        try:
+            assert not client.present and client.definitions is None
+            daemon = DBusDaemon(socket)
+            manager = await serve_minimal(address, [GOOD_A])
+            await eventually(lambda: client.definitions is not None, within=5.0,
+                             what="reconnect (with back-off) and list")
+            daemon.stop()
+            daemon = None
+            await eventually(lambda: not client.present, within=1.0, what="bus loss noticed")
+            assert client.definitions is None and changes[-1] is None
+        finally:
+            await client.stop()
+            if manager:
+                await manager.stop()
+            if daemon:
+                daemon.stop()
+    run(scenario())
+
+
+class PollingManager(MinimalManager):
+    """ListDomains and Generation but no signals: the client polls Generation and
+    re-lists only when it moved."""
+
+    def __init__(self, entries):
+        super().__init__(entries)
+        self.generation = 1
+        self.list_calls = 0
+
+    @method()
+    async def ListDomains(self) -> "aa{sv}":
+        self.list_calls += 1
+        return [dict(e, Active=Variant("b", i == 0)) for i, e in enumerate(self.entries)]
+
+    @dbus_property(access=PropertyAccess.READ)
+    def Generation(self) -> "t":
+        return self.generation
+
+
+def test_generation_spares_relists_without_signals(dbus_address):
+    async def scenario():
+        bus = await connect(dbus_address)
+        manager = PollingManager([GOOD_A, GOOD_B])
+        bus.export(OBJECT_PATH, manager)
+        await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        client = ManagerClient(dbus_address, relist_interval=0.05)
+        try:
+            await client.start()
+            assert client.knows_twins and client.offers("Generation")
+            assert not client.offers("DomainChanged")
+            assert set(client.definitions) == {UUID_A, UUID_B} and client.active == {UUID_A}
+            calls = manager.list_calls
+            await asyncio.sleep(0.3)                     # ~6 polls of an unchanged Generation
+            assert manager.list_calls == calls
+            manager.entries = [GOOD_B]
+            manager.generation += 1
+            await eventually(lambda: set(client.definitions) == {UUID_B}, within=1.0,
+                             what="re-list after Generation moved")
+            assert client.active == {UUID_B}
+        finally:
+            await client.stop()
+            bus.disconnect()
     run(scenario())

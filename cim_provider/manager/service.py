@@ -29,7 +29,7 @@ from ..contract.bus import (DBusError, MessageBus, NameFlag, PropertyAccess, Req
 from ..inventory.records import DomainConfig
 from ..sources.domxml import canonical_uuid, config_to_domain_xml
 from .store import (LibvirtConnection, LibvirtStore, Store, Stored, StoreError,
-                    libvirt_type_for)
+                    libvirt_type_for, open_store)
 
 log = logging.getLogger(__name__)
 
@@ -358,8 +358,12 @@ class ManagerHandle:
         self._own_bus = own_bus
 
     async def stop(self) -> None:
-        """Leave the bus (the name first, so clients see the Manager go) and stop."""
+        """Leave the bus (the name first, so clients see the Manager go), stop, and
+        close the stores (a libvirt connection handed in stays open)."""
         await self.service.stop()
+        for store in self.service.stores:
+            with contextlib.suppress(Exception):
+                store.close()
         if self.bus.connected:
             with contextlib.suppress(Exception):
                 await self.bus.release_name(BUS_NAME)
@@ -377,11 +381,20 @@ class ManagerHandle:
             await asyncio.shield(self.bus.wait_for_disconnect())
 
 
-async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Store],
+async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Store, str]],
                         libvirt_conn: Union[libvirt.virConnect, LibvirtConnection, None] = None,
                         *, poll_interval: float = 1.0) -> ManagerHandle:
     """Export the reference Manager on `bus` (system, session, an address, or a
-    connected MessageBus) and own org.example.virt. For in-process use (the demo)."""
+    connected MessageBus) and own org.example.virt. For in-process use (the demo).
+
+    `stores` holds Store objects or specs (`sqlite:PATH`, `libvirt:URI`; `libvirt:`
+    with no URI means `libvirt_conn` itself). `libvirt_conn` may be an open
+    virConnect shared with the rest of the process; it is never closed here.
+    """
+    if not isinstance(libvirt_conn, LibvirtConnection):
+        libvirt_conn = LibvirtConnection(None, libvirt_conn)
+    connections = {None: libvirt_conn}
+    stores = [open_store(s, connections) if isinstance(s, str) else s for s in stores]
     service = ManagerService(stores, libvirt_conn, poll_interval=poll_interval)
     service.verify_contract()
     own_bus = isinstance(bus, str)

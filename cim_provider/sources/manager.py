@@ -118,6 +118,7 @@ class ManagerClient:
         self._need_introspect = True
         self._warned: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
+        self._wakes = 0                    # counts reasons to re-list (see _poke)
         self._debounce = False
         self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -152,8 +153,6 @@ class ManagerClient:
                         bus_description(self.bus_spec), exc)
         if self._owner is not None:
             await self._refresh()
-            if self.definitions is not None:
-                self._wake.clear()      # already read: no need for the loop to repeat it
         self._task = asyncio.create_task(self._run(), name="manager-client")
 
     async def stop(self) -> None:
@@ -263,7 +262,7 @@ class ManagerClient:
               and msg.member in CHANGE_SIGNALS and msg.sender == self._owner):
             log.debug("%s%s from the Manager", msg.member, tuple(msg.body))
             self._debounce = True
-            self._wake.set()
+            self._poke()
 
     def _appeared(self, owner: str) -> None:
         if owner == self._owner:
@@ -276,6 +275,11 @@ class ManagerClient:
         self._warned.clear()
         self.generation = None
         self._debounce = False
+        self._poke()
+
+    def _poke(self) -> None:
+        """Ask the loop for a re-list."""
+        self._wakes += 1
         self._wake.set()
 
     def _vanished(self) -> None:
@@ -337,6 +341,7 @@ class ManagerClient:
     async def _refresh(self) -> None:
         async with self._refresh_lock:
             epoch = self._epoch
+            wakes = self._wakes
             if self._owner is None:
                 return
             try:
@@ -366,6 +371,8 @@ class ManagerClient:
             if epoch != self._epoch:
                 return       # the Manager changed while we listened to the old one
             self.generation = generation
+            if wakes == self._wakes:
+                self._wake.clear()     # nothing new arrived while we listed
             defs, active = self._parse(entries, with_active)
             if defs != self.definitions or active != self.active:
                 self.definitions = defs
