@@ -38,6 +38,21 @@ def domain_xml(name: str, uuid: str, memory_kib: int = 65536) -> str:
             "<source network='default'/></interface></devices></domain>")
 
 
+def cleanup(conn: libvirt.virConnect) -> None:
+    """Leave test:///default as we found it: its state is shared by every connection
+    of this process while one is open, so other tests would see our domains."""
+    for dom in conn.listAllDomains():
+        if dom.UUIDString() == TEST_DOMAIN:
+            if not dom.isActive():
+                dom.create()
+            continue
+        persistent = dom.isPersistent()
+        if dom.isActive():
+            dom.destroy()
+        if persistent:
+            dom.undefine()
+
+
 def run(coro_fn: Callable[[], Awaitable[None]], timeout: float = 60) -> None:
     async def bounded() -> None:
         await asyncio.wait_for(coro_fn(), timeout)
@@ -104,6 +119,7 @@ def test_lifecycle_through_the_api_is_seen_via_events():
             assert len(snapshots) == 1            # events, not full re-reads
         finally:
             await src.stop()
+            cleanup(conn)
             conn.close()
     run(body)
 
@@ -130,6 +146,7 @@ def test_persistent_domain_define_start_undefine_stop():
             await until(lambda: uuid not in src.running, what="stopped")
         finally:
             await src.stop()
+            cleanup(conn)
             conn.close()
     run(body)
 
@@ -192,6 +209,7 @@ def test_actions_and_their_errors():
             assert info["hypervisor"] == "TEST"
         finally:
             await src.stop()
+            cleanup(conn)
             conn.close()
     run(body)
 
@@ -224,6 +242,7 @@ def test_a_burst_of_events_converges_to_what_libvirt_says():
                         what="converged")
         finally:
             await src.stop()
+            cleanup(conn)
             conn.close()
     run(body)
 
