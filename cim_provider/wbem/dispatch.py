@@ -20,7 +20,7 @@ from pywbem import (CIMClass, CIMClassName, CIMDateTime, CIMError, CIMInstance,
 from pywbem._tupleparse import TupleParser
 
 from . import writer as w
-from .provider import AssociationProvider, Provider, Registry, path_key
+from .provider import AssociationProvider, Provider, Registry, path_key, rendered
 from .pull import PullContexts
 from .repository import Namespace, Repository
 from .request import CIMRequest
@@ -439,15 +439,22 @@ class Dispatcher:
         inst = await self.get_instance(path, ns)
         view = self._view(ns, inst, self._allowed(ns, inst.classname, True, p["PropertyList"]),
                           p["IncludeClassOrigin"])
+        if view is inst:
+            return Result([rendered(inst, "instance", lambda: w.instance_xml(inst))])
         return Result([w.instance_xml(view, class_origin=p["IncludeClassOrigin"])])
 
     async def op_EnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
         cls = self._class(ns, p["ClassName"])
         allowed = self._allowed(ns, cls.classname, p["DeepInheritance"], p["PropertyList"])
         co = p["IncludeClassOrigin"]
-        return Result([w.value_namedinstance_xml(
-            inst, w.instance_xml(self._view(ns, inst, allowed, co), class_origin=co))
-            for inst in await self._enumerate(ns, cls.classname)])
+        out = []
+        for inst in await self._enumerate(ns, cls.classname):
+            view = self._view(ns, inst, allowed, co)
+            if view is inst:
+                out.append(rendered(inst, "named", lambda: w.value_namedinstance_xml(inst)))
+            else:
+                out.append(w.value_namedinstance_xml(inst, w.instance_xml(view, class_origin=co)))
+        return Result(out)
 
     async def op_EnumerateInstanceNames(self, ns: Namespace, p: dict, ctx) -> Result:
         cls = self._class(ns, p["ClassName"])
@@ -529,8 +536,7 @@ class Dispatcher:
         for inst in await self._associators(ns, p["ObjectName"], p):
             view = self._view(self.repo.namespace(inst.path.namespace), inst,
                               self._allowed(ns, inst.classname, True, p["PropertyList"]), co)
-            out.append(w.value_objectwithpath_xml(inst, w.instance_xml(view, class_origin=co),
-                                                  self.host))
+            out.append(self._with_path(inst, view, co, w.value_objectwithpath_xml, "owp"))
         return Result(out)
 
     async def op_AssociatorNames(self, ns: Namespace, p: dict, ctx) -> Result:
@@ -549,8 +555,7 @@ class Dispatcher:
         out = []
         for inst in await self._reference_instances(ns, p["ObjectName"], p):
             view = self._view(ns, inst, self._allowed(ns, inst.classname, True, p["PropertyList"]), co)
-            out.append(w.value_objectwithpath_xml(inst, w.instance_xml(view, class_origin=co),
-                                                  self.host))
+            out.append(self._with_path(inst, view, co, w.value_objectwithpath_xml, "owp"))
         return Result(out)
 
     async def op_ReferenceNames(self, ns: Namespace, p: dict, ctx) -> Result:
@@ -589,9 +594,15 @@ class Dispatcher:
         for inst in insts:
             allowed = self._allowed(ns, classname or inst.classname, deep, p["PropertyList"])
             view = self._view(self.repo.namespace(inst.path.namespace or ns.name), inst, allowed, co)
-            out.append(w.value_instancewithpath_xml(inst, w.instance_xml(view, class_origin=co),
-                                                    self.host))
+            out.append(self._with_path(inst, view, co, w.value_instancewithpath_xml, "iwp"))
         return out
+
+    def _with_path(self, inst: CIMInstance, view: CIMInstance, co: bool, wrap, kind: str) -> str:
+        """An instance with its full path; cached on the instance when unfiltered."""
+        if view is inst:
+            return rendered(inst, f"{kind}@{self.host}",
+                            lambda: wrap(inst, w.instance_xml(inst), self.host))
+        return wrap(inst, w.instance_xml(view, class_origin=co), self.host)
 
     async def op_OpenEnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
         self._check_open(p)

@@ -24,6 +24,25 @@ import pywbem
 from pywbem import CIMClass, CIMClassName, CIMError, CIMInstance, CIMInstanceName, CIMProperty
 
 
+class Instance(CIMInstance):
+    """A provider's instance. Providers never change one after returning it, so the
+    dispatcher keeps its CIM-XML renderings on it (rendered once, sent many times)."""
+    __slots__ = ("_xml",)
+
+
+def rendered(inst: CIMInstance, kind: str, render) -> str:
+    """`render()` for `inst`, cached on the instance when it is an Instance."""
+    cache = getattr(inst, "_xml", None)
+    if cache is None:
+        if not isinstance(inst, Instance):
+            return render()
+        cache = inst._xml = {}
+    text = cache.get(kind)
+    if text is None:
+        text = cache[kind] = render()
+    return text
+
+
 class Provider:
     """Serves the instances of some leaf classes in one namespace."""
 
@@ -119,5 +138,4 @@ def build_instance(cls: CIMClass, values: Mapping[str, Any],
         props[decl.name] = CIMProperty(
             decl.name, value, type=decl.type, reference_class=decl.reference_class,
             embedded_object=decl.embedded_object, is_array=decl.is_array)
-    inst = CIMInstance(cls.classname, properties=props, path=path)
-    return inst
+    return Instance(cls.classname, properties=props, path=path)
