@@ -151,6 +151,38 @@ def test_persistent_domain_define_start_undefine_stop():
     run(body)
 
 
+def test_full_read_and_single_reads_agree():
+    """The bulk read at connect and the per-event read build the same records."""
+    async def body() -> None:
+        ensure_event_loop_impl()
+        conn = libvirt.open("test:///default")
+        try:
+            puuid, tuuid = str(uuidlib.uuid4()), str(uuidlib.uuid4())
+            pdom = conn.defineXML(domain_xml("full-persistent", puuid))
+            pdom.setAutostart(1)
+            pdom.create()
+            pdom.suspend()
+            conn.createXML(domain_xml("full-transient", tuuid), 0)
+            changes: list[str] = []
+            src = LibvirtSource(conn=conn, on_domain=lambda u, d: changes.append(u))
+            await src.start()
+            try:
+                p, t = src.running[puuid], src.running[tuuid]
+                assert (p.persistent, p.config.autostart, p.state) == (True, True, RunState.PAUSED)
+                assert (t.persistent, t.config.autostart, t.state) == \
+                    (False, False, RunState.RUNNING)
+                before = dict(src.running)
+                for uuid in before:
+                    await src.refresh(uuid)
+                assert src.running == before and changes == []
+            finally:
+                await src.stop()
+        finally:
+            cleanup(conn)
+            conn.close()
+    run(body)
+
+
 def test_actions_and_their_errors():
     async def body() -> None:
         ensure_event_loop_impl()

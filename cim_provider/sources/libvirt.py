@@ -279,19 +279,26 @@ def _run_state(value: int | None) -> RunState:
         return RunState.NOSTATE
 
 
-def _read_domain(dom: libvirt.virDomain, state: int | None = None) -> RunningDomain | None:
-    """The RunningDomain for `dom`, or None when it is not active (or gone)."""
+def _read_domain(dom: libvirt.virDomain, state: int | None = None, *,
+                 persistent: bool | None = None,
+                 autostart: bool | None = None) -> RunningDomain | None:
+    """The RunningDomain for `dom`, or None when it is not active (or gone).
+
+    What the caller already knows from bulk listings is passed in and not asked again.
+    """
     try:
         if state is None:
             state = dom.state()[0]
         if state == libvirt.VIR_DOMAIN_SHUTOFF:
             return None
         xml = dom.XMLDesc(0)
-        try:
-            autostart = bool(dom.autostart())
-        except libvirt.libvirtError:
-            autostart = None
-        persistent = bool(dom.isPersistent())
+        if autostart is None:
+            try:
+                autostart = bool(dom.autostart())
+            except libvirt.libvirtError:
+                autostart = None
+        if persistent is None:
+            persistent = bool(dom.isPersistent())
         dom_id = dom.ID()
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == _NO_DOMAIN:
@@ -306,9 +313,17 @@ def _read_domain(dom: libvirt.virDomain, state: int | None = None) -> RunningDom
                          id=dom_id if dom_id is not None and dom_id >= 0 else None)
 
 
+def _uuids(conn: libvirt.virConnect, flags: int) -> set[str]:
+    return {d.UUIDString() for d in conn.listAllDomains(flags)}
+
+
 def _read_all(conn: libvirt.virConnect) -> dict[str, RunningDomain]:
-    """Every active domain: one listing, one stats call for the states, XML each."""
-    doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+    """Every active domain: listings and one stats call in bulk, then one XML each."""
+    active = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
+    doms = conn.listAllDomains(active)
+    # Bulk answers to what would otherwise be two more round trips per domain.
+    persistent = _uuids(conn, active | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
+    autostart = _uuids(conn, active | libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
     states: dict[str, int] = {}
     try:
         for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE,
@@ -321,7 +336,9 @@ def _read_all(conn: libvirt.virConnect) -> dict[str, RunningDomain]:
         log.debug("getAllDomainStats unsupported here; asking each domain for its state")
     out: dict[str, RunningDomain] = {}
     for dom in doms:
-        running = _read_domain(dom, states.get(dom.UUIDString()))
+        key = dom.UUIDString()
+        running = _read_domain(dom, states.get(key), persistent=key in persistent,
+                               autostart=key in autostart)
         if running is not None:
             out[running.uuid] = running
     return out
