@@ -411,6 +411,10 @@ def test_generation_spares_relists_without_signals(dbus_address):
             await eventually(lambda: set(client.definitions) == {UUID_B}, within=1.0,
                              what="re-list after Generation moved")
             assert client.active == {UUID_B}
+            # refresh() re-lists now, even when Generation did not move.
+            manager.entries = [GOOD_A]
+            await client.refresh()
+            assert set(client.definitions) == {UUID_A}
         finally:
             await client.stop()
             bus.disconnect()

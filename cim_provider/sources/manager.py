@@ -338,7 +338,12 @@ class ManagerClient:
         self._offered = offered
         log.info("Manager offers: %s", ", ".join(sorted(offered)))
 
-    async def _refresh(self) -> None:
+    async def refresh(self) -> None:
+        """Re-read the list now and wait for it (after a change made through this
+        client, so the next read sees it). Failures are logged, not raised."""
+        await self._refresh(force=True)
+
+    async def _refresh(self, force: bool = False) -> None:
         async with self._refresh_lock:
             epoch = self._epoch
             wakes = self._wakes
@@ -357,7 +362,7 @@ class ManagerClient:
                         return
                 polling = not CHANGE_SIGNALS <= self._offered
                 generation = None
-                if polling and self.offers("Generation"):
+                if polling and self.offers("Generation") and not force:
                     # A cheap question first: has anything changed since the last list?
                     generation = await self._get_generation()
                     if (generation is not None and generation == self.generation
