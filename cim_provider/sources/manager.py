@@ -119,6 +119,7 @@ class ManagerClient:
         self._warned: set[tuple[str, str]] = set()
         self._wake = asyncio.Event()
         self._wakes = 0                    # counts reasons to re-list (see _poke)
+        self._owner_events = 0             # NameOwnerChanged signals seen
         self._debounce = False
         self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
@@ -178,12 +179,16 @@ class ManagerClient:
                                   f"member='NameOwnerChanged',arg0='{BUS_NAME}'")
             await self._add_match(f"type='signal',sender='{BUS_NAME}',interface='{INTERFACE}',"
                                   f"path='{OBJECT_PATH}'")
+            seen = self._owner_events
             try:
                 reply = await self._raw_call(DBUS_NAME, DBUS_PATH, DBUS_INTERFACE,
                                              "GetNameOwner", "s", [BUS_NAME])
                 owner = reply[0]
             except ManagerUnavailable:
                 owner = None
+            if self._owner_events != seen:
+                # A NameOwnerChanged overtook our answer: it is newer, keep what it said.
+                owner = self._owner
         except BaseException:
             self._bus = None
             bus.remove_message_handler(self._on_message)
@@ -254,6 +259,7 @@ class ManagerClient:
                 and msg.sender == DBUS_NAME):
             body = list(msg.body)
             if len(body) == 3 and body[0] == BUS_NAME:
+                self._owner_events += 1
                 if body[2]:
                     self._appeared(body[2])
                 else:
