@@ -62,7 +62,9 @@ class Backend:
         """The inventory record a VIRT_ComputerSystem path names; CIM_ERR_NOT_FOUND else."""
         kb = path.keybindings
         uuid = canonical_uuid(kb.get("Name"))
-        if kb.get("CreationClassName") != CS_CLASS or uuid is None:
+        # The key is the canonical form itself: "{...}", "urn:uuid:...", upper case or
+        # no dashes name no instance (else two paths would name one system).
+        if kb.get("CreationClassName") != CS_CLASS or uuid is None or uuid != kb.get("Name"):
             raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no virtual system {kb.get('Name')!r}")
         rec = self.inventory.get(uuid)
         if rec is None:
