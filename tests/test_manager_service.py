@@ -2,6 +2,7 @@
 test driver: StartDomain and its policy, every optional member, signals, Generation,
 both stores, and SQLite durability (including kill -9 in the middle of defines)."""
 import asyncio
+import logging
 import subprocess
 
 import libvirt
@@ -363,3 +364,29 @@ def test_values_typed_by_contract_reach_the_manager(dbus_address, conn, tmp_path
         finally:
             await _teardown(handle, client, rec)
     run(scenario())
+
+
+def test_manager_without_libvirt_still_lists_and_fails_starts_cleanly(dbus_address, tmp_path,
+                                                                      caplog):
+    """libvirt unreachable: definitions are still served (as not running); StartDomain
+    fails with Error.Failed saying why; the problem is logged once, not per poll."""
+    async def scenario():
+        broken = LibvirtConnection("test:///nonexistent/path/to/driver.xml")
+        handle = await serve_manager(dbus_address, [SqliteStore(tmp_path / "m.db")], broken,
+                                     poll_interval=0.05)
+        client = ManagerClient(dbus_address)
+        await client.start()
+        try:
+            uuid = await client.define_domain({"Name": "lonely"})
+            await client.refresh()
+            assert uuid in client.definitions and client.active == set()
+            err = await _error(client.start_domain(uuid))
+            assert err.name == ERR + "Failed" and "libvirt" in err.message
+            await asyncio.sleep(0.3)                      # several polls
+            complaints = [r for r in caplog.records if "which domains run" in r.getMessage()]
+            assert len(complaints) == 1
+        finally:
+            await client.stop()
+            await handle.stop()
+    with caplog.at_level(logging.WARNING, logger="cim_provider.manager.service"):
+        run(scenario())

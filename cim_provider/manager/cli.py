@@ -52,7 +52,7 @@ async def _serve(args: argparse.Namespace) -> int:
         handle = await serve_manager(args.bus, stores, service_conn,
                                      poll_interval=args.poll_interval)
     except Exception as exc:
-        log.error("cannot serve the Manager: %s", exc or type(exc).__name__)
+        log.error("cannot serve the Manager on %s: %s", args.bus, exc or type(exc).__name__)
         for store in stores:
             store.close()
         return 1

@@ -100,6 +100,7 @@ class ManagerService(ServiceInterface):
         self._sync_lock = asyncio.Lock()        # snapshot comparison and signals
         self._poller: Optional[asyncio.Task] = None
         self._warned_dupes: set[str] = set()
+        self._troubles: dict[str, str] = {}
 
     # ------------------------------------------------------------ plumbing
 
@@ -143,15 +144,17 @@ class ManagerService(ServiceInterface):
         """Every definition in every store (blocking). A UUID held twice: first store wins."""
         try:
             running: Optional[set[str]] = self._running_uuids()
+            self._trouble("libvirt", None)
         except (StoreError, libvirt.libvirtError) as exc:
-            log.warning("cannot ask libvirt which domains run: %s", exc)
+            self._trouble("libvirt", f"cannot ask libvirt which domains run: {exc}")
             running = None
         out: dict[str, Entry] = {}
         for store in self.stores:
             try:
                 listed = store.list()
+                self._trouble(store.spec, None)
             except (StoreError, libvirt.libvirtError) as exc:
-                log.warning("%s: cannot list: %s", store.spec, exc)
+                self._trouble(store.spec, f"{store.spec}: cannot list: {exc}")
                 # Keep what we knew rather than announcing every definition undefined.
                 listed = [_stored_from(e) for e in self._snapshot.values() if e.store is store]
             for item in listed:
@@ -167,6 +170,18 @@ class ManagerService(ServiceInterface):
                     active = bool(running and uuid in running)
                 out[uuid] = Entry(item.config, active, store)
         return out
+
+    def _trouble(self, key: str, problem: Optional[str]) -> None:
+        """Log a failing dependency once when it starts failing and once when it
+        recovers, not on every poll."""
+        before = self._troubles.get(key)
+        if problem is None:
+            if before is not None:
+                del self._troubles[key]
+                log.info("%s works again", key)
+        elif before is None:
+            self._troubles[key] = problem
+            log.warning("%s", problem)
 
     async def _sync(self, emit: bool = True) -> dict[str, Entry]:
         """Re-read everything; announce what changed since the last read."""
