@@ -19,6 +19,7 @@ from pywbem import (CIMClass, CIMClassName, CIMDateTime, CIMError, CIMInstance,
                     CIMInstanceName)
 from pywbem._tupleparse import TupleParser
 
+from . import wql
 from . import writer as w
 from .provider import AssociationProvider, Provider, Registry, path_key, rendered
 from .pull import PullContexts
@@ -94,6 +95,12 @@ def _as_instancename(name: str, v: Any) -> CIMInstanceName:
     raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} must be an instance name")
 
 
+def _as_instance(name: str, v: Any) -> CIMInstance:
+    if isinstance(v, CIMInstance):
+        return v
+    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name} must be an instance")
+
+
 def _as_objectname(name: str, v: Any) -> CIMInstanceName | CIMClassName:
     if isinstance(v, (CIMInstanceName, CIMClassName)):
         return v
@@ -104,6 +111,7 @@ def _as_objectname(name: str, v: Any) -> CIMInstanceName | CIMClassName:
 
 B, U32, S, SL, CN, IN, ON = _as_bool, _as_uint32, _as_str, _as_strlist, _as_classname, \
     _as_instancename, _as_objectname
+INST = _as_instance
 
 _PULL_OPEN = {"FilterQueryLanguage": (S, None), "FilterQuery": (S, None),
               "OperationTimeout": (U32, None), "ContinueOnError": (B, False),
@@ -150,14 +158,23 @@ SIGNATURES: dict[str, dict[str, tuple[Callable, Any]]] = {
     "PullInstancePaths": {"EnumerationContext": (S, _REQUIRED),
                           "MaxObjectCount": (U32, _REQUIRED)},
     "CloseEnumeration": {"EnumerationContext": (S, _REQUIRED)},
+    "CreateInstance": {"NewInstance": (INST, _REQUIRED)},
+    "ModifyInstance": {"ModifiedInstance": (INST, _REQUIRED), "IncludeQualifiers": (B, True),
+                       "PropertyList": (SL, None)},
+    "DeleteInstance": {"InstanceName": (IN, _REQUIRED)},
+    "ExecQuery": {"QueryLanguage": (S, _REQUIRED), "Query": (S, _REQUIRED)},
+    "OpenQueryInstances": {"FilterQuery": (S, _REQUIRED), "FilterQueryLanguage": (S, _REQUIRED),
+                           "ReturnQueryResultClass": (B, False),
+                           "OperationTimeout": (U32, None), "ContinueOnError": (B, False),
+                           "MaxObjectCount": (U32, 0)},
+    "PullInstances": {"EnumerationContext": (S, _REQUIRED), "MaxObjectCount": (U32, _REQUIRED)},
 }
 _SIG_BY_LOWER = {k.lower(): k for k in SIGNATURES}
 
 # Operations a read-only server answers with CIM_ERR_NOT_SUPPORTED (DSP0200 allows it).
 UNSUPPORTED = {n.lower() for n in (
-    "CreateClass", "ModifyClass", "DeleteClass", "CreateInstance", "ModifyInstance",
-    "DeleteInstance", "SetQualifier", "DeleteQualifier", "GetProperty", "SetProperty",
-    "ExecQuery", "OpenQueryInstances", "EnumerationCount")}
+    "CreateClass", "ModifyClass", "DeleteClass", "SetQualifier", "DeleteQualifier",
+    "GetProperty", "SetProperty", "EnumerationCount")}
 
 
 def _convert_params(op: str, sent: dict[str, Any]) -> dict[str, Any]:
@@ -656,6 +673,135 @@ class Dispatcher:
     async def op_CloseEnumeration(self, ns: Namespace, p: dict, ctx) -> Result:
         self.pulls.close(ns.name, p["EnumerationContext"], ctx.client)
         return Result(None)
+
+    # -- instance writes ----------------------------------------------------------------
+
+    @staticmethod
+    def _require_operator(ctx: OperationContext, what: str) -> None:
+        if ctx.role != "operator":
+            raise CIMError(pywbem.CIM_ERR_ACCESS_DENIED,
+                           f"user {ctx.user!r} may not {what} (role {ctx.role})")
+
+    def _typed_instance(self, ns: Namespace, cls: CIMClass, inst: CIMInstance,
+                        path: CIMInstanceName | None) -> CIMInstance:
+        """`inst` with the class's exact names and declared types; unknown properties and
+        bad values are CIM_ERR_INVALID_PARAMETER (DSP0200 CreateInstance/ModifyInstance)."""
+        props = {}
+        for name, prop in inst.properties.items():
+            decl = cls.properties.get(name)
+            if decl is None:
+                raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                               f"{cls.classname} has no property {name[:64]!r}")
+            value = convert_value(prop.value, decl.type, decl.is_array, decl.name)
+            if decl.type == "reference" and value is not None:
+                try:
+                    value = self.normalize_path(ns, value, pywbem.CIM_ERR_INVALID_PARAMETER)
+                except CIMError as exc:
+                    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                                   f"{decl.name}: {exc.status_description}") from None
+            props[decl.name] = pywbem.CIMProperty(
+                decl.name, value, type=decl.type, reference_class=decl.reference_class,
+                embedded_object=decl.embedded_object, is_array=decl.is_array)
+        return CIMInstance(cls.classname, properties=props, path=path)
+
+    def _writer(self, ns: Namespace, classname: str) -> Provider:
+        prov = self.registry.provider(ns.name, classname)
+        if prov is None:     # DESIGN.md: writes to read-only classes are not supported
+            raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
+                           f"instances of {classname} are read-only")
+        return prov
+
+    async def op_CreateInstance(self, ns: Namespace, p: dict, ctx) -> Result:
+        # DSP0200 CreateInstance: NewInstance in, the new instance's INSTANCENAME out;
+        # the path of NewInstance, if any, is ignored.
+        self._require_operator(ctx, "create instances")
+        cls = self._class(ns, p["NewInstance"].classname)
+        prov = self._writer(ns, cls.classname)
+        inst = self._typed_instance(ns, cls, p["NewInstance"], None)
+        path = await prov.create_instance(inst, ctx)
+        return Result([w.instancename_xml(path)])
+
+    async def op_ModifyInstance(self, ns: Namespace, p: dict, ctx) -> Result:
+        self._require_operator(ctx, "modify instances")
+        inst = p["ModifiedInstance"]
+        if inst.path is None:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "ModifiedInstance has no path")
+        path = self.normalize_path(ns, inst.path)
+        cls = self._class(ns, path.classname)
+        prov = self._writer(ns, cls.classname)
+        await prov.modify_instance(self._typed_instance(ns, cls, inst, path), p["PropertyList"],
+                                   ctx)
+        return Result(None)
+
+    async def op_DeleteInstance(self, ns: Namespace, p: dict, ctx) -> Result:
+        self._require_operator(ctx, "delete instances")
+        path = self.normalize_path(ns, p["InstanceName"])
+        await self._writer(ns, path.classname).delete_instance(path, ctx)
+        return Result(None)
+
+    # -- queries ---------------------------------------------------------------------------
+
+    def _query(self, ns: Namespace, language: str, text: str) -> tuple[wql.Query, CIMClass]:
+        """Parse and check a query against the namespace's classes.
+
+        DSP0200 ExecQuery: CIM_ERR_QUERY_LANGUAGE_NOT_SUPPORTED when the language is not
+        recognized, CIM_ERR_INVALID_QUERY when the query is not valid in it (we also use
+        it for the WQL features we do not offer, and for unknown classes or properties)."""
+        if language.strip().upper() != wql.LANGUAGE:
+            raise CIMError(pywbem.CIM_ERR_QUERY_LANGUAGE_NOT_SUPPORTED,
+                           f"query language {language[:64]!r} is not supported; use WQL")
+        try:
+            query = wql.parse(text)
+        except wql.WQLError as exc:
+            raise CIMError(pywbem.CIM_ERR_INVALID_QUERY, exc.message) from None
+        cls = ns.get(query.classname)
+        if cls is None:
+            raise CIMError(pywbem.CIM_ERR_INVALID_QUERY,
+                           f"class {query.classname[:128]!r} does not exist in {ns.name}")
+        for name in list(query.select or ()) + [pr.path[0] for pr in query.props()]:
+            if name not in cls.properties:
+                raise CIMError(pywbem.CIM_ERR_INVALID_QUERY,
+                               f"{cls.classname} has no property {name[:64]!r}")
+        for name in query.isa_classes():
+            if ns.get(name) is None:
+                raise CIMError(pywbem.CIM_ERR_INVALID_QUERY,
+                               f"class {name[:128]!r} does not exist in {ns.name}")
+        return query, cls
+
+    async def _query_instances(self, ns: Namespace, query: wql.Query,
+                               cls: CIMClass) -> list[CIMInstance]:
+        allowed = None if query.select is None else {n.lower() for n in query.select}
+        return [self._view(ns, inst, allowed, False)
+                for inst in await self._enumerate(ns, cls.classname)
+                if wql.matches(query, inst, ns.is_subclass)]
+
+    async def op_ExecQuery(self, ns: Namespace, p: dict, ctx) -> Result:
+        query, cls = self._query(ns, p["QueryLanguage"], p["Query"])
+        return Result([w.value_objectwithpath_xml(inst, None, self.host)
+                       for inst in await self._query_instances(ns, query, cls)])
+
+    async def op_OpenQueryInstances(self, ns: Namespace, p: dict, ctx) -> Result:
+        # DSP0200 OpenQueryInstances: the result is pulled with PullInstances, which
+        # returns INSTANCE elements without paths.
+        if p["ContinueOnError"]:
+            raise CIMError(pywbem.CIM_ERR_CONTINUATION_ON_ERROR_NOT_SUPPORTED,
+                           "ContinueOnError is not supported")
+        timeout = self.pulls.check_timeout(p["OperationTimeout"])
+        query, cls = self._query(ns, p["FilterQueryLanguage"], p["FilterQuery"])
+        items = [w.instance_xml(inst) for inst in await self._query_instances(ns, query, cls)]
+        ctx_id, chunk, eos = self.pulls.open(ns.name, "query", items, p["MaxObjectCount"],
+                                             timeout, ctx.client)
+        res = self._pull_result(chunk, eos, ctx_id)
+        if p["ReturnQueryResultClass"]:
+            view = self._class_view(cls, False, None if query.select is None
+                                    else list(query.select))
+            res.params.insert(0, w.paramvalue_class_xml("QueryResultClass", view))
+        return res
+
+    async def op_PullInstances(self, ns: Namespace, p: dict, ctx) -> Result:
+        chunk, eos, ctx_id = self.pulls.pull(ns.name, "query", p["EnumerationContext"],
+                                             p["MaxObjectCount"], ctx.client)
+        return self._pull_result(chunk, eos, ctx_id)
 
     # -- extrinsic methods -------------------------------------------------------------
 

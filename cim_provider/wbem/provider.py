@@ -13,7 +13,10 @@ What the provider must do:
   DeepInheritance, IncludeClassOrigin and sets namespace and host);
 - `invoke_method`: raise CIM_ERR_INVALID_PARAMETER for values it cannot accept,
   CIM_ERR_NOT_SUPPORTED for methods it does not implement, CIM_ERR_FAILED with a
-  message for anything that went wrong underneath.
+  message for anything that went wrong underneath;
+- `create_instance` / `modify_instance` / `delete_instance` (optional, default
+  CIM_ERR_NOT_SUPPORTED): the dispatcher has already refused callers without the
+  operator role and checked the properties against the class.
 """
 from __future__ import annotations
 
@@ -65,6 +68,27 @@ class Provider:
                             params: Mapping[str, Any]) -> tuple[Any, dict[str, Any]]:
         raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
                        f"method {method} is not supported on {target.classname}")
+
+    # Writes. The dispatcher has checked the caller's role, that every property is
+    # declared by the class and typed as declared, and (delete, modify) normalized the
+    # path; a provider that keeps its instances read-only leaves these alone.
+
+    async def create_instance(self, instance: CIMInstance, ctx: Any) -> CIMInstanceName:
+        """Create `instance` (its class is one of ours); return its path.
+        CIM_ERR_ALREADY_EXISTS / CIM_ERR_INVALID_PARAMETER for what cannot be created."""
+        raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
+                       f"instances of {instance.classname} cannot be created")
+
+    async def modify_instance(self, instance: CIMInstance, property_list: list[str] | None,
+                              ctx: Any) -> None:
+        """Change the properties of `instance.path` (only those in `property_list`)."""
+        raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
+                       f"instances of {instance.classname} cannot be modified")
+
+    async def delete_instance(self, path: CIMInstanceName, ctx: Any) -> None:
+        """Delete the instance at `path`; CIM_ERR_NOT_FOUND when there is none."""
+        raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
+                       f"instances of {path.classname} cannot be deleted")
 
 
 class AssociationProvider(Provider):

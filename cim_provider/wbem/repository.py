@@ -30,7 +30,11 @@ DEFAULT_CACHE_DIR = PROJECT_ROOT / "build" / "cache"
 # are (no VIRT_ subclass) in that namespace.
 NAMESPACE_SOURCES: dict[str, tuple[str, tuple[str, ...]]] = {
     "root/virt": ("virt.mof", ()),
-    "interop": ("interop.mof", ("CIM_Namespace", "CIM_ObjectManager")),
+    "interop": ("interop.mof", ("CIM_Namespace", "CIM_ObjectManager",
+                                # subscriptions (DSP1054), as pywbem's
+                                # WBEMSubscriptionManager creates them
+                                "CIM_IndicationFilter", "CIM_ListenerDestinationCIMXML",
+                                "CIM_IndicationSubscription")),
 }
 
 

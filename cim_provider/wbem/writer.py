@@ -360,6 +360,22 @@ def returnvalue_xml(value: object, type_: str | None = None) -> str:
     return f'<RETURNVALUE PARAMTYPE="{type_}">{value_xml(value, type_)}</RETURNVALUE>'
 
 
+def paramvalue_class_xml(name: str, cls: CIMClass) -> str:
+    """A PARAMVALUE holding a CLASS (OpenQueryInstances' QueryResultClass)."""
+    return (f'<PARAMVALUE NAME="{esc(name)}">' + class_xml(cls, qualifiers=False)
+            + "</PARAMVALUE>")
+
+
+def export_indication_xml(msg_id: str, indication: CIMInstance) -> str:
+    """A complete export request (DSP0201 SIMPLEEXPREQ) delivering one indication:
+    EXPMETHODCALL ExportIndication with the indication as the NewIndication INSTANCE."""
+    return (XML_DECL + '<CIM CIMVERSION="2.0" DTDVERSION="2.0">'
+            f'<MESSAGE ID="{esc(msg_id)}" PROTOCOLVERSION="1.0"><SIMPLEEXPREQ>'
+            '<EXPMETHODCALL NAME="ExportIndication"><EXPPARAMVALUE NAME="NewIndication">'
+            + instance_xml(indication)
+            + "</EXPPARAMVALUE></EXPMETHODCALL></SIMPLEEXPREQ></MESSAGE></CIM>")
+
+
 def join_chunks(pieces: Iterable[str], size: int = 65536) -> Iterable[bytes]:
     """Group many small strings into encoded chunks of about `size` characters."""
     buf: list[str] = []
