@@ -300,19 +300,23 @@ def test_kill_9_during_defines_loses_no_acknowledged_definition(dbus_address, tm
         client = ManagerClient(dbus_address, call_timeout=5)
         await client.start()
         acked = []
+        killed = []
 
         async def writer(w):
             for i in range(10_000):
                 try:
                     acked.append(await client.define_domain({"Name": f"w{w}-{i}"}))
                 except ManagerError:
-                    return
+                    if killed:
+                        return
+                    raise                 # before the kill, every define must work
 
         try:
             await wait_for_owner(dbus_address)
             await eventually(lambda: client.present, within=1.0, what="Manager seen")
             writers = [asyncio.create_task(writer(w)) for w in range(4)]
             await eventually(lambda: len(acked) >= 20, within=20.0, what="some defines")
+            killed.append(True)
             proc.kill()
             await asyncio.gather(*writers)
             proc.wait()

@@ -474,6 +474,10 @@ class ManagerClient:
         m = members()[member]
         if self._owner is None:
             raise ManagerUnavailable(ERR_UNAVAILABLE, f"no Manager on the bus for {member}")
+        if member not in self._offered and self._need_introspect:
+            # Just appeared and not introspected yet: find out now rather than refuse.
+            with contextlib.suppress(ManagerError):
+                await self._introspect()
         if member not in self._offered:
             raise ManagerNotSupported(ERROR_NOT_SUPPORTED,
                                       f"the Manager does not offer {member}")
