@@ -236,6 +236,8 @@ class RecordingManager(ServiceInterface):
         self.entries: Dict[str, DomainConfig] = {c.uuid: c for c in configs}
         self.calls: List[tuple] = []
         self.refuse: Dict[str, str] = {}
+        self.hang = 0.0               # StartDomain sleeps this long first (a stuck Manager)
+        self.vanish = None            # a callable: StartDomain leaves the bus mid-call
 
     @method()
     async def ListInactiveDomains(self) -> "aa{sv}":
@@ -245,6 +247,11 @@ class RecordingManager(ServiceInterface):
     @method()
     async def StartDomain(self, uuid: "s") -> "s":
         self.calls.append(("StartDomain", uuid))
+        if self.vanish is not None:
+            self.vanish()
+            raise DBusError(ERROR_NOT_FOUND, "gone")     # never reaches the caller
+        if self.hang:
+            await asyncio.sleep(self.hang)
         if uuid in self.refuse:
             raise DBusError(ERROR_REFUSED, self.refuse[uuid])
         cfg = self.entries.get(uuid)
@@ -267,12 +274,13 @@ class RecordingManager(ServiceInterface):
 class MinimalModel:
     """A private bus, one shared test:///default, a RecordingManager and the server."""
 
-    def __init__(self, configs=(), relist: float = 0.5) -> None:
+    def __init__(self, configs=(), relist: float = 0.5, manager_timeout: float = 5.0) -> None:
         from cim_provider.busdaemon import PrivateBus
         self.lt = LoopThread()
         self.bus = PrivateBus()
         self.configs = list(configs)
         self.relist = relist
+        self.manager_timeout = manager_timeout
         self.manager: Optional[RecordingManager] = None
         self._mbus = None
         self.server = None
@@ -293,12 +301,14 @@ class MinimalModel:
         self.libvirt = await loop.run_in_executor(None, libvirt.open, "test:///default")
         await self.start_manager(self.configs)
         sources = await start_sources(libvirt_conn=self.libvirt, manager_bus=self.bus.address,
-                                      manager_timeout=5.0, relist_interval=self.relist)
+                                      manager_timeout=self.manager_timeout,
+                                      relist_interval=self.relist)
         self.server = await start_server([("127.0.0.1", 0)], sources=sources, host=HOST)
 
     async def start_manager(self, configs=()) -> RecordingManager:
         self._mbus = await connect(self.bus.address)
         self.manager = RecordingManager(self.libvirt, configs)
+        self.manager.vanish_now = self._mbus.disconnect
         self._mbus.export(OBJECT_PATH, self.manager)
         await self._mbus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
         return self.manager
