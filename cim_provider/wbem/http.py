@@ -73,10 +73,20 @@ def _check_headers(h: dict[str, str], req) -> None:
                            "CIMObject header does not match the namespace in the body")
 
 
+def _accept_m_post() -> None:
+    """aiohttp's C request parser (llhttp) knows a fixed list of methods and answers
+    M-POST with a 400 before any handler runs; its pure-Python parser accepts any
+    method token. Servers of this process parse requests with the latter."""
+    from aiohttp import http_parser, web_protocol
+    if web_protocol.HttpRequestParser is not http_parser.HttpRequestParserPy:
+        web_protocol.HttpRequestParser = http_parser.HttpRequestParserPy
+
+
 def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
              authenticate=None) -> web.Application:
     """The aiohttp application serving CIM-XML operations on /cimom."""
     limits = limits or HTTPLimits()
+    _accept_m_post()
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.path not in CIM_PATHS:
@@ -102,9 +112,10 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
             if request.content_length is not None and request.content_length > limits.max_body:
                 raise web.HTTPRequestEntityTooLarge(limits.max_body, request.content_length)
             try:
-                body = await asyncio.wait_for(_read_body(request, limits.max_body),
-                                              limits.read_timeout)
-            except asyncio.TimeoutError:
+                # asyncio.timeout, not wait_for: no extra task per request (hot path).
+                async with asyncio.timeout(limits.read_timeout):
+                    body = await _read_body(request, limits.max_body)
+            except TimeoutError:
                 raise web.HTTPRequestTimeout(text="request body not received in time\n") from None
             req = parse_request(body, limits.max_depth)
             _check_headers(headers, req)
