@@ -73,7 +73,9 @@ class Demo:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
-async def start_demo(listen: list[tuple[str, int]], host: str | None = None) -> Demo:
+async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
+                     state_dir: Path | None = None) -> Demo:
+    """Start everything; subscriptions live in `state_dir` (default: the demo's folder)."""
     import libvirt
 
     from .busdaemon import PrivateBus
@@ -98,7 +100,8 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None) -> 
         demo.stores = [sqlite, LibvirtStore(shared)]
         demo.manager = await serve_manager(demo.bus.address, demo.stores, shared)
         sources = await start_sources(libvirt_conn=demo.conn, manager_bus=demo.bus.address)
-        demo.server = await start_server(listen, sources=sources, host=host)
+        demo.server = await start_server(listen, sources=sources, host=host,
+                                         state_dir=state_dir or demo.workdir / "state")
         return demo
     except BaseException:
         await demo.close()
@@ -142,4 +145,5 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return asyncio.run(_run(args))
+    from .server import run_loop
+    return run_loop(_run(args))

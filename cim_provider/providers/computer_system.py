@@ -131,30 +131,41 @@ class ComputerSystemProvider(Provider):
         if requested not in states_supported(rec):
             return RC_INVALID_TRANSITION
         uuid = rec.uuid
-        if rec.running is None:                      # 2 from passive: through the Manager
-            manager = self.b.require_manager()
-            from ..sources.manager import ManagerError
-            try:
-                new_uuid = await manager.start_domain(uuid)
-            except ManagerError as exc:
-                log.info("Manager refused to start %s: %s", uuid, exc)
-                raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start "
-                               f"{rec.name}: {exc.message}") from None
-            await self.b.settle_running(new_uuid or uuid)
-            if new_uuid and new_uuid != uuid:
-                await self.b.settle_running(uuid)
-        else:
-            action = {ENABLED: "resume", DISABLED: "destroy", 4: "shutdown",
-                      QUIESCE: "suspend", 10: "reboot", 11: "reset"}[requested]
-            src = self.b.require_libvirt()
-            from ..sources.libvirt import LibvirtError
-            try:
-                await getattr(src, action)(uuid)
-            except LibvirtError as exc:
-                raise CIMError(pywbem.CIM_ERR_FAILED,
-                               f"libvirt could not {action} {rec.name}: {exc.message}") from None
-            await self.b.settle_running(uuid)
+        # Recorded before acting, so the inventory change the action causes (and the
+        # lifecycle indication built from it) already carries the new RequestedState;
+        # put back if the action fails: it records the last *successful* request.
+        previous = self.b.requested_state.get(uuid)
         self.b.requested_state[uuid] = requested
+        try:
+            if rec.running is None:                      # 2 from passive: through the Manager
+                manager = self.b.require_manager()
+                from ..sources.manager import ManagerError
+                try:
+                    new_uuid = await manager.start_domain(uuid)
+                except ManagerError as exc:
+                    log.info("Manager refused to start %s: %s", uuid, exc)
+                    raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start "
+                                   f"{rec.name}: {exc.message}") from None
+                await self.b.settle_running(new_uuid or uuid)
+                if new_uuid and new_uuid != uuid:
+                    await self.b.settle_running(uuid)
+            else:
+                action = {ENABLED: "resume", DISABLED: "destroy", 4: "shutdown",
+                          QUIESCE: "suspend", 10: "reboot", 11: "reset"}[requested]
+                src = self.b.require_libvirt()
+                from ..sources.libvirt import LibvirtError
+                try:
+                    await getattr(src, action)(uuid)
+                except LibvirtError as exc:
+                    raise CIMError(pywbem.CIM_ERR_FAILED,
+                                   f"libvirt could not {action} {rec.name}: {exc.message}") from None
+                await self.b.settle_running(uuid)
+        except BaseException:
+            if previous is None:
+                self.b.requested_state.pop(uuid, None)
+            else:
+                self.b.requested_state[uuid] = previous
+            raise
         return RC_OK
 
 

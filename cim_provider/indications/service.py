@@ -1,0 +1,183 @@
+"""Inventory changes -> lifecycle indications -> matching subscriptions -> delivery.
+
+The inventory's Change kinds are exactly what a client sees of VIRT_ComputerSystem
+(a definition appearing is a creation, a transient domain stopping a deletion, a
+passive domain starting a modification), so they map one to one:
+
+    created  -> VIRT_ComputerSystemCreatedIndication  (CIM_InstCreation)
+    modified -> VIRT_ComputerSystemModifiedIndication (CIM_InstModification)
+    deleted  -> VIRT_ComputerSystemDeletedIndication  (CIM_InstDeletion)
+
+SourceInstance is the VIRT_ComputerSystem a GetInstance returns at that moment;
+PreviousInstance is the SourceInstance of the previous indication about that system,
+so a console that follows the stream always sees consistent pairs. A modification
+of the record that changes no VIRT_ComputerSystem property (a disk added to a
+definition, say) is not an indication of this class and is not sent.
+
+Everything runs on the server's loop, in the inventory's callback: building and
+matching cost microseconds, and delivery only appends to per-destination queues.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from pywbem import CIMDateTime, CIMInstance, CIMProperty
+
+from ..inventory.inventory import Change, Inventory
+from ..inventory.records import DomainRecord
+from ..wbem import wql
+from ..wbem.provider import path_key
+from ..wbem.repository import Repository
+from .delivery import DestinationWorker
+from .subscriptions import Filter, Subscriptions
+
+log = logging.getLogger(__name__)
+
+SOURCE_NS = "root/virt"
+CREATED = "VIRT_ComputerSystemCreatedIndication"
+MODIFIED = "VIRT_ComputerSystemModifiedIndication"
+DELETED = "VIRT_ComputerSystemDeletedIndication"
+_CLASS_OF = {"created": CREATED, "modified": MODIFIED, "deleted": DELETED}
+
+
+class IndicationService:
+    """Owns the destination workers; fed by `attach`ed inventories or by `publish`."""
+
+    def __init__(self, repo: Repository, host: str, subscriptions: Subscriptions,
+                 **worker_options: Any):
+        self.repo = repo
+        self.host = host
+        self.subs = subscriptions
+        self.worker_options = worker_options
+        self.workers: dict[tuple, DestinationWorker] = {}
+        self._ids = itertools.count(1)
+        self._boot = f"{host}:{int(time.time())}"     # unique per server run
+        self._last: dict[str, CIMInstance] = {}
+        self._unsubscribe: list[Callable[[], None]] = []
+        self._build: Callable[[DomainRecord], CIMInstance] | None = None
+        subscriptions.listeners.append(self._prune)
+
+    # ---- sources of indications -------------------------------------------------------
+
+    def attach(self, inventory: Inventory, build: Callable[[DomainRecord], CIMInstance]) -> None:
+        """Follow `inventory`; `build(record)` is the VIRT_ComputerSystem of a record."""
+        self._build = build
+        for rec in inventory.records():
+            self._last[rec.uuid] = build(rec)
+        self._unsubscribe.append(inventory.subscribe(self._on_change))
+
+    def _on_change(self, change: Change) -> None:
+        build = self._build
+        assert build is not None
+        if change.kind == "deleted":
+            old = self._last.pop(change.uuid, None) or build(change.old)
+            self.publish(self.indication("deleted", old))
+            return
+        new = build(change.new)
+        old = self._last.get(change.uuid)
+        self._last[change.uuid] = new
+        if change.kind == "created" or old is None:
+            self.publish(self.indication("created", new))
+            return
+        changed = [p.name for p in new.properties.values()
+                   if old.properties.get(p.name) is None
+                   or old.properties[p.name].value != p.value]
+        changed += [n for n in old.properties if n not in new.properties]
+        if not changed:
+            return
+        self.publish(self.indication("modified", new, old, changed))
+
+    def indication(self, kind: str, source: CIMInstance, previous: CIMInstance | None = None,
+                   changed: list[str] | None = None) -> CIMInstance:
+        """A lifecycle indication about `source` (an instance with its path)."""
+        cls = self.repo.namespace(SOURCE_NS).get(_CLASS_OF[kind])
+        path = source.path.copy()
+        path.host = self.host
+        values: dict[str, Any] = {
+            "IndicationIdentifier": f"{self._boot}:{next(self._ids)}",
+            "IndicationTime": CIMDateTime.now(),
+            "SourceInstanceModelPath": str(path),
+            "SourceInstanceHost": self.host,
+            "PerceivedSeverity": 2,          # Information
+        }
+        if changed is not None:
+            values["ChangedPropertyNames"] = changed
+        inst = CIMInstance(cls.classname)
+        for name, value in values.items():
+            decl = cls.properties[name]
+            inst[decl.name] = CIMProperty(decl.name, value, type=decl.type,
+                                          is_array=decl.is_array)
+        # DSP0201: an embedded instance travels as an escaped INSTANCE in a string
+        # property marked EmbeddedObject="object" (the class uses EmbeddedObject).
+        for name, value in (("SourceInstance", source), ("PreviousInstance", previous)):
+            if value is not None:
+                inst[name] = CIMProperty(name, value, type="string", embedded_object="object")
+        return inst
+
+    # ---- matching and queueing ----------------------------------------------------------
+
+    def _matches(self, flt: Filter, indication: CIMInstance, source_ns: str) -> bool:
+        if flt.source_namespaces is not None and not any(
+                n.lower() == source_ns.lower() for n in flt.source_namespaces):
+            return False
+        ns = self.repo.namespace(source_ns)
+        if not ns.is_subclass(indication.classname, flt.query.classname):
+            return False
+        return wql.matches(flt.query, indication, ns.is_subclass)
+
+    def publish(self, indication: CIMInstance, source_ns: str = SOURCE_NS) -> int:
+        """Queue `indication` for every enabled subscription whose filter selects it;
+        returns how many were queued. Never blocks and never raises."""
+        n = 0
+        try:
+            for _sub, flt, dest in self.subs.active():
+                if not self._matches(flt, indication, source_ns):
+                    continue
+                copy = indication.copy()
+                copy["IndicationFilterName"] = CIMProperty("IndicationFilterName", flt.name,
+                                                           type="string")
+                self._worker(dest).put(copy)
+                n += 1
+        except Exception:
+            log.exception("could not queue indication %s", indication.get("IndicationIdentifier"))
+        return n
+
+    def _worker(self, dest: CIMInstance) -> DestinationWorker:
+        key = path_key(dest.path)
+        worker = self.workers.get(key)
+        if worker is None or worker.url != _url(dest["Destination"]):
+            if worker is not None:
+                self._close_later(worker)
+            worker = DestinationWorker(dest["Name"], dest["Destination"],
+                                       context=f"{self._boot}:{dest['Name']}",
+                                       **self.worker_options)
+            self.workers[key] = worker
+        return worker
+
+    def _prune(self) -> None:
+        """Stop the workers of destinations that were deleted."""
+        for key in [k for k in self.workers if k not in self.subs.destinations]:
+            self._close_later(self.workers.pop(key))
+
+    @staticmethod
+    def _close_later(worker: DestinationWorker) -> None:
+        import asyncio
+        asyncio.get_running_loop().create_task(worker.close())
+
+    async def close(self) -> None:
+        for unsub in self._unsubscribe:
+            unsub()
+        self._unsubscribe.clear()
+        if self._prune in self.subs.listeners:
+            self.subs.listeners.remove(self._prune)
+        workers, self.workers = list(self.workers.values()), {}
+        for worker in workers:
+            await worker.close()
+
+
+def _url(dest: str) -> str:
+    return dest if "://" in dest else "http://" + dest
