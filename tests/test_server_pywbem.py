@@ -760,8 +760,6 @@ class TestErrors:
                 (interop_conn.CreateInstance, (new,)),
                 (interop_conn.ModifyInstance, (inst,)),
                 (interop_conn.DeleteInstance, (path,)),
-                (interop_conn.ExecQuery, ("WQL", "SELECT * FROM CIM_Namespace")),
-                (interop_conn.OpenQueryInstances, ("WQL", "SELECT * FROM CIM_Namespace")),
                 (interop_conn.CreateClass, (CIMClass("VIRT_New"),)),
                 (interop_conn.DeleteClass, ("CIM_Namespace",)),
                 (interop_conn.ModifyClass, (CIMClass("CIM_Namespace"),)),
