@@ -211,8 +211,8 @@ def small_server():
 def test_chunked_body_over_limit(small_server):
     conn = http.client.HTTPConnection("127.0.0.1", small_server.port, timeout=30)
 
-    def chunks():
-        for _ in range(50):
+    def chunks():                     # no Content-Length: the limit applies while reading
+        for _ in range(20):
             yield b"<!-- " + b"x" * 10_000 + b" -->"
 
     try:
@@ -220,12 +220,9 @@ def test_chunked_body_over_limit(small_server):
                      encode_chunked=True)
         resp = conn.getresponse()
         resp.read()
-        status = resp.status
-    except (BrokenPipeError, ConnectionResetError):
-        status = None                 # the server refused and closed mid-upload
     finally:
         conn.close()
-    assert status in (413, None)
+    assert resp.status == 413
     resp = send(small_server.port, ENUM_NAMES, headers_for("EnumerateInstanceNames"))
     assert resp.status == 200
 
