@@ -9,6 +9,7 @@ produce complete instances (see provider.py for the contract).
 from __future__ import annotations
 
 import logging
+import re
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -201,6 +202,10 @@ def _convert_params(op: str, sent: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+_DEC_INT = re.compile(r"[+-]?[0-9]+")
+_HEX_INT = re.compile(r"[+-]?0[xX][0-9a-fA-F]+")
+
+
 def convert_value(value: Any, cimtype: str, is_array: bool, what: str) -> Any:
     """A method parameter or key value, as sent, converted to the declared CIM type."""
     if value is None:
@@ -242,7 +247,17 @@ def convert_value(value: Any, cimtype: str, is_array: bool, what: str) -> Any:
         if isinstance(value, bool):
             raise ValueError("boolean given for an integer")
         if isinstance(value, str):
-            value = TupleParser().unpack_numeric(value, cimtype)
+            # Decimal or 0x-hex only (DSP0201); pywbem's unpack_numeric would truncate
+            # "1.5" to 1, so reals are refused for integer types here.
+            text = value.strip()
+            if _HEX_INT.fullmatch(text):
+                value = int(text, 16)
+            elif _DEC_INT.fullmatch(text):
+                value = int(text)
+            else:
+                raise ValueError(f"{text[:32]!r} is not an integer")
+        elif isinstance(value, float) and not value.is_integer():
+            raise ValueError("a real number given for an integer")
         return pywbem.type_from_name(cimtype)(int(value))
     except CIMError:
         raise
@@ -379,7 +394,16 @@ class Dispatcher:
             ns = self.repo.namespace(path.namespace)
         cls = self._class(ns, path.classname, unknown_class)
         keys = self.key_properties(ns, cls)
-        sent = {k.lower(): v for k, v in path.keybindings.items()}
+        kbs = path.keybindings
+        if path.classname == cls.classname and len(kbs) == len(keys) and all(
+                p.type == "string" and type(kbs.get(p.name)) is str and p.name in kbs.keys()
+                for p in keys):
+            # Hot path (GetInstance of a path we handed out): names exact, all string
+            # keys. The parsed path belongs to this request, so it is completed in place.
+            path.namespace = ns.name
+            path.host = None
+            return path
+        sent = {k.lower(): v for k, v in kbs.items()}
         if len(sent) != len(path.keybindings) or set(sent) != {p.name.lower() for p in keys}:
             raise CIMError(pywbem.CIM_ERR_NOT_FOUND,
                            f"keys of {cls.classname} are "

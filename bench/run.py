@@ -1,0 +1,500 @@
+"""The benchmark: thousands of domains, measured side by side in one run.
+
+For each N: a private libvirtd (test driver) holds N/2 running domains; the
+reference Manager (its own process, private bus) holds N/2 passive definitions plus
+twins for a quarter of the running ones; `cim-provider serve` runs as in production.
+Every figure is the median of several runs, and the floors and the peer are measured
+in the same run:
+- libvirt floor: listAllDomains(ACTIVE) + getAllDomainStats(STATE) from this process;
+- Manager floor: one ListDomains call over D-Bus from this process;
+- loopback floor: the same number of bytes as the response, over a loopback socket;
+- peer: pywbem_mock's FakedWBEMConnection holding the same instances, in-process.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import http.client
+import json
+import os
+import random
+import re
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid as uuidlib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import libvirt  # noqa: E402
+import pywbem  # noqa: E402
+
+from cim_provider.busdaemon import PrivateBus  # noqa: E402
+from cim_provider.inventory.records import DomainConfig  # noqa: E402
+from cim_provider.manager.store import SqliteStore  # noqa: E402
+from cim_provider.sources.domxml import config_to_domain_xml  # noqa: E402
+from tests.support.libvirtd import Libvirtd  # noqa: E402
+
+EXE = str(ROOT / ".venv" / "bin" / "cim-provider")
+NS = "root/virt"
+RUNS = 5
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def median_time(fn, runs: int = RUNS) -> float:
+    fn()                                   # warm-up (fills caches, like a console's 2nd poll)
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+# --- raw CIM-XML requests -------------------------------------------------------------
+
+def _envelope(method: str, params: str, intrinsic: bool = True) -> bytes:
+    ns = "".join(f'<NAMESPACE NAME="{p}"/>' for p in NS.split("/"))
+    return (f'<?xml version="1.0" encoding="utf-8"?><CIM CIMVERSION="2.0" DTDVERSION="2.0">'
+            f'<MESSAGE ID="1" PROTOCOLVERSION="1.0"><SIMPLEREQ><IMETHODCALL NAME="{method}">'
+            f'<LOCALNAMESPACEPATH>{ns}</LOCALNAMESPACEPATH>{params}</IMETHODCALL>'
+            f'</SIMPLEREQ></MESSAGE></CIM>').encode()
+
+
+def _classname(name: str, value: str) -> str:
+    return f'<IPARAMVALUE NAME="{name}"><CLASSNAME NAME="{value}"/></IPARAMVALUE>'
+
+
+def _value(name: str, value: str) -> str:
+    return f'<IPARAMVALUE NAME="{name}"><VALUE>{value}</VALUE></IPARAMVALUE>'
+
+
+def _instancename(cls: str, keys: dict[str, str]) -> str:
+    kb = "".join(f'<KEYBINDING NAME="{k}"><KEYVALUE VALUETYPE="string">{v}</KEYVALUE></KEYBINDING>'
+                 for k, v in keys.items())
+    return f'<INSTANCENAME CLASSNAME="{cls}">{kb}</INSTANCENAME>'
+
+
+class RawClient:
+    """One keep-alive connection; returns raw response bytes (no CIM-XML parsing)."""
+
+    def __init__(self, port: int):
+        self.conn = http.client.HTTPConnection("127.0.0.1", port, timeout=300)
+
+    def call(self, method: str, body: bytes) -> bytes:
+        self.conn.request("POST", "/cimom", body, {
+            "Content-Type": 'application/xml; charset="utf-8"', "CIMOperation": "MethodCall",
+            "CIMMethod": method, "CIMObject": NS, "CIMProtocolVersion": "1.0"})
+        resp = self.conn.getresponse()
+        data = resp.read()
+        if resp.status != 200 or b"<ERROR" in data[:2000]:
+            raise RuntimeError(f"{method}: HTTP {resp.status} {data[:300]!r}")
+        return data
+
+
+def pull_all(cli: RawClient) -> int:
+    body = _envelope("OpenEnumerateInstances", _classname("ClassName", "VIRT_ComputerSystem")
+                     + _value("MaxObjectCount", "1000"))
+    data = cli.call("OpenEnumerateInstances", body)
+    total = len(data)
+    while True:
+        m = re.search(rb'NAME="EnumerationContext"[^>]*><VALUE>([^<]+)</VALUE>', data)
+        if m is None:
+            return total
+        ctx = m.group(1).decode()
+        data = cli.call("PullInstancesWithPath",
+                        _envelope("PullInstancesWithPath", _value("EnumerationContext", ctx)
+                                  + _value("MaxObjectCount", "1000")))
+        total += len(data)
+
+
+def loopback_floor(nbytes: int) -> float:
+    """Time to move `nbytes` through a loopback TCP connection (server already up)."""
+    payload = b"x" * nbytes
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen(1)
+    port = srv.getsockname()[1]
+    go = threading.Event()
+
+    def serve() -> None:
+        c, _ = srv.accept()
+        with c:
+            for _ in range(RUNS + 1):
+                go.wait()
+                go.clear()
+                c.sendall(payload)
+
+    t = threading.Thread(target=serve, daemon=True)
+    t.start()
+    cli = socket.create_connection(("127.0.0.1", port))
+
+    def once() -> None:
+        go.set()
+        got = 0
+        while got < nbytes:
+            chunk = cli.recv(1 << 20)
+            if not chunk:
+                raise RuntimeError("loopback closed")
+            got += len(chunk)
+
+    v = median_time(once)
+    cli.close()
+    srv.close()
+    return v
+
+
+# --- set-up ---------------------------------------------------------------------------
+
+def make_config(name: str, memory_kib: int = 65536) -> DomainConfig:
+    return DomainConfig(uuid=str(uuidlib.uuid4()), name=name, type="Test", os_type="hvm",
+                        arch="x86_64", vcpus=1, memory_kib=memory_kib, max_memory_kib=memory_kib)
+
+
+class Setup:
+    """libvirtd + Manager + server for one N; everything stopped by close()."""
+
+    def __init__(self, n: int, workdir: Path):
+        self.n = n
+        self.workdir = workdir
+        self.procs: list[subprocess.Popen] = []
+        self.lvd = Libvirtd()
+        self.lvd.start()
+        self.conn = libvirt.open(self.lvd.uri)
+        self.conn.lookupByName("test").destroy()          # only our domains run
+        running = [make_config(f"run-{i:05d}", 1024) for i in range(n // 2)]
+        for cfg in running:
+            self.conn.createXML(config_to_domain_xml(cfg), 0)
+        self.running = running
+        passive = [make_config(f"passive-{i:05d}") for i in range(n - n // 2)]
+        twins = [make_config(c.name) for c in running[: n // 8]]
+        twins = [DomainConfig(**{**{f: getattr(t, f) for f in t.__slots__}, "uuid": r.uuid})
+                 for t, r in zip(twins, running)]
+        db = workdir / f"defs-{n}.db"
+        store = SqliteStore(db)
+        store.define_many(passive + twins)
+        store.close()
+        self.bus = PrivateBus()
+        log = open(workdir / f"procs-{n}.log", "ab")
+        self.procs.append(subprocess.Popen(
+            [EXE, "manager", "--bus", self.bus.address, "--store", f"sqlite:{db}",
+             "--libvirt-uri", self.lvd.uri, "--log-level", "WARNING"],
+            stdout=log, stderr=log))
+        self.port = free_port()
+        self.server = subprocess.Popen(
+            [EXE, "serve", "--listen", f"127.0.0.1:{self.port}", "--libvirt-uri", self.lvd.uri,
+             "--manager-bus", self.bus.address, "--log-level", "WARNING"],
+            stdout=log, stderr=log)
+        self.procs.append(self.server)
+        self.wbem = pywbem.WBEMConnection(f"http://127.0.0.1:{self.port}", default_namespace=NS,
+                                          timeout=600)
+        self._wait_ready()
+
+    def _wait_ready(self, timeout: float = 300) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if len(self.wbem.EnumerateInstanceNames("VIRT_ComputerSystem")) == self.n:
+                    return
+            except (pywbem.Error, OSError):
+                pass
+            time.sleep(0.2)
+        raise TimeoutError(f"server did not report {self.n} systems")
+
+    def rss_mib(self) -> float:
+        for line in Path(f"/proc/{self.server.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def close(self) -> None:
+        for p in self.procs:
+            p.terminate()
+        for p in self.procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        self.bus.stop()
+        try:
+            self.conn.close()
+        except libvirt.libvirtError:
+            pass
+        self.lvd.cleanup()
+
+
+# --- measurements ---------------------------------------------------------------------
+
+def manager_floor(bus_address: str) -> float:
+    from cim_provider.contract import BUS_NAME, INTERFACE, OBJECT_PATH
+    from cim_provider.contract.bus import Message, connect
+
+    async def measure() -> float:
+        bus = await connect(bus_address)
+
+        async def once() -> None:
+            reply = await bus.call(Message(destination=BUS_NAME, path=OBJECT_PATH,
+                                           interface=INTERFACE, member="ListDomains"))
+            if not reply.body:
+                raise RuntimeError("empty ListDomains reply")
+
+        await once()
+        times = []
+        for _ in range(RUNS):
+            t = time.perf_counter()
+            await once()
+            times.append(time.perf_counter() - t)
+        bus.disconnect()
+        return statistics.median(times)
+
+    return asyncio.run(measure())
+
+
+def libvirt_floor(conn) -> float:
+    def once() -> None:
+        doms = conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
+        conn.domainListGetStats(doms, libvirt.VIR_DOMAIN_STATS_STATE) if doms else None
+    return median_time(once)
+
+
+def mock_peer(setup: Setup) -> dict[str, float]:
+    """pywbem_mock holding the same VIRT_ComputerSystem instances, in-process."""
+    import zipfile
+
+    import pywbem_mock
+
+    from cim_provider.wbem.repository import DEFAULT_MOF_DIR, DEFAULT_SCHEMA_ZIP
+    conn = pywbem_mock.FakedWBEMConnection(default_namespace=NS)
+    with tempfile.TemporaryDirectory(prefix="cim-schema-") as schema:
+        with zipfile.ZipFile(DEFAULT_SCHEMA_ZIP) as z:
+            z.extractall(schema)
+        for q in ("qualifiers.mof", "qualifiers_optional.mof"):
+            conn.compile_mof_file(os.path.join(schema, q), NS)
+        conn.compile_mof_file(str(DEFAULT_MOF_DIR / "virt.mof"), NS, search_paths=[schema])
+    insts = setup.wbem.EnumerateInstances("VIRT_ComputerSystem")
+    conn.add_cimobjects(insts, namespace=NS)
+    paths = [i.path for i in insts]
+    enum = median_time(lambda: conn.EnumerateInstances("VIRT_ComputerSystem"))
+    rnd = random.Random(1)
+    samples = []
+    for _ in range(200):
+        p = rnd.choice(paths)
+        t = time.perf_counter()
+        conn.GetInstance(p)
+        samples.append(time.perf_counter() - t)
+    return {"enumerate_s": enum, "getinstance_p50_s": statistics.median(samples)}
+
+
+def getinstance_latency(setup: Setup, count: int = 400) -> dict[str, float]:
+    cli = RawClient(setup.port)
+    rnd = random.Random(2)
+    bodies = [_envelope("GetInstance", f'<IPARAMVALUE NAME="InstanceName">'
+                        f'{_instancename("VIRT_ComputerSystem", {"CreationClassName": "VIRT_ComputerSystem", "Name": c.uuid})}'
+                        "</IPARAMVALUE>")
+              for c in (rnd.choice(setup.running) for _ in range(count))]
+    for b in bodies[:20]:
+        cli.call("GetInstance", b)
+    samples = []
+    for b in bodies:
+        t = time.perf_counter()
+        cli.call("GetInstance", b)
+        samples.append(time.perf_counter() - t)
+    samples.sort()
+    return {"p50_s": samples[len(samples) // 2], "p99_s": samples[int(len(samples) * 0.99) - 1]}
+
+
+def getinstance_concurrent(setup: Setup, clients: int = 8, per_client: int = 250) -> float:
+    """Requests per second with `clients` keep-alive connections at once."""
+    bodies = [_envelope("GetInstance", f'<IPARAMVALUE NAME="InstanceName">'
+                        f'{_instancename("VIRT_ComputerSystem", {"CreationClassName": "VIRT_ComputerSystem", "Name": c.uuid})}'
+                        "</IPARAMVALUE>") for c in setup.running[:per_client]]
+    barrier = threading.Barrier(clients + 1)
+    errors: list[BaseException] = []
+
+    def worker() -> None:
+        try:
+            cli = RawClient(setup.port)
+            cli.call("GetInstance", bodies[0])
+            barrier.wait()
+            for b in bodies:
+                cli.call("GetInstance", b)
+        except BaseException as exc:  # reported after the run
+            errors.append(exc)
+            barrier.abort()
+
+    threads = [threading.Thread(target=worker) for _ in range(clients)]
+    for t in threads:
+        t.start()
+    barrier.wait()
+    t0 = time.perf_counter()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    if errors:
+        raise errors[0]
+    return clients * len(bodies) / elapsed
+
+
+def freshness(setup: Setup, rounds: int = 5) -> float:
+    """libvirt suspend/resume (from another connection) -> a client sees the new state."""
+    cfg = setup.running[0]
+    dom = setup.conn.lookupByUUIDString(cfg.uuid)
+    path = pywbem.CIMInstanceName("VIRT_ComputerSystem", {
+        "CreationClassName": "VIRT_ComputerSystem", "Name": cfg.uuid}, namespace=NS)
+    samples = []
+    for i in range(rounds * 2):
+        want = 9 if i % 2 == 0 else 2
+        t = time.perf_counter()
+        (dom.suspend if want == 9 else dom.resume)()
+        while setup.wbem.GetInstance(path, PropertyList=["EnabledState"])["EnabledState"] != want:
+            if time.perf_counter() - t > 10:
+                raise TimeoutError("state change not visible within 10 s")
+        samples.append(time.perf_counter() - t)
+    return statistics.median(samples)
+
+
+def measure(n: int, workdir: Path) -> dict:
+    print(f"--- N = {n}: setting up", flush=True)
+    t0 = time.perf_counter()
+    setup = Setup(n, workdir)
+    out: dict = {"n": n, "setup_s": time.perf_counter() - t0}
+    try:
+        cli = RawClient(setup.port)
+        host = setup.wbem.EnumerateInstanceNames("VIRT_HostSystem")[0]
+        ops = {
+            "EnumerateInstances": ("EnumerateInstances", _envelope(
+                "EnumerateInstances", _classname("ClassName", "VIRT_ComputerSystem"))),
+            "EnumerateInstanceNames": ("EnumerateInstanceNames", _envelope(
+                "EnumerateInstanceNames", _classname("ClassName", "VIRT_ComputerSystem"))),
+            "Associators(host)": ("Associators", _envelope("Associators",
+                '<IPARAMVALUE NAME="ObjectName">'
+                + _instancename("VIRT_HostSystem", dict(host.keybindings)) + "</IPARAMVALUE>"
+                + _classname("AssocClass", "VIRT_HostedDependency"))),
+        }
+        sizes = {}
+        for label, (method, body) in ops.items():
+            sizes[label] = len(cli.call(method, body))
+            out[f"server_{label}_s"] = median_time(lambda: cli.call(method, body))
+        sizes["Pull(1000)"] = pull_all(cli)
+        out["server_Pull(1000)_s"] = median_time(lambda: pull_all(cli))
+        out["bytes"] = sizes
+        out["e2e_pywbem_EnumerateInstances_s"] = median_time(
+            lambda: setup.wbem.EnumerateInstances("VIRT_ComputerSystem"))
+        out["e2e_pywbem_Pull(1000)_s"] = median_time(
+            lambda: setup.wbem.IterEnumerateInstances("VIRT_ComputerSystem",
+                                                      MaxObjectCount=1000).__iter__()
+            and list(setup.wbem.IterEnumerateInstances("VIRT_ComputerSystem",
+                                                       MaxObjectCount=1000)))
+        out["floor_libvirt_s"] = libvirt_floor(setup.conn)
+        out["floor_manager_s"] = manager_floor(setup.bus.address)
+        out["floor_loopback_EnumerateInstances_s"] = loopback_floor(sizes["EnumerateInstances"])
+        out["floor_EnumerateInstances_s"] = (out["floor_libvirt_s"] + out["floor_manager_s"]
+                                             + out["floor_loopback_EnumerateInstances_s"])
+        gi = getinstance_latency(setup)
+        out["getinstance_p50_s"], out["getinstance_p99_s"] = gi["p50_s"], gi["p99_s"]
+        out["getinstance_8conn_rps"] = getinstance_concurrent(setup)
+        peer = mock_peer(setup)
+        out["mock_EnumerateInstances_s"] = peer["enumerate_s"]
+        out["mock_getinstance_p50_s"] = peer["getinstance_p50_s"]
+        out["freshness_s"] = freshness(setup)
+        out["rss_mib"] = setup.rss_mib()
+    finally:
+        setup.close()
+    return out
+
+
+def report(results: list[dict]) -> str:
+    lines = []
+    hdr = f"{'N':>6} {'ei ms':>8} {'µs/inst':>8} {'floor ms':>9} {'x floor':>8} {'mock ms':>9} " \
+          f"{'x mock':>7} {'ein ms':>8} {'assoc ms':>9} {'pull ms':>8} {'pywbem ms':>10} " \
+          f"{'gi p50 µs':>10} {'gi p99 µs':>10} {'mock gi µs':>10} {'8c req/s':>9} " \
+          f"{'fresh ms':>9} {'RSS MiB':>8}"
+    lines.append(hdr)
+    for r in results:
+        n = r["n"]
+        ei = r["server_EnumerateInstances_s"]
+        lines.append(
+            f"{n:>6} {ei * 1e3:>8.1f} {ei / n * 1e6:>8.2f} {r['floor_EnumerateInstances_s'] * 1e3:>9.1f} "
+            f"{ei / r['floor_EnumerateInstances_s']:>8.2f} {r['mock_EnumerateInstances_s'] * 1e3:>9.1f} "
+            f"{r['mock_EnumerateInstances_s'] / ei:>7.1f} {r['server_EnumerateInstanceNames_s'] * 1e3:>8.1f} "
+            f"{r['server_Associators(host)_s'] * 1e3:>9.1f} {r['server_Pull(1000)_s'] * 1e3:>8.1f} "
+            f"{r['e2e_pywbem_EnumerateInstances_s'] * 1e3:>10.1f} "
+            f"{r['getinstance_p50_s'] * 1e6:>10.0f} {r['getinstance_p99_s'] * 1e6:>10.0f} "
+            f"{r['mock_getinstance_p50_s'] * 1e6:>10.0f} {r['getinstance_8conn_rps']:>9.0f} "
+            f"{r['freshness_s'] * 1e3:>9.1f} {r['rss_mib']:>8.1f}")
+    lines.append("")
+    lines.append("floor = libvirt (list + states) + Manager (ListDomains) + the same bytes over "
+                 "loopback; x mock = how many times faster than pywbem_mock in-process.")
+    for r in results:
+        lines.append(f"N={r['n']}: floors libvirt {r['floor_libvirt_s'] * 1e3:.1f} ms, Manager "
+                     f"{r['floor_manager_s'] * 1e3:.1f} ms, loopback "
+                     f"{r['floor_loopback_EnumerateInstances_s'] * 1e3:.1f} ms for "
+                     f"{r['bytes']['EnumerateInstances']} bytes")
+    if len(results) >= 2:
+        a, b = results[0], results[-1]
+        lines.append(f"GetInstance p50 at N={b['n']} vs N={a['n']}: "
+                     f"{b['getinstance_p50_s'] / a['getinstance_p50_s']:.2f}x")
+    return "\n".join(lines)
+
+
+def plot(results: list[dict], path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    ns = [r["n"] for r in results]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    ax.plot(ns, [r["server_EnumerateInstances_s"] * 1e3 for r in results], "o-",
+            label="cim-provider EnumerateInstances (server, raw HTTP)")
+    ax.plot(ns, [r["e2e_pywbem_EnumerateInstances_s"] * 1e3 for r in results], "o--",
+            label="cim-provider EnumerateInstances (pywbem end to end)")
+    ax.plot(ns, [r["floor_EnumerateInstances_s"] * 1e3 for r in results], "s-",
+            label="floor: libvirt + Manager + loopback bytes")
+    ax.plot(ns, [r["mock_EnumerateInstances_s"] * 1e3 for r in results], "^-",
+            label="pywbem_mock EnumerateInstances (in-process)")
+    ax.plot(ns, [r["getinstance_p50_s"] * 1e3 for r in results], "o-",
+            label="cim-provider GetInstance p50 (HTTP)")
+    ax.plot(ns, [r["mock_getinstance_p50_s"] * 1e3 for r in results], "^--",
+            label="pywbem_mock GetInstance (in-process)")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("domains (N)")
+    ax.set_ylabel("time (ms)")
+    ax.set_title("VIRT_ComputerSystem: latency against N")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="bench")
+    ap.add_argument("--n", type=int, action="append", help="N values (default 100 1000 10000)")
+    args = ap.parse_args(argv)
+    ns = args.n or [100, 1000, 10000]
+    results = []
+    with tempfile.TemporaryDirectory(prefix="cim-bench-") as tmp:
+        for n in ns:
+            results.append(measure(n, Path(tmp)))
+            print(report(results[-1:]).splitlines()[1], flush=True)
+    text = report(results)
+    print()
+    print(text)
+    out_dir = ROOT / "bench"
+    (out_dir / "results.json").write_text(json.dumps(results, indent=2))
+    try:
+        plot(results, out_dir / "latency.png")
+        print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'latency.png'}")
+    except ImportError:
+        print(f"\nwrote {out_dir / 'results.json'} (matplotlib missing: no plot)")
+    return 0
