@@ -18,7 +18,6 @@ from typing import Any, Callable
 import pywbem
 from pywbem import (CIMClass, CIMClassName, CIMDateTime, CIMError, CIMInstance,
                     CIMInstanceName)
-from pywbem._tupleparse import TupleParser
 
 from . import wql
 from . import writer as w
