@@ -59,6 +59,8 @@ def _from_mof(text: str, ns: Namespace) -> CIMInstance:
     handle.classes[ns.name] = NocaseDict({c.classname: c for c in ns.classes.values()})
     handle.qualifiers[ns.name] = NocaseDict({q.name: q for q in ns.qualifiers.values()})
     compiler = MOFCompiler(handle, log_func=_Quiet())
+    if not text.endswith(";"):      # `instance of X { ... }` as wbemcli users type it
+        text += ";"
     try:
         result = compiler.compile_embedded_value(text, ns.name)
     except Exception as exc:

@@ -78,11 +78,13 @@ def scalar_text(value: object) -> str:
 
 
 def value_xml(value: object, type_: str | None = None) -> str:
-    """VALUE, VALUE.ARRAY or VALUE.REFERENCE for a non-NULL value."""
+    """VALUE, VALUE.ARRAY, VALUE.REFARRAY or VALUE.REFERENCE for a non-NULL value."""
     if isinstance(value, (list, tuple)):
-        return "<VALUE.ARRAY>" + "".join(
+        tag = "VALUE.REFARRAY" if type_ == "reference" or any(
+            isinstance(v, (CIMInstanceName, CIMClassName)) for v in value) else "VALUE.ARRAY"
+        return f"<{tag}>" + "".join(
             "<VALUE.NULL></VALUE.NULL>" if v is None else _scalar_value_xml(v, type_)
-            for v in value) + "</VALUE.ARRAY>"
+            for v in value) + f"</{tag}>"
     return _scalar_value_xml(value, type_)
 
 

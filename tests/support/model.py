@@ -368,3 +368,21 @@ def poll_until(predicate: Callable[[], Any], within: float = 10.0, what: str = "
         if time.monotonic() > deadline:
             raise AssertionError(f"{what} not reached within {within} s")
         time.sleep(interval)
+
+
+async def manager_get_domain(address: str, uuid: str) -> Optional[dict]:
+    """The Manager's own GetDomain(uuid) over a separate bus connection, as plain
+    values; None when it answers NotFound."""
+    from cim_provider.contract.bus import Message, MessageType, plain
+    bus = await connect(address)
+    try:
+        reply = await bus.call(Message(destination=BUS_NAME, path=OBJECT_PATH,
+                                       interface=INTERFACE, member="GetDomain",
+                                       signature="s", body=[uuid]))
+        if reply.message_type == MessageType.ERROR:
+            if reply.error_name == ERROR_NOT_FOUND:
+                return None
+            raise AssertionError(f"GetDomain failed: {reply.error_name} {reply.body}")
+        return plain(reply.body[0])
+    finally:
+        bus.disconnect()
