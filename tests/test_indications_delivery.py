@@ -1,0 +1,150 @@
+"""Indication delivery and persistence: a server fed by libvirt's test driver alone,
+pywbem as console and listener. A dead listener (closed port) and a stalled one (a
+socket that accepts and never answers) must not delay a healthy one; subscriptions
+survive a restart with the same state directory."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import stat
+import time
+
+import pytest
+import pywbem
+
+try:
+    from tests.support.indications import (Console, LibvirtServer, Listener, StallingListener,
+                                           dead_url, poll, quiet_pywbem_logs)
+    from tests.support.model import TEST_UUID, connect_wbem
+except ImportError:  # tests/ itself on sys.path
+    from support.indications import (Console, LibvirtServer, Listener, StallingListener,
+                                     dead_url, poll, quiet_pywbem_logs)
+    from support.model import TEST_UUID, connect_wbem
+
+
+@pytest.fixture
+def listener():
+    lst = Listener()
+    yield lst
+    lst.stop()
+
+
+def test_dead_and_stalled_listeners_do_not_delay_a_healthy_one(tmp_path, listener, caplog):
+    quiet_pywbem_logs()
+    caplog.set_level(logging.INFO, logger="cim_provider.indications")
+    stall = StallingListener()
+    # Short retries and a small queue so the misbehaving destinations hit every policy
+    # (retry, give up, overflow) within the test; the healthy one is unaffected.
+    srv = LibvirtServer(tmp_path / "state", {"attempts": 2, "base_delay": 0.05,
+                                             "max_delay": 0.5, "timeout": 1.0,
+                                             "queue_size": 3}).start()
+    console = Console(srv.url)
+    try:
+        console.subscribe(listener.url, name="healthy", dest="healthy")
+        console.subscribe(dead_url(), name="dead", dest="dead")
+        console.subscribe(stall.url, name="stalled", dest="stalled")
+        dom = srv.conn.lookupByUUIDString(TEST_UUID)
+        for i in range(6):
+            t0 = time.monotonic()
+            (dom.suspend if i % 2 == 0 else dom.resume)()
+            got = listener.expect(1, since=t0, quiet=0)
+            assert got[0].state == (9 if i % 2 == 0 else 2)
+            assert got[0].filter == "pywbemfilter:test:healthy"
+            # SequenceNumber counts per destination, from 0, in order (DSP1054)
+            assert got[0].indication["SequenceNumber"] == i
+        # the server still answers while two workers are stuck
+        assert len(connect_wbem(srv.url).EnumerateInstances("VIRT_ComputerSystem")) >= 1
+        workers = {w.name.split(":")[-1]: w for w in srv.service.workers.values()}
+        assert workers["healthy"].stats.delivered == 6
+        assert workers["healthy"].stats.dropped == 0
+        poll(lambda: "dead" in caplog.text and "unreachable" in caplog.text, 10,
+             "a log line for the dead listener")
+        poll(lambda: "queue full" in caplog.text, 10, "a log line for a full queue")
+        poll(lambda: workers["stalled"].stats.dropped >= 1, 10, "the stalled listener gave up")
+        assert workers["dead"].stats.delivered == 0
+        assert listener.take() == []
+    finally:
+        console.close()
+        srv.close()
+        stall.stop()
+
+
+def test_subscriptions_survive_a_restart(tmp_path, listener):
+    quiet_pywbem_logs()
+    state = tmp_path / "state"
+    srv = LibvirtServer(state).start()
+    try:
+        console = Console(srv.url, "keeper")
+        flt, dest, subs = console.subscribe(listener.url)
+        console.close(remove=False)
+        saved = state / "subscriptions.json"
+        assert stat.S_IMODE(os.stat(saved).st_mode) == 0o600
+        data = json.loads(saved.read_text())
+        assert [len(data[k]) for k in ("filters", "destinations", "subscriptions")] == [1, 1, 1]
+
+        srv.stop_server()
+        srv.start()                     # a new server, new port, same state directory
+        conn = connect_wbem(srv.url, "interop")
+        assert [i.path for i in conn.EnumerateInstances("CIM_IndicationSubscription")] == \
+            [s.path for s in subs]
+        assert conn.GetInstance(flt.path)["Query"] == flt["Query"]
+        # the abstract superclass enumerates the CIM-XML destinations
+        assert [i["Destination"] for i in conn.EnumerateInstances("CIM_ListenerDestination")] \
+            == [listener.url]
+
+        # pywbem finds what it owns again, and indications flow without re-subscribing
+        console = Console(srv.url, "keeper")
+        assert len(console.sm.get_owned_subscriptions(console.sid)) == 1
+        t0 = time.monotonic()
+        srv.conn.lookupByUUIDString(TEST_UUID).suspend()
+        assert listener.expect(1, since=t0)[0].state == 9
+        srv.conn.lookupByUUIDString(TEST_UUID).resume()
+        listener.expect(1, since=time.monotonic() - 0.5)
+
+        console.close()                 # removes what it owns ...
+        srv.stop_server()
+        srv.start()                     # ... and that is remembered too
+        conn = connect_wbem(srv.url, "interop")
+        for cls in ("CIM_IndicationSubscription", "CIM_IndicationFilter",
+                    "CIM_ListenerDestinationCIMXML"):
+            assert conn.EnumerateInstances(cls) == []
+    finally:
+        srv.close()
+
+
+def test_unreadable_state_file_is_kept_aside(tmp_path, caplog):
+    state = tmp_path / "state"
+    state.mkdir()
+    (state / "subscriptions.json").write_text("{not json")
+    srv = LibvirtServer(state).start()
+    try:
+        assert connect_wbem(srv.url, "interop").EnumerateInstances("CIM_IndicationFilter") == []
+        assert [p.name.startswith("subscriptions.json.unreadable-")
+                for p in state.iterdir()] == [True]
+        assert "cannot read" in caplog.text
+    finally:
+        srv.close()
+
+
+def test_disabled_subscription_delivers_nothing(tmp_path, listener):
+    quiet_pywbem_logs()
+    srv = LibvirtServer(tmp_path / "state").start()
+    try:
+        console = Console(srv.url)
+        d = console.sm.add_destination(console.sid, listener.url, destination_id="d")
+        f = console.sm.add_filter(console.sid, ["root/virt"], "SELECT * FROM CIM_InstIndication",
+                                  filter_id="f")
+        sub = pywbem.CIMInstance("CIM_IndicationSubscription", properties={
+            "Filter": f.path, "Handler": d.path,
+            "SubscriptionState": pywbem.Uint16(4)})
+        path = console.conn.CreateInstance(sub)
+        assert console.conn.GetInstance(path)["SubscriptionState"] == 4
+        srv.conn.lookupByUUIDString(TEST_UUID).suspend()
+        time.sleep(0.5)
+        assert listener.take() == []
+        srv.conn.lookupByUUIDString(TEST_UUID).resume()
+        console.conn.DeleteInstance(path)
+        console.close()
+    finally:
+        srv.close()
