@@ -162,7 +162,7 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
 
 
 async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length is not None:
+    if request.content_length:
         # Known length (already checked against the limit): one read, the common case.
         return await request.content.readexactly(request.content_length)
     chunks, size = [], 0
