@@ -779,3 +779,47 @@ class TestErrors:
     def test_class_level_associations_not_supported(self, interop_conn):
         cim_error(pywbem.CIM_ERR_NOT_SUPPORTED, interop_conn.Associators, "CIM_Namespace")
         cim_error(pywbem.CIM_ERR_NOT_SUPPORTED, interop_conn.ReferenceNames, "CIM_Namespace")
+
+
+# --- a sweep over every class: no request may fail inside the server ----------------------
+
+def _sweep(conn: pywbem.WBEMConnection, namespaces) -> tuple[int, list]:
+    """Every class: enumerate (traditional and pull, 1 at a time); every instance: get,
+    associators, references. Returns (operations, CIM_ERR_FAILED or unexpected errors)."""
+    bad, n = [], 0
+    for ns in namespaces:
+        for cn in conn.EnumerateClassNames(namespace=ns, DeepInheritance=True):
+            insts = conn.EnumerateInstances(cn, namespace=ns)
+            paths = conn.EnumerateInstanceNames(cn, namespace=ns)
+            assert len(insts) == len(paths), cn
+            res = conn.OpenEnumerateInstances(cn, namespace=ns, MaxObjectCount=1)
+            pulled = list(res.instances)
+            while not res.eos:
+                res = conn.PullInstancesWithPath(res.context, MaxObjectCount=1)
+                pulled.extend(res.instances)
+            assert len(pulled) == len(insts), cn
+            n += 3
+            for inst in insts:
+                for op in ("GetInstance", "Associators", "References", "AssociatorNames",
+                           "ReferenceNames"):
+                    try:
+                        getattr(conn, op)(inst.path)
+                    except CIMError as exc:
+                        bad.append((ns, cn, op, exc.status_code_name,
+                                    exc.status_description))
+                    n += 1
+    return n, bad
+
+
+@pytest.mark.timeout(120)
+def test_sweep_subprocess_server(subprocess_server):
+    n, bad = _sweep(connect(subprocess_server.url), ["interop", "root/virt"])
+    assert not bad
+    assert n > 100
+    assert "internal error in" not in subprocess_server.log_text()     # dispatch's log.exception
+
+
+@pytest.mark.timeout(120)
+def test_sweep_inprocess_server(inproc_server):
+    n, bad = _sweep(connect(inproc_server.url), ["root/virt"])
+    assert not bad and n > 50
