@@ -260,3 +260,11 @@ def test_host_in_reference_is_ignored(interop):
         "Filter": with_host[0], "Handler": with_host[1]}))
     assert spath.keybindings["Filter"].host is None
     assert interop.GetInstance(spath).path.keybindings["Handler"].keybindings["Name"] == "d"
+
+
+def test_listener_password_is_never_shown(interop):
+    dpath = interop.CreateInstance(make_dest(username="console", password="s3cret"))
+    got = interop.GetInstance(dpath)
+    assert got["username"] == "console"
+    assert "password" not in got
+    assert all("password" not in i for i in interop.EnumerateInstances("CIM_ListenerDestination"))

@@ -69,7 +69,7 @@ class DestinationWorker:
     def __init__(self, name: str, url: str, *, context: str, queue_size: int = QUEUE_SIZE,
                  attempts: int = ATTEMPTS, base_delay: float = BASE_DELAY,
                  max_delay: float = MAX_DELAY, timeout: float = TIMEOUT,
-                 verify_tls: bool = False):
+                 verify_tls: bool = False, auth: tuple[str, str] | None = None):
         self.name = name
         self.url = url if "://" in url else "http://" + url
         self.context = context                 # SequenceContext (DSP1054 reliable delivery)
@@ -79,6 +79,8 @@ class DestinationWorker:
         self.max_delay = max_delay
         self.timeout = timeout
         self.verify_tls = verify_tls
+        # CIM_ListenerDestination.username / password: HTTP basic authentication
+        self.auth = aiohttp.BasicAuth(auth[0], auth[1]) if auth else None
         self.stats = Stats()
         self.unreachable = False
         self._queue: deque[CIMInstance] = deque()
@@ -173,7 +175,8 @@ class DestinationWorker:
                      self.name, reason, ind.get("IndicationIdentifier"))
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> None:
-        async with session.post(self.url, data=body, headers=EXPORT_HEADERS) as resp:
+        async with session.post(self.url, data=body, headers=EXPORT_HEADERS,
+                                auth=self.auth) as resp:
             data = await resp.content.read(MAX_RESPONSE)
             if resp.status in (408, 429) or resp.status >= 500:
                 raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status,

@@ -152,8 +152,10 @@ class IndicationService:
         if worker is None or worker.url != _url(dest["Destination"]):
             if worker is not None:
                 self._close_later(worker)
+            user, password = dest.get("username"), dest.get("password")
             worker = DestinationWorker(dest["Name"], dest["Destination"],
                                        context=f"{self._boot}:{dest['Name']}",
+                                       auth=(user, password or "") if user else None,
                                        **self.worker_options)
             self.workers[key] = worker
         return worker

@@ -470,11 +470,26 @@ class FilterProvider(_SubscriptionClassProvider):
 
 class DestinationProvider(_SubscriptionClassProvider):
     """CIM_ListenerDestinationCIMXML; enumerating the abstract CIM_ListenerDestination
-    reaches these through the dispatcher's subclass fan-out."""
+    reaches these through the dispatcher's subclass fan-out. The listener's password
+    is used for delivery but never shown to clients."""
     classnames = (DEST_CLASS,)
 
     def _table(self) -> dict:
         return self.subs.destinations
+
+    @staticmethod
+    def _hide(inst: CIMInstance) -> CIMInstance:
+        if inst.get("password") is None:
+            return inst
+        out = inst.copy()
+        del out["password"]
+        return out
+
+    async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
+        return [self._hide(i) for i in await super().enumerate_instances(classname)]
+
+    async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
+        return self._hide(await super().get_instance(path))
 
 
 class SubscriptionProvider(_SubscriptionClassProvider):
