@@ -83,8 +83,9 @@ class ManagerService(ServiceInterface):
 
     def __init__(self, stores: Sequence[Store],
                  libvirt_conn: Union[libvirt.virConnect, LibvirtConnection, None] = None,
-                 *, poll_interval: float = 1.0) -> None:
+                 *, poll_interval: float = 1.0, call_timeout: float = 30.0) -> None:
         super().__init__(INTERFACE)
+        self.call_timeout = call_timeout
         if not stores:
             raise ValueError("the Manager needs at least one store")
         self.stores = list(stores)
@@ -131,9 +132,16 @@ class ManagerService(ServiceInterface):
             except Exception as exc:
                 log.debug("poll failed: %s", exc)
 
-    @staticmethod
-    async def _blocking(fn: Callable[..., Any], *args: Any) -> Any:
-        return await asyncio.get_running_loop().run_in_executor(None, fn, *args)
+    async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """Run a blocking store or libvirt call off the loop, with a deadline: a hung
+        libvirtd must not leave our own callers without an answer."""
+        future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        try:
+            return await asyncio.wait_for(future, self.call_timeout)
+        except asyncio.TimeoutError:
+            raise DBusError(ERROR_FAILED, f"{getattr(fn, '__name__', 'a call')} did not "
+                            f"finish within {self.call_timeout:g} s (libvirt or storage "
+                            "not answering)") from None
 
     def _running_uuids(self) -> set[str]:
         """UUIDs libvirt runs on the service's connection (blocking)."""

@@ -171,7 +171,12 @@ class ManagerClient:
         self._owner = None
 
     async def _connect(self) -> None:
-        bus = await connect(self.bus_spec)
+        try:
+            bus = await asyncio.wait_for(connect(self.bus_spec), self.call_timeout)
+        except asyncio.TimeoutError:
+            raise ManagerUnavailable(ERR_TIMEOUT, f"{bus_description(self.bus_spec)} did not "
+                                     f"accept a connection within {self.call_timeout:g} s") \
+                from None
         bus.add_message_handler(self._on_message)
         self._bus = bus
         try:
