@@ -236,7 +236,8 @@ class TestVirtInstances:
         base = set(Repository.load().namespace(VIRT).get("CIM_ManagedElement").properties)
         shallow = virt_conn.EnumerateInstances("CIM_ManagedElement", DeepInheritance=False)
         deep = virt_conn.EnumerateInstances("CIM_ManagedElement", DeepInheritance=True)
-        assert len(shallow) == len(deep) == 4 + 2     # systems, alltypes (not associations)
+        # systems, alltypes, keys (associations are not CIM_ManagedElement)
+        assert len(shallow) == len(deep) == 4 + 2 + len(ws.KEYS_INSTANCES)
         for inst in shallow:
             assert set(inst.properties) <= base, inst.classname
         guest = next(i for i in shallow if i.classname == "VIRT_ComputerSystem")
@@ -267,6 +268,30 @@ class TestVirtInstances:
         inst = virt_conn.GetInstance(p)
         assert inst["ElementName"] == "guest-2"
         assert inst.classname == "VIRT_ComputerSystem"
+
+    @pytest.mark.parametrize("keys,value", [
+        ({"KStr": "a", "KU16": Uint16(7), "KS64": pywbem.Sint64(-5), "KBool": True}, "value-0"),
+        ({"KStr": "a", "KU16": 7, "KS64": -5, "KBool": False}, "value-1"),
+        ({"kstr": "a", "ku16": "7", "ks64": "-5", "kbool": "FALSE"}, "value-1"),
+        ({"KStr": "b&<c>", "KU16": "0xFFFF", "KS64": str(2**62), "KBool": "true"}, "value-2"),
+    ], ids=["typed", "untyped-ints", "strings", "hex-and-escaping"])
+    def test_keys_of_every_kind(self, virt_conn, keys, value):
+        inst = virt_conn.GetInstance(CIMInstanceName(ws.KEYS_CLASS, keys, namespace=VIRT))
+        assert inst["Value"] == value
+        assert isinstance(inst["KU16"], Uint16) and isinstance(inst["KBool"], bool)
+
+    @pytest.mark.parametrize("keys", [
+        {"KStr": "a", "KU16": "seven", "KS64": -5, "KBool": True},
+        {"KStr": "a", "KU16": 70000, "KS64": -5, "KBool": True},
+        {"KStr": "a", "KU16": "7.0", "KS64": -5, "KBool": True},
+        {"KStr": "a", "KU16": 7, "KS64": -5, "KBool": "maybe"},
+        {"KStr": "a", "KU16": 8, "KS64": -5, "KBool": True},
+        {"KStr": "A", "KU16": 7, "KS64": -5, "KBool": True},
+    ], ids=["not-a-number", "out-of-range", "real", "bad-boolean", "no-such-value",
+            "string-keys-are-case-sensitive"])
+    def test_bad_key_values_are_not_found(self, virt_conn, keys):
+        cim_error(pywbem.CIM_ERR_NOT_FOUND, virt_conn.GetInstance,
+                  CIMInstanceName(ws.KEYS_CLASS, keys, namespace=VIRT))
 
     def test_get_instance_unknown(self, virt_conn):
         cim_error(pywbem.CIM_ERR_NOT_FOUND, virt_conn.GetInstance, ws.guest_path("nope"))
@@ -553,7 +578,7 @@ class TestPull:
                                                  DeepInheritance=False, IncludeClassOrigin=True,
                                                  PropertyList=["ElementName", "Name"])
         items, _ = _drain(virt_conn, virt_conn.PullInstancesWithPath, first, 2)
-        assert len(items) == 6
+        assert len(items) == 4 + 2 + len(ws.KEYS_INSTANCES)
         for i in items:
             assert set(i.properties) <= {"ElementName"}      # Name is not in CIM_ManagedElement
             for p in i.properties.values():

@@ -248,3 +248,17 @@ def test_write_operations_not_supported(virt):
           'CreationClassName="VIRT_ComputerSystem",Name="new"', 'ElementName="x"')
     fails("CIM_ERR_NOT_SUPPORTED", "di", guest(virt, 0))
     assert len(ok("ein", f"{virt}:VIRT_ComputerSystem")) == 3
+
+
+def test_numeric_and_boolean_keys(virt, inproc_server):
+    """wbemcli sends keys with VALUETYPE only: converted to the declared types."""
+    lines = ok("ein", f"{virt}:{ws.KEYS_CLASS}")
+    assert sorted(line.split(":", 2)[2] for line in lines) == sorted([
+        f'{ws.KEYS_CLASS}.KStr="a",KU16=7,KS64=-5,KBool=TRUE',
+        f'{ws.KEYS_CLASS}.KStr="a",KU16=7,KS64=-5,KBool=FALSE',
+        f'{ws.KEYS_CLASS}.KStr="b&<c>",KU16=65535,KS64=4611686018427387904,KBool=TRUE'])
+    for kbool, value in (("false", "value-1"), ("TRUE", "value-0")):
+        inst = ok("-nl", "gi", f'{virt}:{ws.KEYS_CLASS}.KStr="a",KU16=7,KS64=-5,KBool={kbool}')
+        assert f'-Value="{value}"' in inst
+        assert "-KU16=7" in inst and "-KS64=-5" in inst
+    fails("CIM_ERR_NOT_FOUND", "gi", f'{virt}:{ws.KEYS_CLASS}.KStr="a",KU16=8,KS64=-5,KBool=true')

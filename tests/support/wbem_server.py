@@ -175,6 +175,34 @@ def alltypes_class(base: CIMClass) -> CIMClass:
     return cls
 
 
+KEYS_CLASS = "VIRT_TestKeys"
+
+
+def keys_class(base: CIMClass) -> CIMClass:
+    """VIRT_TestKeys : CIM_ManagedElement with string, uint16, sint64 and boolean keys."""
+    cls = CIMClass(KEYS_CLASS, superclass=base.classname)
+    for p in base.properties.values():
+        p2 = p.copy()
+        p2.propagated = True
+        cls.properties[p2.name] = p2
+    for name, t in (("KStr", "string"), ("KU16", "uint16"), ("KS64", "sint64"),
+                    ("KBool", "boolean")):
+        cls.properties[name] = CIMProperty(name, None, type=t, class_origin=KEYS_CLASS,
+                                           propagated=False,
+                                           qualifiers=[_q("Key", True, "boolean")])
+    cls.properties["Value"] = CIMProperty("Value", None, type="string",
+                                          class_origin=KEYS_CLASS, propagated=False)
+    return cls
+
+
+def keys_path(kstr: str, ku16: int, ks64: int, kbool: bool) -> CIMInstanceName:
+    return CIMInstanceName(KEYS_CLASS, {"KStr": kstr, "KU16": Uint16(ku16),
+                                        "KS64": Sint64(ks64), "KBool": kbool}, namespace=VIRT)
+
+
+KEYS_INSTANCES = [("a", 7, -5, True), ("a", 7, -5, False), ("b&<c>", 65535, 2**62, True)]
+
+
 def test_repository():
     """The project's repository plus VIRT_TestAllTypes in root/virt."""
     from cim_provider.wbem.repository import Namespace, Repository
@@ -185,6 +213,7 @@ def test_repository():
         classes = dict(ns.classes)
         if name == VIRT:
             classes[ALLTYPES_CLASS.lower()] = alltypes_class(ns.get("CIM_ManagedElement"))
+            classes[KEYS_CLASS.lower()] = keys_class(ns.get("CIM_ManagedElement"))
         out[name] = Namespace(name, classes, ns.qualifiers)
     return Repository(out)
 
@@ -345,8 +374,25 @@ def make_test_providers(repo) -> dict[str, Any]:
             return Uint32(len(params)), {"Out_echo": echo, "Out_ref": host_path(),
                                          "Out_uint64": Uint64(2**64 - 1), "Out_null": None}
 
+    class KeysProvider(prov.Provider):
+        """Uses the default get_instance: key identity after the dispatcher's conversion."""
+        namespace = VIRT
+        classnames = (KEYS_CLASS,)
+
+        def __init__(self):
+            cls = ns.get(KEYS_CLASS)
+            self.instances = []
+            for i, k in enumerate(KEYS_INSTANCES):
+                path = keys_path(*k)
+                self.instances.append(prov.build_instance(
+                    cls, {**path.keybindings, "Value": f"value-{i}"}, path))
+
+        async def enumerate_instances(self, classname):
+            return list(self.instances)
+
     provs = {"host": HostProvider(), "guests": GuestProvider(),
-             "hosted": HostedDependencyProvider(), "alltypes": AllTypesProvider()}
+             "hosted": HostedDependencyProvider(), "alltypes": AllTypesProvider(),
+             "keys": KeysProvider()}
     return provs
 
 
