@@ -13,12 +13,12 @@ import pywbem
 from pywbem import CIMInstance, CIMProperty, Uint16, Uint64
 
 try:
-    from tests.support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, VIRT, VSSD, DemoModel,
+    from tests.support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID, VIRT, VSSD, DemoModel,
                                       cim_error, cs_path, iid_path, manager_get_domain,
                                       poll_until, rsc, vsms_path, vssd_path, wbem_cs,
                                       wbem_vsms, wbemcli)
 except ImportError:
-    from support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, VIRT, VSSD,  # type: ignore
+    from support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID, VIRT, VSSD,  # type: ignore
                                DemoModel, cim_error, cs_path, iid_path, manager_get_domain,
                                poll_until, rsc, vsms_path, vssd_path, wbem_cs, wbem_vsms,
                                wbemcli)
@@ -153,6 +153,13 @@ BAD_DEFINE = [
      "ResourceSettings[1]"),
     ("no name", "instance of VIRT_VirtualSystemSettingData { VirtualSystemType = \"Test\"; };",
      [], "ElementName"),
+    ("SystemSettings of the wrong class",
+     'instance of VIRT_ResourceAllocationSettingData { ElementName = "wrong-class"; };', [],
+     "SystemSettings"),
+    ("a VSSD among the resource settings",
+     'instance of VIRT_VirtualSystemSettingData { ElementName = "vssd-as-rasd"; };',
+     ['instance of VIRT_VirtualSystemSettingData { ElementName = "vssd-as-rasd"; };'],
+     "ResourceSettings[0]"),
     ("unsupported resource type",
      'instance of VIRT_VirtualSystemSettingData { ElementName = "bad-type"; };',
      ["instance of VIRT_ResourceAllocationSettingData { ResourceType = 21; };"],
@@ -273,7 +280,7 @@ def test_modify_resource_settings(demo, conn):
     rv, _ = conn.InvokeMethod("ModifyResourceSettings", vsms_path(), ResourceSettings=[
         f'instance of VIRT_ResourceAllocationSettingData {{ InstanceID = '
         f'"VIRT:defined:{uuid}/mem"; ResourceType = 4; VirtualQuantity = 256; '
-        f'AllocationUnits = "byte*2^20"; }};'])
+        f'AllocationUnits = "byte * 2^20"; }};'])         # DSP0004 spelling, with blanks
     assert rv == 0
     assert defined_parts(conn, uuid)["mem"]["VirtualQuantity"] == 262144
     assert manager_view(demo, uuid)["MemoryKiB"] == 262144
@@ -297,16 +304,30 @@ BAD_MODIFY = [
       f'"VIRT:defined:{GNOME_UUID}/proc"; }};'],
      pywbem.CIM_ERR_INVALID_PARAMETER),
     ("ModifyResourceSettings", "ResourceSettings", ["garbage"], pywbem.CIM_ERR_INVALID_PARAMETER),
+    # the live configuration of a running system is not what these methods change
+    ("ModifySystemSettings", "SystemSettings",
+     f'instance of VIRT_VirtualSystemSettingData {{ InstanceID = "VIRT:state:{TEST_UUID}"; '
+     f'ElementName = "renamed-live"; }};', pywbem.CIM_ERR_INVALID_PARAMETER),
+    ("ModifyResourceSettings", "ResourceSettings",
+     [f'instance of VIRT_ResourceAllocationSettingData {{ InstanceID = '
+      f'"VIRT:state:{TEST_UUID}/proc"; ResourceType = 3; VirtualQuantity = 1; }};'],
+     pywbem.CIM_ERR_INVALID_PARAMETER),
+    ("ModifySystemSettings", "SystemSettings",
+     f'instance of VIRT_ResourceAllocationSettingData {{ InstanceID = '
+     f'"VIRT:defined:{GNOME_UUID}"; ElementName = "wrong-class"; }};',
+     pywbem.CIM_ERR_INVALID_PARAMETER),
 ]
 
 
 @pytest.mark.parametrize("method,param,value,status", BAD_MODIFY,
                          ids=[f"{b[0]}-{i}" for i, b in enumerate(BAD_MODIFY)])
 def test_modify_errors(demo, conn, method, param, value, status):
-    before = manager_view(demo, GNOME_UUID)
+    before = [manager_view(demo, u) for u in (GNOME_UUID, TEST_UUID)]
     err = cim_error(lambda: conn.InvokeMethod(method, vsms_path(), **{param: value}))
     assert err.status_code == status, err
-    assert manager_view(demo, GNOME_UUID) == before
+    if status == pywbem.CIM_ERR_INVALID_PARAMETER:
+        assert param in err.status_description, err
+    assert [manager_view(demo, u) for u in (GNOME_UUID, TEST_UUID)] == before
 
 
 def test_service_and_capabilities(conn):

@@ -26,6 +26,8 @@ log = logging.getLogger(__name__)
 VSMC_CLASS = "VIRT_VirtualSystemManagementCapabilities"
 VSMC_IID = "VIRT:VirtualSystemManagementCapabilities"
 RC_OK, RC_NOT_SUPPORTED, RC_FAILED, RC_INVALID_PARAMETER = 0, 1, 4, 5
+# the EmbeddedInstance classes of the methods' parameters
+VSSD_BASE, RASD_BASE = "CIM_VirtualSystemSettingData", "CIM_ResourceAllocationSettingData"
 _UNIT_KIB = {"byte*2^10": 1, "kilobytes": 1, "kb": 1, "byte*2^20": 1024, "megabytes": 1024,
              "mb": 1024, "byte*2^30": 1024 ** 2, "gigabytes": 1024 ** 2, "gb": 1024 ** 2,
              "byte": None}
@@ -40,8 +42,9 @@ def _memory_kib(rasd: CIMInstance) -> int | None:
     if qty is None:
         return None
     units = (rasd.get("AllocationUnits") or rasd.get("VirtualQuantityUnits") or "byte*2^10")
-    factor = _UNIT_KIB.get(units.strip().lower())
-    if units.strip().lower() == "byte":
+    unit = "".join(units.split()).lower()       # DSP0004 writes "byte * 2^10" too
+    factor = _UNIT_KIB.get(unit)
+    if unit == "byte":
         return int(qty) // 1024
     if factor is None:
         raise ValueError(f"memory AllocationUnits {units!r} not understood")
@@ -109,6 +112,17 @@ def definition_from_settings(vssd: CIMInstance, rasds: list[CIMInstance]) -> dic
     return out
 
 
+def _defined_only(name: str, parts: tuple[str, str, str | None]) -> None:
+    """Changes go to the Manager's definition: a live ("state") configuration is not
+    something a client can modify here, and must not silently change the definition."""
+    uuid, which, _dev = parts
+    if which != "defined":
+        raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                       f"{name}: VIRT:state:{uuid} is the live configuration of a running "
+                       f"system and cannot be modified; modify its definition "
+                       f"VIRT:defined:{uuid} instead")
+
+
 def _memory_kib_limit(r: CIMInstance) -> int | None:
     lim = r.get("Limit")
     if lim is None:
@@ -157,11 +171,17 @@ class ManagementServiceProvider(Provider):
             return await super().invoke_method(target, method, params)
         return await handler(params)
 
-    def _embedded(self, name: str, value: Any) -> CIMInstance:
+    def _embedded(self, name: str, value: Any, base: str) -> CIMInstance:
+        """Parse one embedded instance; it must be a `base` (the parameter's
+        EmbeddedInstance class), else CIM_ERR_INVALID_PARAMETER naming the parameter."""
         try:
-            return parse_embedded_instance(value, self.b.ns)
+            inst = parse_embedded_instance(value, self.b.ns)
         except ValueError as exc:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name}: {exc}") from None
+        if not self.b.ns.is_subclass(inst.classname, base):
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                           f"{name}: an instance of {inst.classname} is not a {base}")
+        return inst
 
     async def _manager_call(self, what: str, call, *args):
         from ..sources.manager import ManagerError, ManagerNotSupported
@@ -180,8 +200,8 @@ class ManagementServiceProvider(Provider):
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "SystemSettings is required")
         if params.get("ReferenceConfiguration") is not None:
             raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED, "ReferenceConfiguration is not supported")
-        vssd = self._embedded("SystemSettings", params["SystemSettings"])
-        rasds = [self._embedded(f"ResourceSettings[{i}]", r)
+        vssd = self._embedded("SystemSettings", params["SystemSettings"], VSSD_BASE)
+        rasds = [self._embedded(f"ResourceSettings[{i}]", r, RASD_BASE)
                  for i, r in enumerate(params.get("ResourceSettings") or [])]
         try:
             definition = definition_from_settings(vssd, rasds)
@@ -250,11 +270,12 @@ class ManagementServiceProvider(Provider):
         """ModifySystemSettings: ElementName and AutomaticStartupAction of a definition."""
         if params.get("SystemSettings") is None:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "SystemSettings is required")
-        vssd = self._embedded("SystemSettings", params["SystemSettings"])
+        vssd = self._embedded("SystemSettings", params["SystemSettings"], VSSD_BASE)
         parts = split_iid(vssd.get("InstanceID"))
         if parts is None or parts[2] is not None:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                            "SystemSettings.InstanceID must name a VIRT_VirtualSystemSettingData")
+        _defined_only("SystemSettings", parts)
         changes: dict[str, Any] = {}
         if vssd.get("ElementName") is not None:
             changes["Name"] = str(vssd["ElementName"])
@@ -270,12 +291,13 @@ class ManagementServiceProvider(Provider):
         per_uuid: dict[str, dict[str, Any]] = {}
         paths = []
         for i, text in enumerate(settings):
-            rasd = self._embedded(f"ResourceSettings[{i}]", text)
+            rasd = self._embedded(f"ResourceSettings[{i}]", text, RASD_BASE)
             parts = split_iid(rasd.get("InstanceID"))
             if parts is None or parts[2] not in ("proc", "mem"):
                 raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                                f"ResourceSettings[{i}]: only the processor and memory "
                                "settings (InstanceID .../proc, .../mem) can be modified")
+            _defined_only(f"ResourceSettings[{i}]", parts)
             if rasd.get("VirtualQuantity") is None:
                 raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                                f"ResourceSettings[{i}]: VirtualQuantity is required")
