@@ -106,6 +106,18 @@ class TestClasses:
         assert "Description" in cls.qualifiers
         assert all(p.class_origin is None for p in cls.properties.values())
 
+    def test_get_class_without_qualifiers(self, interop_conn):
+        cls = interop_conn.GetClass("CIM_ObjectManager", LocalOnly=False,
+                                    IncludeQualifiers=False)
+        assert not cls.qualifiers
+        assert cls.properties and all(not p.qualifiers for p in cls.properties.values())
+        assert cls.methods and all(not m.qualifiers for m in cls.methods.values())
+        assert all(not prm.qualifiers for m in cls.methods.values()
+                   for prm in m.parameters.values())
+        full = interop_conn.GetClass("CIM_ObjectManager", LocalOnly=False)
+        m = full.methods["RequestStateChange"]
+        assert m.qualifiers and m.parameters["RequestedState"].qualifiers["IN"].value is True
+
     def test_get_class_property_list_and_case(self, interop_conn):
         cls = interop_conn.GetClass("cim_namespace", LocalOnly=False,
                                     PropertyList=["name", "ElementName"])
