@@ -501,10 +501,17 @@ def plot(results: list[dict], path: Path) -> None:
     fig.savefig(path, dpi=100)
 
 
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    ap.add_argument("--n", type=int, action="append", help="N values (default 100 1000 10000)")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench")
-    ap.add_argument("--n", type=int, action="append", help="N values (default 100 1000 10000)")
-    args = ap.parse_args(argv)
+    add_arguments(ap)
+    return run(ap.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
     ns = args.n or [100, 1000, 10000]
     results = []
     with tempfile.TemporaryDirectory(prefix="cim-bench-") as tmp:
