@@ -393,3 +393,52 @@ def test_association_errors(conn):
     assert err.status_code == pywbem.CIM_ERR_INVALID_PARAMETER
     err = cim_error(lambda: conn.References(cs_path(TEST_UUID), ResultClass="VIRT_NoSuch"))
     assert err.status_code == pywbem.CIM_ERR_INVALID_PARAMETER
+
+
+# (namespace, association class, how many instances in the demo)
+ASSOC_CLASSES = [
+    (VIRT, "VIRT_HostedDependency", 4), (VIRT, "VIRT_SettingsDefineState", 4),
+    (VIRT, "VIRT_ElementSettingData", 3),
+    (VIRT, "VIRT_VirtualSystemSettingDataComponent", 4 + 4 + 4 + 4 + 2),
+    (VIRT, "VIRT_HostedService", 1), (VIRT, "VIRT_ElementCapabilities", 5),
+    (VIRT, "VIRT_ElementConformsToProfile", 6), (INTEROP, "VIRT_ElementConformsToProfile", 6),
+    (INTEROP, "VIRT_ReferencedProfile", 3),
+]
+
+
+@pytest.mark.parametrize("ns,cls,count", ASSOC_CLASSES, ids=[f"{a[0]}:{a[1]}" for a in ASSOC_CLASSES])
+def test_association_instances_by_path(demo, ns, cls, count):
+    """Enumerated association instances, their names, and GetInstance all agree."""
+    c = demo.conn(ns)
+    try:
+        insts = c.EnumerateInstances(cls)
+        assert len(insts) == count
+        assert keys(c.EnumerateInstanceNames(cls)) == keys(insts)
+        for inst in insts:
+            assert dict(c.GetInstance(inst.path).items()) == dict(inst.items())
+        # an association path with a reference to nothing names no instance
+        for inst in insts:
+            path = inst.path.copy()
+            refs = [k for k, v in path.keybindings.items()
+                    if isinstance(v, CIMInstanceName) and v.classname == CS]
+            for ref in refs:
+                path.keybindings[ref] = cs_path("00000000-0000-4000-8000-000000000000")
+                assert cim_error(lambda: c.GetInstance(path)).status_code == \
+                    pywbem.CIM_ERR_NOT_FOUND
+            if refs:
+                break
+    finally:
+        c.close()
+
+
+@pytest.mark.parametrize("profile,expected", [
+    ("Virtual System", GUESTS), ("System Virtualization", [HOST])])
+def test_pywbemcli_central_instances(demo, transient, tmp_path, profile, expected):
+    proc = pywbemcli(demo.url, tmp_path, "-d", INTEROP, "profile", "centralinsts",
+                     "--organization", "DMTF", "--profile", profile)
+    assert proc.returncode == 0, proc.stderr
+    text = proc.stdout.replace("\n", "").replace("|", "").replace(" ", "")
+    for name in expected:
+        assert name.replace(TRANSIENT, transient) in text
+    if profile == "Virtual System":
+        assert text.count("root/virt:VIRT_ComputerSystem.") == 4

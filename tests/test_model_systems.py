@@ -306,3 +306,48 @@ def test_wbemcli_gi_unknown_is_not_found(demo):
     proc = wbemcli("gi", wbem_cs(demo.url, "00000000-0000-4000-8000-000000000000"),
                    check=False)
     assert "CIM_ERR_NOT_FOUND" in proc.stderr, proc.stderr
+
+
+# ---------------------------------------------------------------- the States table
+
+# libvirt's test driver cannot crash, suspend to RAM or be caught shutting down, so
+# these records are fed to the server's inventory exactly as the libvirt source feeds
+# a domain event (Inventory.update_running); everything after that is the real server.
+# (desc, RunState name, EnabledState, OperationalStatus, HealthState, states offered)
+STATES = [
+    ("running", "RUNNING", 2, [2], 5, {3, 4, 9, 10, 11}),
+    ("blocked", "BLOCKED", 2, [2], 5, {3, 4, 9, 10, 11}),
+    ("paused", "PAUSED", 9, [2], 5, {2, 3, 10, 11}),
+    ("shutting down", "SHUTDOWN", 4, [2], 5, {3}),
+    ("crashed", "CRASHED", 3, [6], 20, {3}),
+    ("pmsuspended", "PMSUSPENDED", 6, [2], 5, {3}),
+]
+
+
+@pytest.mark.parametrize("desc,state,enabled,opstatus,health,offered", STATES,
+                         ids=[s[0] for s in STATES])
+def test_states_table(demo, conn, desc, state, enabled, opstatus, health, offered):
+    from cim_provider.inventory.records import RunningDomain, RunState
+    cfg = domain_config(f"state-{state.lower()}")
+
+    async def feed(dom):
+        demo.inventory.update_running(cfg.uuid, dom)
+    demo.lt.run(feed(RunningDomain(cfg, RunState[state])))
+    try:
+        inst = conn.GetInstance(cs_path(cfg.uuid))
+        assert (inst["EnabledState"], list(inst["OperationalStatus"]), inst["HealthState"]) \
+            == (enabled, opstatus, health)
+        caps = conn.Associators(cs_path(cfg.uuid), AssocClass="VIRT_ElementCapabilities")
+        assert set(caps[0]["RequestedStatesSupported"]) == offered
+        # a valid request that makes no sense from here changes nothing
+        for requested in {2, 3, 4, 9, 10, 11} - offered:
+            assert rsc_rv(conn, cfg.uuid, requested) == 4097, requested
+        assert conn.GetInstance(cs_path(cfg.uuid))["RequestedState"] == 12
+    finally:
+        demo.lt.run(feed(None))
+
+
+def rsc_rv(conn, uuid, state):
+    rv, _ = conn.InvokeMethod("RequestStateChange", cs_path(uuid),
+                              RequestedState=pywbem.Uint16(state))
+    return int(rv)
