@@ -19,7 +19,7 @@ from typing import Any
 import libvirt
 
 from ..contract import (ERROR_FAILED, ERROR_INVALID_ARGUMENT, ERROR_NOT_FOUND,
-                        ERROR_NOT_SUPPORTED, InvalidEntry, config_from_dbus, config_to_values,
+                        ERROR_NOT_SUPPORTED, config_from_dbus, config_to_values,
                         values_to_dbus)
 from ..inventory.records import DomainConfig
 from ..sources.domxml import DomainXMLError, config_to_domain_xml, parse_domain_xml
@@ -324,4 +324,4 @@ def open_store(spec: str, connections: dict[str | None, LibvirtConnection]) -> S
 
 
 __all__ = ["Store", "SqliteStore", "LibvirtStore", "LibvirtConnection", "Stored",
-           "StoreError", "open_store", "default_db_path", "libvirt_type_for", "InvalidEntry"]
+           "StoreError", "open_store", "default_db_path", "libvirt_type_for"]
