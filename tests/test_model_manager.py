@@ -141,6 +141,7 @@ def test_without_manager(model, conn):
     assert B.uuid not in names and A.uuid in names            # A runs (started above)
     err = cim_error(lambda: rsc(conn, B.uuid, 2))
     assert err.status_code == pywbem.CIM_ERR_NOT_FOUND
+    assert "no org.example.virt.Manager is on the bus" in err.status_description, err
     vssd = pywbem.CIMInstance("VIRT_VirtualSystemSettingData",
                               properties={"ElementName": "nobody-home"})
     err = cim_error(lambda: conn.InvokeMethod("DefineSystem", vsms_path(), SystemSettings=vssd))

@@ -207,3 +207,21 @@ def test_wbemcli_pause_and_resume(demo, conn):
         assert f"-EnabledState={enabled}\n" in gi and f"-RequestedState={requested}\n" in gi
     proc = wbemcli("cm", path, "RequestStateChange.RequestedState=5", check=False)
     assert "CIM_ERR_INVALID_PARAMETER" in proc.stderr, proc.stderr
+
+
+# (desc, what wbemcli sends as RequestedState)
+WBEMCLI_BAD = [("above uint16", "70000"), ("negative", "-1"), ("not a number", "abc"),
+               ("empty", ""), ("fraction", "2.5"), ("DMTF reserved", "12")]
+
+
+@pytest.mark.parametrize("desc,value", WBEMCLI_BAD, ids=[w[0] for w in WBEMCLI_BAD])
+def test_wbemcli_bad_requested_state(demo, desc, value):
+    proc = wbemcli("cm", wbem_cs(demo.url, TEST_UUID),
+                   f"RequestStateChange.RequestedState={value}", check=False)
+    assert proc.returncode != 0
+    assert "CIM_ERR_INVALID_PARAMETER" in proc.stderr and "RequestedState" in proc.stderr
+
+
+def test_wbemcli_missing_requested_state(demo):
+    proc = wbemcli("cm", wbem_cs(demo.url, TEST_UUID), "RequestStateChange", check=False)
+    assert "CIM_ERR_INVALID_PARAMETER" in proc.stderr and "RequestedState" in proc.stderr

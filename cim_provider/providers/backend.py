@@ -68,7 +68,11 @@ class Backend:
             raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no virtual system {kb.get('Name')!r}")
         rec = self.inventory.get(uuid)
         if rec is None:
-            raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no virtual system with UUID {uuid}")
+            why = ""
+            if self.manager is not None and not getattr(self.manager, "present", False):
+                why = ("; no org.example.virt.Manager is on the bus, so no passive "
+                       "system is known now")
+            raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no virtual system with UUID {uuid}{why}")
         return rec
 
     def require_manager(self):
