@@ -12,11 +12,13 @@ import pytest
 import pywbem
 
 try:
-    from tests.support.indications import ALL_CS, Console, Listener, quiet_pywbem_logs
+    from tests.support.indications import (ALL_CS, Console, Listener, quiet_pywbem_logs,
+                                           restore_libvirt)
     from tests.support.model import (GNOME_UUID, HOST, KDE_UUID, TEST_UUID, LoopThread,
                                      connect_wbem, cs_path, domain_config)
 except ImportError:  # tests/ itself on sys.path
-    from support.indications import ALL_CS, Console, Listener, quiet_pywbem_logs
+    from support.indications import (ALL_CS, Console, Listener, quiet_pywbem_logs,
+                                     restore_libvirt)
     from support.model import (GNOME_UUID, HOST, KDE_UUID, TEST_UUID, LoopThread,
                                connect_wbem, cs_path, domain_config)
 
@@ -62,6 +64,9 @@ class Demo:
 
     def close(self) -> None:
         try:
+            self.lt.run(self.demo.server.close(), 30)
+            restore_libvirt(self.libvirt)
+            self.demo.server = None
             self.lt.run(self.demo.close(), 30)
         finally:
             self.lt.stop()

@@ -19,10 +19,10 @@ import pywbem
 from pywbem import CIMInstance
 
 try:
-    from tests.support.model import HOST, LoopThread, connect_wbem
+    from tests.support.model import HOST, TEST_UUID, LoopThread, connect_wbem
     from tests.support.wbem_server import free_port
 except ImportError:  # tests/ itself on sys.path
-    from support.model import HOST, LoopThread, connect_wbem  # type: ignore
+    from support.model import HOST, TEST_UUID, LoopThread, connect_wbem  # type: ignore
     from support.wbem_server import free_port  # type: ignore
 
 ALL_CS = ("SELECT * FROM CIM_InstIndication WHERE SourceInstance ISA VIRT_ComputerSystem")
@@ -140,6 +140,25 @@ class StallingListener:
         self.sock.close()
 
 
+def restore_libvirt(conn) -> None:
+    """Leave test:///default as found: its state is shared by every connection of the
+    process while one is open, so other tests would see our domains (and the demo's
+    transient one)."""
+    import libvirt
+    for dom in conn.listAllDomains():
+        if dom.UUIDString() == TEST_UUID:
+            if not dom.isActive():
+                dom.create()
+            elif dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                dom.resume()
+            continue
+        persistent = dom.isPersistent()
+        if dom.isActive():
+            dom.destroy()
+        if persistent:
+            dom.undefine()
+
+
 def dead_url() -> str:
     """A loopback URL nobody listens on (connection refused)."""
     return f"http://127.0.0.1:{free_port()}"
@@ -207,6 +226,7 @@ class LibvirtServer:
         try:
             self.stop_server()
             if self.conn is not None:
+                restore_libvirt(self.conn)
                 self.conn.close()
         finally:
             self.lt.stop()
