@@ -336,3 +336,21 @@ def test_service_and_capabilities(conn):
     caps = conn.Associators(vsms_path(), AssocClass="VIRT_ElementCapabilities")
     assert len(caps) == 1
     assert set(caps[0]["SynchronousMethodsSupported"]) >= {2, 3, 5, 6}
+
+
+def test_destroy_transient_system(demo, conn):
+    """A running system with no definition: DestroySystem destroys it in libvirt."""
+    from cim_provider.sources.domxml import config_to_domain_xml
+    try:
+        from tests.support.model import domain_config
+    except ImportError:
+        from support.model import domain_config  # type: ignore
+    cfg = domain_config("destroy-transient", memory_kib=16384)
+    demo.libvirt.createXML(config_to_domain_xml(cfg), 0)
+    poll_until(lambda: cfg.uuid in {p["Name"] for p in conn.EnumerateInstanceNames(CS)},
+               what="the transient domain listed")
+    rv, _ = conn.InvokeMethod("DestroySystem", vsms_path(), AffectedSystem=cs_path(cfg.uuid))
+    assert rv == 0
+    assert cim_error(lambda: conn.GetInstance(cs_path(cfg.uuid))).status_code == \
+        pywbem.CIM_ERR_NOT_FOUND
+    assert not any(d.UUIDString() == cfg.uuid for d in demo.libvirt.listAllDomains())
