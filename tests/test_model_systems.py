@@ -351,3 +351,17 @@ def rsc_rv(conn, uuid, state):
     rv, _ = conn.InvokeMethod("RequestStateChange", cs_path(uuid),
                               RequestedState=pywbem.Uint16(state))
     return int(rv)
+
+
+def test_pull_and_property_list(conn):
+    """What a console does for a large host: pull in small chunks, ask for a few
+    properties only."""
+    full = conn.EnumerateInstances(CS)
+    pulled = list(conn.IterEnumerateInstances(CS, MaxObjectCount=1))
+    assert keys(pulled) == keys(full)
+    some = conn.EnumerateInstances(CS, PropertyList=["ElementName", "EnabledState"])
+    assert keys(some) == keys(full)
+    for inst in some:
+        assert set(inst.keys()) == {"ElementName", "EnabledState"}
+    one = conn.GetInstance(cs_path(GNOME_UUID), PropertyList=["RequestedState"])
+    assert dict(one.items()) == {"RequestedState": 12}
