@@ -268,3 +268,26 @@ def test_listener_password_is_never_shown(interop):
     assert got["username"] == "console"
     assert "password" not in got
     assert all("password" not in i for i in interop.EnumerateInstances("CIM_ListenerDestination"))
+
+
+def test_export_request_is_what_pywbem_listeners_parse():
+    """The export message (DSP0201 EXPMETHODCALL ExportIndication) never self-closes a
+    tag (sblim's parsers) and carries embedded instances pywbem turns back into objects."""
+    from pywbem._listener import ListenerRequestHandler
+
+    from cim_provider.wbem.writer import export_indication_xml
+    src = CIMInstance("VIRT_ComputerSystem", properties={
+        "Name": "u<1>", "EnabledState": pywbem.Uint16(2),
+        "Description": pywbem.CIMProperty("Description", None, type="string")})
+    ind = CIMInstance("VIRT_ComputerSystemCreatedIndication", properties={
+        "IndicationIdentifier": "x&1",
+        "SourceInstance": pywbem.CIMProperty("SourceInstance", src, type="string",
+                                             embedded_object="object")})
+    body = export_indication_xml("42", ind)
+    assert "/>" not in body
+    msgid, method, params = ListenerRequestHandler.parse_export_request(body.encode())
+    assert (msgid, method) == ("42", "ExportIndication")
+    got = params["NewIndication"]
+    assert got["IndicationIdentifier"] == "x&1"
+    assert got["SourceInstance"]["Name"] == "u<1>"
+    assert got["SourceInstance"]["EnabledState"] == 2
