@@ -27,7 +27,13 @@ _MAN_NS = re.compile(r";\s*ns\s*=\s*(\d+)", re.I)
 class HTTPLimits:
     max_body: int = DEFAULT_MAX_BODY
     max_depth: int = 64
-    read_timeout: float = 30.0        # seconds to receive a whole body
+    read_timeout: float = 30.0        # seconds to receive a request head, then its body
+    # Connection level (applied by server.py through aiohttp and wbem/connections.py):
+    max_line_size: int = 8190         # request line and each header line, bytes
+    max_field_size: int = 8190        # one header value, bytes
+    max_headers: int = 64             # header fields per request
+    keepalive_timeout: float = 15.0   # idle seconds between requests before closing
+    max_connections: int = 256        # open at once; more get 503 and are closed
 
 
 def _cim_headers(request: web.Request) -> tuple[dict[str, str], str | None]:
