@@ -74,20 +74,27 @@ class Demo:
 
 
 async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
-                     state_dir: Path | None = None) -> Demo:
-    """Start everything; subscriptions live in `state_dir` (default: the demo's folder)."""
+                     state_dir: Path | None = None, https: list[tuple[str, int]] = (),
+                     options: argparse.Namespace | None = None) -> Demo:
+    """Start everything; subscriptions (and the self-signed HTTPS pair) live in
+    `state_dir` (default: the demo's folder). `options`: the security options of
+    security.add_arguments (users file, PAM, --cert/--key, --insecure-http)."""
     import libvirt
 
     from .busdaemon import PrivateBus
     from .manager.service import serve_manager
     from .manager.store import LibvirtConnection, LibvirtStore, SqliteStore
-    from .server import start_server, start_sources
+    from . import security
+    from .server import host_fqdn, start_server, start_sources
     from .sources.domxml import config_to_domain_xml
     from .sources.libvirt import ensure_event_loop_impl
 
     loop = asyncio.get_running_loop()
     demo = Demo(Path(tempfile.mkdtemp(prefix="cim-provider-demo-")))
     try:
+        state_dir = state_dir or demo.workdir / "state"
+        sec = security.prepare(options or argparse.Namespace(), listen=listen, https=list(https),
+                               state_dir=state_dir, host=host or host_fqdn())
         demo.bus = PrivateBus()
         ensure_event_loop_impl(loop)          # before the connection is opened
         demo.conn = await loop.run_in_executor(None, libvirt.open, "test:///default")
@@ -100,8 +107,10 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
         demo.stores = [sqlite, LibvirtStore(shared)]
         demo.manager = await serve_manager(demo.bus.address, demo.stores, shared)
         sources = await start_sources(libvirt_conn=demo.conn, manager_bus=demo.bus.address)
-        demo.server = await start_server(listen, sources=sources, host=host,
-                                         state_dir=state_dir or demo.workdir / "state")
+        demo.server = await start_server(sec.listen, sources=sources, host=host,
+                                         state_dir=state_dir, https=sec.https,
+                                         ssl_context=sec.ssl_context,
+                                         authenticate=sec.authenticate)
         return demo
     except BaseException:
         await demo.close()
@@ -111,13 +120,17 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .server import parse_listen
     p.add_argument("--listen", action="append", type=parse_listen, metavar="HOST:PORT",
-                   help="address to serve on (repeatable; default 127.0.0.1:5988)")
+                   help="address to serve HTTP on (repeatable; default 127.0.0.1:5988)")
+    from . import security
+    security.add_arguments(p, demo=True)
 
 
-def _banner(addr: tuple[str, int], bus: str) -> str:
+def _banner(addr: tuple[str, int], bus: str, https: list[tuple[str, int]] = ()) -> str:
     url = f"http://{addr[0]}:{addr[1]}"
+    tls = "".join(f"\nHTTPS (self-signed unless --cert): https://{h}:{p}  "
+                  f"(wbemcli -noverify, pywbemcli --no-verify)" for h, p in https)
     return f"""
-cim-provider demo is serving on {url}   (Ctrl-C stops everything)
+cim-provider demo is serving on {url}   (Ctrl-C stops everything){tls}
 Private D-Bus: {bus}
 
 Try:
@@ -131,8 +144,15 @@ See README.md for starting "gnome-test" through the Manager, pausing it and a re
 
 
 async def _run(args: argparse.Namespace) -> int:
-    demo = await start_demo(args.listen or [("127.0.0.1", 5988)])
-    print(_banner(demo.server.addresses[0], demo.bus.address), flush=True)
+    from .security import StartupError
+    try:
+        demo = await start_demo(args.listen or [("127.0.0.1", 5988)],
+                                https=args.https_listen or [("127.0.0.1", 5989)], options=args)
+    except StartupError as exc:
+        log.error("not starting: %s", exc)
+        return 2
+    print(_banner(demo.server.addresses[0], demo.bus.address, demo.server.https_addresses),
+          flush=True)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):

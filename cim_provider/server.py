@@ -22,6 +22,7 @@ from .indications.subscriptions import (Subscriptions, default_state_dir,
 from .inventory.inventory import Inventory
 from .providers import Backend, virt_providers
 from .providers.interop import interop_providers
+from .wbem.connections import ConnectionGuard, GuardedSite
 from .wbem.dispatch import Dispatcher
 from .wbem.http import DEFAULT_MAX_BODY, HTTPLimits, make_app
 from .wbem.provider import Provider, Registry
@@ -95,6 +96,19 @@ class ServerHandle:
     addresses: list[tuple[str, int]] = field(default_factory=list)
     sources: Sources | None = None
     indications: IndicationService | None = None
+    https_addresses: list[tuple[str, int]] = field(default_factory=list)
+    guard: ConnectionGuard | None = None
+    authenticate: object | None = None
+
+    def stats(self) -> dict[str, int]:
+        """Counts for introspection (tests, SIGUSR1): connections, pull contexts, logins."""
+        out = {"pull_contexts": len(self.dispatcher.pulls)}
+        if self.guard is not None:
+            st = self.guard.stats
+            out.update(connections_open=st.open, connections_accepted=st.accepted,
+                       connections_refused=st.refused, header_timeouts=st.header_timeouts)
+        out["failed_logins"] = getattr(self.authenticate, "failures", 0)
+        return out
 
     async def close(self) -> None:
         await self.runner.cleanup()
@@ -109,12 +123,16 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
                        sources: Sources | None = None,
                        limits: HTTPLimits | None = None,
                        state_dir: str | Path | None = None,
-                       indication_options: dict | None = None) -> ServerHandle:
+                       indication_options: dict | None = None,
+                       https: list[tuple[str, int]] = (), ssl_context=None,
+                       authenticate=None, max_pull_per_client: int | None = None) -> ServerHandle:
     """Build the repository, registry and dispatcher, and listen on every address.
 
     With `sources`, the virtual-system model is served from their inventory, and its
     changes become lifecycle indications. Subscriptions are kept in `state_dir` (only
     in memory when None); `indication_options` tune delivery (see indications.delivery).
+    `https` listeners use `ssl_context`; `authenticate` is the hook of wbem/auth.py
+    (None: no authentication, every client an operator; see security.py for the rules).
     """
     repo = repo or Repository.load()
     host = host or host_fqdn()
@@ -133,23 +151,40 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     for prov in interop_providers(repo, host) + subscription_providers(subs) + model \
             + list(providers or ()):
         registry.add(prov)
-    dispatcher = Dispatcher(repo, registry, host, PullContexts())
-    app = make_app(dispatcher, limits)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    pulls = PullContexts() if max_pull_per_client is None \
+        else PullContexts(max_per_client=max_pull_per_client)
+    dispatcher = Dispatcher(repo, registry, host, pulls)
+    limits = limits or HTTPLimits()
+    app = make_app(dispatcher, limits, authenticate)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False,
+                           keepalive_timeout=limits.keepalive_timeout,
+                           max_line_size=limits.max_line_size,
+                           max_field_size=limits.max_field_size, max_headers=limits.max_headers)
     await runner.setup()
-    handle = ServerHandle(runner, dispatcher, sources=sources, indications=indications)
-    for h, p in listen:
-        site = web.TCPSite(runner, h, p, reuse_address=True)
-        await site.start()
-        for sock in site._server.sockets:  # the real port when 0 was asked for
-            handle.addresses.append(sock.getsockname()[:2])
-    log.info("serving CIM-XML on %s", ", ".join(f"{h}:{p}" for h, p in handle.addresses))
+    guard = ConnectionGuard(limits.max_connections, limits.read_timeout)
+    handle = ServerHandle(runner, dispatcher, sources=sources, indications=indications,
+                          guard=guard, authenticate=authenticate)
+    if https and ssl_context is None:
+        raise ValueError("HTTPS listeners need an ssl_context")
+    for addrs, ctx, out in ((listen, None, handle.addresses),
+                            (https, ssl_context, handle.https_addresses)):
+        for h, p in addrs:
+            site = GuardedSite(runner, h, p, guard, ssl_context=ctx,
+                               handshake_timeout=limits.read_timeout)
+            await site.start()
+            for sock in site.sockets:  # the real port when 0 was asked for
+                out.append(sock.getsockname()[:2])
+    log.info("serving CIM-XML on %s", ", ".join(
+        [f"http://{h}:{p}" for h, p in handle.addresses]
+        + [f"https://{h}:{p}" for h, p in handle.https_addresses]))
     return handle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", action="append", type=parse_listen, metavar="HOST:PORT",
-                   help="address to serve plain HTTP on (repeatable; default 127.0.0.1:5988)")
+                   help="address to serve plain HTTP on (repeatable; default 127.0.0.1:5988 "
+                        "unless --https-listen is given; only loopback without "
+                        "--insecure-http)")
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="where indication subscriptions are kept (default "
                         "/var/lib/cim-provider as root, else $XDG_STATE_HOME/cim-provider)")
@@ -158,6 +193,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--libvirt-uri", default=None,
                    help="libvirt URI of the running domains (default LIBVIRT_DEFAULT_URI, "
                         "else libvirt's own default)")
+    from . import security
+    security.add_arguments(p)
     p.add_argument("--manager-bus", default="system", metavar="system|session|ADDRESS",
                    help="bus of org.example.virt.Manager (default system; honours "
                         "DBUS_SYSTEM_BUS_ADDRESS / DBUS_SESSION_BUS_ADDRESS)")
@@ -168,18 +205,32 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
+    from . import security
     t0 = time.monotonic()
+    host = host_fqdn()
+    state_dir = args.state_dir or default_state_dir()
+    listen = args.listen or ([] if args.https_listen else [("127.0.0.1", 5988)])
+    try:
+        sec = security.prepare(args, listen=listen, https=args.https_listen or [],
+                               state_dir=state_dir, host=host)
+    except security.StartupError as exc:
+        log.error("not starting: %s", exc)
+        return 2
     sources = await start_sources(libvirt_uri=args.libvirt_uri, manager_bus=args.manager_bus,
                                   manager_timeout=args.manager_timeout,
                                   relist_interval=args.manager_relist)
-    handle = await start_server(args.listen or [("127.0.0.1", 5988)], sources=sources,
-                                state_dir=args.state_dir or default_state_dir(),
-                                limits=HTTPLimits(max_body=args.max_body))
+    handle = await start_server(sec.listen, sources=sources, host=host, state_dir=state_dir,
+                                limits=security.limits_from_args(args), https=sec.https,
+                                ssl_context=sec.ssl_context, authenticate=sec.authenticate,
+                                max_pull_per_client=args.max_pull_contexts)
     log.info("ready in %.2f s", time.monotonic() - t0)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    # SIGUSR1 logs the server's counts: introspection without a network endpoint.
+    loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("stats: %s", " ".join(
+        f"{k}={v}" for k, v in handle.stats().items())))
     await stop.wait()
     await handle.close()
     return 0
