@@ -29,11 +29,29 @@ TEST_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"     # "test": running, persis
 ERR = "org.example.virt.Error."
 
 
+def _pristine(conn):
+    """test:///default as libvirt creates it: only "test", running. Its state is shared
+    by every connection of this process while one is open, so other tests' leftovers
+    (and ours) are removed before and after each test."""
+    for dom in conn.listAllDomains():
+        if dom.UUIDString() == TEST_UUID:
+            if not dom.isActive():
+                dom.create()
+            continue
+        persistent = dom.isPersistent()
+        if dom.isActive():
+            dom.destroy()
+        if persistent:
+            dom.undefine()
+
+
 @pytest.fixture
 def conn():
-    """A private test:///default (host 3 GiB; "test" runs with 2 GiB: 1 GiB free)."""
+    """test:///default, pristine (host 3 GiB; "test" runs with 2 GiB: 1 GiB free)."""
     c = libvirt.open("test:///default")
+    _pristine(c)
     yield c
+    _pristine(c)
     c.close()
 
 
