@@ -189,6 +189,38 @@ def sample_config(name: str, **kw) -> DomainConfig:
                          nics=[Nic(mac, "network", "default", "virtio")], **kw)
 
 
+# ---------------------------------------------------------------- test:///default
+
+def reset_test_default() -> None:
+    """Bring libvirt's test:///default back to its start: only "test", running.
+
+    Its state is private to a process but shared by every connection of the process
+    while one is open; a connection some earlier test left open keeps whatever that
+    test created. Our set-ups start from (and leave) the pristine state either way.
+    """
+    import libvirt
+    conn = libvirt.open("test:///default")
+    try:
+        for dom in conn.listAllDomains():
+            try:
+                if dom.UUIDString() == TEST_UUID:
+                    state = dom.state()[0]
+                    if state == libvirt.VIR_DOMAIN_PAUSED:
+                        dom.resume()
+                    elif not dom.isActive():
+                        dom.create()
+                    continue
+                persistent = dom.isPersistent()
+                if dom.isActive():
+                    dom.destroy()
+                if persistent:
+                    dom.undefine()
+            except libvirt.libvirtError:
+                pass                      # gone meanwhile
+    finally:
+        conn.close()
+
+
 # ---------------------------------------------------------------- the demo
 
 class DemoModel:
@@ -196,6 +228,7 @@ class DemoModel:
 
     def __init__(self) -> None:
         from cim_provider.demo import start_demo
+        reset_test_default()
         self.lt = LoopThread()
         try:
             self.demo = self.lt.run(start_demo([("127.0.0.1", 0)], host=HOST))
@@ -216,6 +249,7 @@ class DemoModel:
 
     def close(self) -> None:
         try:
+            reset_test_default()          # leave nothing behind for later modules
             self.lt.run(self.demo.close(), 30)
         finally:
             self.lt.stop()
@@ -276,6 +310,7 @@ class MinimalModel:
 
     def __init__(self, configs=(), relist: float = 0.5, manager_timeout: float = 5.0) -> None:
         from cim_provider.busdaemon import PrivateBus
+        reset_test_default()
         self.lt = LoopThread()
         self.bus = PrivateBus()
         self.configs = list(configs)
@@ -351,6 +386,7 @@ class MinimalModel:
             if getattr(self, "libvirt", None) is not None:
                 self.libvirt.close()
         try:
+            reset_test_default()
             self.lt.run(shutdown(), 30)
         finally:
             self.lt.stop()
