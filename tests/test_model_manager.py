@@ -13,11 +13,11 @@ import pytest
 import pywbem
 
 try:
-    from tests.support.model import (CS, VIRT, MinimalModel, cim_error, cs_path,
+    from tests.support.model import (CS, MinimalModel, cim_error, cs_path,
                                       domain_config, poll_until, rsc, sample_config,
                                       vsms_path)
 except ImportError:
-    from support.model import (CS, VIRT, MinimalModel, cim_error, cs_path,  # type: ignore
+    from support.model import (CS, MinimalModel, cim_error, cs_path,  # type: ignore
                                domain_config, poll_until, rsc, sample_config, vsms_path)
 
 pytestmark = pytest.mark.dbus

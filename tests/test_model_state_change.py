@@ -13,11 +13,11 @@ import pytest
 import pywbem
 
 try:
-    from tests.support.model import (CS, GNOME_UUID, KDE_UUID, TEST_UUID, VIRT, DemoModel,
+    from tests.support.model import (CS, GNOME_UUID, KDE_UUID, TEST_UUID, DemoModel,
                                       cim_error, cs_path, domain_config, poll_until, rsc,
                                       wbem_cs, wbemcli)
 except ImportError:
-    from support.model import (CS, GNOME_UUID, KDE_UUID, TEST_UUID, VIRT, DemoModel,  # type: ignore
+    from support.model import (CS, GNOME_UUID, KDE_UUID, TEST_UUID, DemoModel,  # type: ignore
                                cim_error, cs_path, domain_config, poll_until, rsc,
                                wbem_cs, wbemcli)
 

@@ -10,18 +10,18 @@ import re
 
 import pytest
 import pywbem
-from pywbem import CIMInstance, CIMProperty, Uint16, Uint64
+from pywbem import CIMInstance, Uint16, Uint64
 
 try:
-    from tests.support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID, VIRT, VSSD, DemoModel,
-                                      cim_error, cs_path, iid_path, manager_get_domain,
-                                      poll_until, rsc, vsms_path, vssd_path, wbem_cs,
-                                      wbem_vsms, wbemcli)
+    from tests.support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID, VSSD,
+                                      DemoModel, cim_error, cs_path, domain_config,
+                                      manager_get_domain, poll_until, rsc, vsms_path,
+                                      vssd_path, wbem_cs, wbem_vsms, wbemcli)
 except ImportError:
-    from support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID, VIRT, VSSD,  # type: ignore
-                               DemoModel, cim_error, cs_path, iid_path, manager_get_domain,
-                               poll_until, rsc, vsms_path, vssd_path, wbem_cs, wbem_vsms,
-                               wbemcli)
+    from support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID,  # type: ignore
+                               VSSD, DemoModel, cim_error, cs_path, domain_config,
+                               manager_get_domain, poll_until, rsc, vsms_path, vssd_path,
+                               wbem_cs, wbem_vsms, wbemcli)
 
 pytestmark = pytest.mark.dbus
 
@@ -341,10 +341,6 @@ def test_service_and_capabilities(conn):
 def test_destroy_transient_system(demo, conn):
     """A running system with no definition: DestroySystem destroys it in libvirt."""
     from cim_provider.sources.domxml import config_to_domain_xml
-    try:
-        from tests.support.model import domain_config
-    except ImportError:
-        from support.model import domain_config  # type: ignore
     cfg = domain_config("destroy-transient", memory_kib=16384)
     demo.libvirt.createXML(config_to_domain_xml(cfg), 0)
     poll_until(lambda: cfg.uuid in {p["Name"] for p in conn.EnumerateInstanceNames(CS)},

@@ -32,9 +32,9 @@ from cim_provider.contract.bus import (DBusError, NameFlag, ServiceInterface, co
 from cim_provider.inventory.records import Disk, DomainConfig, Nic
 
 try:
-    from tests.support.wbem_server import ROOT, env_without_proxy, free_port
+    from tests.support.wbem_server import ROOT, env_without_proxy
 except ImportError:  # tests/ itself on sys.path
-    from support.wbem_server import ROOT, env_without_proxy, free_port  # type: ignore
+    from support.wbem_server import ROOT, env_without_proxy  # type: ignore
 
 VIRT = "root/virt"
 INTEROP = "interop"
