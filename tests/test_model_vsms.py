@@ -110,6 +110,15 @@ def test_define_with_mof_strings(demo, conn):
     check_full_definition(demo, conn, system["Name"], "def-mof")
 
 
+def test_define_with_cim_xml_strings(demo, conn):
+    """Embedded instances as plain strings holding CIM-XML (what a client without
+    EmbeddedObject support sends)."""
+    vssd, rasds = full_settings("def-xmlstr")
+    rv, system = define(conn, vssd.tocimxmlstr(), [r.tocimxmlstr() for r in rasds])
+    assert rv == 0
+    check_full_definition(demo, conn, system["Name"], "def-xmlstr")
+
+
 def test_define_with_wbemcli_mof(demo, conn):
     """As a wbemcli user writes it (wbemcli passes an array element that contains '='
     only in first position, so one RASD here; MOF without the final ';' works too)."""
