@@ -15,12 +15,12 @@ from pywbem import CIMInstance, Uint16, Uint64
 try:
     from tests.support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID, VSSD,
                                       DemoModel, cim_error, cs_path, domain_config,
-                                      manager_get_domain, poll_until, rsc, vsms_path,
+                                      iid_path, manager_get_domain, poll_until, rsc, vsms_path,
                                       vssd_path, wbem_cs, wbem_vsms, wbemcli)
 except ImportError:
     from support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID,  # type: ignore
                                VSSD, DemoModel, cim_error, cs_path, domain_config,
-                               manager_get_domain, poll_until, rsc, vsms_path, vssd_path,
+                               iid_path, manager_get_domain, poll_until, rsc, vsms_path, vssd_path,
                                wbem_cs, wbem_vsms, wbemcli)
 
 pytestmark = pytest.mark.dbus
@@ -359,3 +359,52 @@ def test_destroy_transient_system(demo, conn):
     assert cim_error(lambda: conn.GetInstance(cs_path(cfg.uuid))).status_code == \
         pywbem.CIM_ERR_NOT_FOUND
     assert not any(d.UUIDString() == cfg.uuid for d in demo.libvirt.listAllDomains())
+
+
+# (desc, store, new VirtualQuantity, Limit sent (None: left out), memory, maximum after)
+MEMORY_CHANGES = [
+    ("raise above the maximum, Limit as read", "sqlite", 131072, "as read", 131072, 131072),
+    ("raise above the maximum, no Limit", "sqlite", 131072, None, 131072, 131072),
+    ("lower, Limit as read", "sqlite", 32768, "as read", 32768, 65536),
+    ("lower, no Limit", "sqlite", 32768, None, 32768, 65536),
+    ("raise with a larger Limit", "sqlite", 131072, 262144, 131072, 262144),
+    ("libvirt definition: raise above the maximum", "libvirt", 131072, "as read", 131072, 131072),
+]
+
+
+@pytest.mark.parametrize("desc,store,quantity,limit,memory,maximum", MEMORY_CHANGES,
+                         ids=[m[0] for m in MEMORY_CHANGES])
+def test_modify_memory_and_its_maximum(demo, conn, desc, store, quantity, limit, memory,
+                                       maximum):
+    """The definition's maximum memory follows a change of memory, so the change is
+    accepted (libvirt refuses memory above the maximum) and a start really gets it."""
+    from cim_provider.sources.domxml import config_to_domain_xml
+    name = f"mem-{store}-{quantity}-{limit}".replace(" ", "")
+    if store == "sqlite":
+        rv, system = define(conn, inst(VSSD, ElementName=name, VirtualSystemType="Test"),
+                            [inst(RASD, ResourceType=Uint16(4), VirtualQuantity=Uint64(65536))])
+        uuid = system["Name"]
+    else:
+        cfg = domain_config(name, memory_kib=65536)
+        demo.libvirt.defineXML(config_to_domain_xml(cfg))
+        uuid = cfg.uuid
+        poll_until(lambda: uuid in {p["Name"] for p in conn.EnumerateInstanceNames(CS)},
+                   what="the libvirt definition offered by the Manager")
+    mem = defined_parts(conn, uuid)["mem"]
+    assert (mem["VirtualQuantity"], mem["Limit"]) == (65536, 65536)
+    mem["VirtualQuantity"] = Uint64(quantity)
+    if limit is None:
+        del mem["Limit"]
+    elif limit != "as read":
+        mem["Limit"] = Uint64(limit)
+    rv, _ = conn.InvokeMethod("ModifyResourceSettings", vsms_path(), ResourceSettings=[mem])
+    assert rv == 0
+    mem = defined_parts(conn, uuid)["mem"]
+    assert (mem["VirtualQuantity"], mem["Limit"]) == (memory, maximum)
+    mgr = manager_view(demo, uuid)
+    assert (mgr["MemoryKiB"], mgr["MaxMemoryKiB"]) == (memory, maximum)
+    # started, it has the memory it was given
+    assert rsc(conn, uuid, 2) == 0
+    live = conn.GetInstance(iid_path(RASD, f"VIRT:state:{uuid}/mem"))
+    assert live["VirtualQuantity"] == memory
+    assert rsc(conn, uuid, 3) == 0

@@ -306,9 +306,19 @@ class ManagementServiceProvider(Provider):
                 ch["VCPUs"] = int(rasd["VirtualQuantity"])
             else:
                 try:
-                    ch["MemoryKiB"] = _memory_kib(rasd)
+                    kib, limit = _memory_kib(rasd), _memory_kib_limit(rasd)
                 except ValueError as exc:
                     raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, str(exc)) from None
+                ch["MemoryKiB"] = kib
+                # The maximum follows: Limit when given (never below the memory), else
+                # raised to the new memory if that is above it. Otherwise libvirt
+                # refuses the change, or a start quietly caps the memory at the old max.
+                rec = self.b.inventory.get(parts[0])
+                old_max = rec.defined.max_memory_kib if rec and rec.defined else None
+                if limit is not None:
+                    ch["MaxMemoryKiB"] = max(kib, limit)
+                elif old_max is not None and kib > old_max:
+                    ch["MaxMemoryKiB"] = kib
             paths.append(CIMInstanceName(rasd.classname, {"InstanceID": rasd["InstanceID"]},
                                          namespace=VIRT_NS))
         for uuid, changes in per_uuid.items():
