@@ -20,7 +20,7 @@ from pywbem import CIMError, CIMInstance, CIMInstanceName
 
 from ..inventory.records import DomainRecord
 from ..wbem.provider import AssociationProvider, path_key
-from .backend import CS_CLASS, HOST_CLASS, VIRT_NS, VSMS_CLASS, Backend, RecordCache, make
+from .backend import CS_CLASS, HOST_CLASS, VIRT_NS, VSMS_CLASS, Backend, make
 from .computer_system import CapabilitiesProvider, system_path
 from .management_service import vsmc_path
 from .settings import SettingsProvider, configs_of, split_iid, vssd_path
@@ -38,7 +38,7 @@ class AssociationsProvider(AssociationProvider):
     def __init__(self, backend: Backend, settings: SettingsProvider):
         self.b = backend
         self.settings = settings
-        self._cache = RecordCache()
+        self._cache = backend.new_cache()
 
     def _assoc(self, cls: str, a: tuple[str, CIMInstanceName], d: tuple[str, CIMInstanceName],
                extra: dict | None = None) -> CIMInstance:
@@ -46,33 +46,41 @@ class AssociationsProvider(AssociationProvider):
         return make(self.b, cls, {**keys, **(extra or {})},
                     CIMInstanceName(cls, keys, namespace=VIRT_NS))
 
-    def _of_record(self, rec: DomainRecord) -> dict[str, list[CIMInstance]]:
-        """Every association instance that involves one system (cached per version)."""
-        def build() -> dict[str, list[CIMInstance]]:
-            sp = system_path(rec.uuid)
-            out: dict[str, list[CIMInstance]] = {c: [] for c in (HD, SDS, ESD, VSSDC, EC)}
-            out[HD].append(self._assoc(HD, ("Antecedent", self.b.host_path()), ("Dependent", sp)))
+    def _of_record(self, rec: DomainRecord, cls: str) -> list[CIMInstance]:
+        """The `cls` association instances that involve one system, cached per record
+        version and class (walking one association builds only that one)."""
+        return self._cache.get((rec.uuid, cls), rec.version, lambda: self._build(rec, cls))
+
+    def _build(self, rec: DomainRecord, cls: str) -> list[CIMInstance]:
+        sp = system_path(rec.uuid)
+        if cls == HD:
+            return [self._assoc(HD, ("Antecedent", self.b.host_path()), ("Dependent", sp))]
+        if cls == SDS:
             which = "state" if rec.running is not None else "defined"
-            out[SDS].append(self._assoc(SDS, ("ManagedElement", sp),
-                                        ("SettingData", vssd_path(which, rec.uuid))))
-            if rec.defined is not None:
-                out[ESD].append(self._assoc(ESD, ("ManagedElement", sp),
-                                            ("SettingData", vssd_path("defined", rec.uuid)),
-                                            {"IsDefault": 1, "IsCurrent": 2 if rec.running else 1}))
-            for which, _cfg in configs_of(rec):
-                group = vssd_path(which, rec.uuid)
-                for cls in ("VIRT_ResourceAllocationSettingData",
-                            "VIRT_StorageAllocationSettingData",
-                            "VIRT_EthernetPortAllocationSettingData"):
-                    for inst in self.settings.of_record(rec, cls):
-                        if inst["InstanceID"].startswith(group.keybindings["InstanceID"] + "/"):
-                            out[VSSDC].append(self._assoc(VSSDC, ("GroupComponent", group),
-                                                          ("PartComponent", inst.path)))
-            out[EC].append(self._assoc(EC, ("ManagedElement", sp),
-                                       ("Capabilities", CapabilitiesProvider.path(rec.uuid)),
-                                       {"Characteristics": [2]}))
-            return out
-        return self._cache.get((rec.uuid, "assoc"), rec.version, build)
+            return [self._assoc(SDS, ("ManagedElement", sp),
+                                ("SettingData", vssd_path(which, rec.uuid)))]
+        if cls == ESD:
+            if rec.defined is None:
+                return []
+            return [self._assoc(ESD, ("ManagedElement", sp),
+                                ("SettingData", vssd_path("defined", rec.uuid)),
+                                {"IsDefault": 1, "IsCurrent": 2 if rec.running else 1})]
+        if cls == EC:
+            return [self._assoc(EC, ("ManagedElement", sp),
+                                ("Capabilities", CapabilitiesProvider.path(rec.uuid)),
+                                {"Characteristics": [2]})]
+        out = []                                    # VSSDC: each configuration's parts
+        for which, _cfg in configs_of(rec):
+            group = vssd_path(which, rec.uuid)
+            prefix = group.keybindings["InstanceID"] + "/"
+            for part_cls in ("VIRT_ResourceAllocationSettingData",
+                             "VIRT_StorageAllocationSettingData",
+                             "VIRT_EthernetPortAllocationSettingData"):
+                for inst in self.settings.of_record(rec, part_cls):
+                    if inst["InstanceID"].startswith(prefix):
+                        out.append(self._assoc(VSSDC, ("GroupComponent", group),
+                                               ("PartComponent", inst.path)))
+        return out
 
     def _service_assocs(self) -> dict[str, list[CIMInstance]]:
         return {HS: [self._assoc(HS, ("Antecedent", self.b.host_path()),
@@ -88,7 +96,7 @@ class AssociationsProvider(AssociationProvider):
         out = list(self._service_assocs().get(cls, ()))
         if cls != HS:
             for rec in self.b.inventory.records():
-                out.extend(self._of_record(rec)[cls])
+                out.extend(self._of_record(rec, cls))
         return out
 
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
@@ -125,14 +133,16 @@ class AssociationsProvider(AssociationProvider):
             if path_key(self.b.host_path()) != key:
                 return []
             if cls == HD:
-                return [self._of_record(r)[HD][0] for r in self.b.inventory.records()]
+                return [self._of_record(r, HD)[0] for r in self.b.inventory.records()]
             return self._service_assocs().get(cls, []) if cls == HS else []
         if scls in (VSMS_CLASS.lower(), "virt_virtualsystemmanagementcapabilities"):
             return [a for a in self._service_assocs().get(cls, []) if _names(a, key)]
         rec = self._record_of(source)
         if rec is None:
             return []
-        return [a for a in self._of_record(rec).get(cls, []) if _names(a, key)]
+        if cls == HS:
+            return []
+        return [a for a in self._of_record(rec, cls) if _names(a, key)]
 
 
 def _names(assoc: CIMInstance, key: tuple) -> bool:

@@ -75,6 +75,16 @@ class Backend:
             raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no virtual system with UUID {uuid}{why}")
         return rec
 
+    def new_cache(self) -> "RecordCache":
+        """A RecordCache that forgets a record when the inventory deletes it."""
+        cache = RecordCache()
+
+        def on_change(change) -> None:
+            if change.kind == "deleted":
+                cache.drop(change.uuid)
+        self.inventory.subscribe(on_change)
+        return cache
+
     def require_manager(self):
         if self.manager is None or not getattr(self.manager, "present", False):
             raise CIMError(pywbem.CIM_ERR_FAILED,
@@ -102,25 +112,27 @@ class Backend:
 class RecordCache:
     """Instances derived from one record, rebuilt only when the record changes.
 
-    Keyed by (uuid, what); valid while the record's version (and any extra state
-    folded into `stamp`) is unchanged. Instances are never mutated once built, so
-    the dispatcher may cache their rendered XML too.
+    Keyed by uuid, then by what was built; valid while the record's version (and any
+    extra state folded into `stamp`) is unchanged. Instances are never mutated once
+    built, so the dispatcher may cache their rendered XML too. A deleted record's
+    entries are dropped (Backend.new_cache wires that to the change feed).
     """
 
     def __init__(self) -> None:
-        self._data: dict[tuple[str, str], tuple[Any, Any]] = {}
+        self._data: dict[str, dict[str, tuple[Any, Any]]] = {}
 
     def get(self, key: tuple[str, str], stamp: Any, build: Callable[[], Any]) -> Any:
-        hit = self._data.get(key)
+        uuid, what = key
+        per = self._data.get(uuid)
+        hit = per.get(what) if per is not None else None
         if hit is not None and hit[0] == stamp:
             return hit[1]
         value = build()
-        self._data[key] = (stamp, value)
+        self._data.setdefault(uuid, {})[what] = (stamp, value)
         return value
 
-    def prune(self, live: Callable[[str], bool]) -> None:
-        for key in [k for k in self._data if not live(k[0])]:
-            del self._data[key]
+    def drop(self, uuid: str) -> None:
+        self._data.pop(uuid, None)
 
 
 def make(backend: Backend, classname: str, values: dict[str, Any],

@@ -15,7 +15,7 @@ from pywbem import CIMError, CIMInstance, CIMInstanceName
 
 from ..inventory.records import DomainRecord, Kind, RunState
 from ..wbem.provider import Provider
-from .backend import CS_CLASS, VIRT_NS, Backend, RecordCache, make
+from .backend import CS_CLASS, VIRT_NS, Backend, make
 
 log = logging.getLogger(__name__)
 
@@ -92,7 +92,7 @@ class ComputerSystemProvider(Provider):
 
     def __init__(self, backend: Backend):
         self.b = backend
-        self._cache = RecordCache()
+        self._cache = backend.new_cache()
 
     def instance(self, rec: DomainRecord) -> CIMInstance:
         req = self.b.requested_state.get(rec.uuid, 12)
@@ -177,7 +177,7 @@ class CapabilitiesProvider(Provider):
 
     def __init__(self, backend: Backend):
         self.b = backend
-        self._cache = RecordCache()
+        self._cache = backend.new_cache()
 
     @classmethod
     def path(cls, uuid: str) -> CIMInstanceName:

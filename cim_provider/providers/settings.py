@@ -20,7 +20,7 @@ from pywbem import CIMError, CIMInstance, CIMInstanceName
 from ..inventory.records import DomainConfig, DomainRecord
 from ..sources.domxml import canonical_uuid
 from ..wbem.provider import Provider
-from .backend import DEFINED_PREFIX, STATE_PREFIX, VIRT_NS, Backend, RecordCache, make
+from .backend import DEFINED_PREFIX, STATE_PREFIX, VIRT_NS, Backend, make
 
 VSSD_CLASS = "VIRT_VirtualSystemSettingData"
 RASD_CLASS = "VIRT_ResourceAllocationSettingData"
@@ -120,7 +120,7 @@ class SettingsProvider(Provider):
 
     def __init__(self, backend: Backend):
         self.b = backend
-        self._cache = RecordCache()
+        self._cache = backend.new_cache()
 
     def _all(self, rec: DomainRecord) -> dict[str, list[CIMInstance]]:
         """Every setting instance of one record, by class (cached per record version)."""
