@@ -278,7 +278,7 @@ class Dispatcher:
         self.repo = repo
         self.registry = registry
         self.host = host
-        self.pulls = pulls or PullContexts()
+        self.pulls = pulls if pulls is not None else PullContexts()  # empty is falsy
         self._keys: dict[tuple[str, str], list] = {}
 
     # -- entry point ---------------------------------------------------------
