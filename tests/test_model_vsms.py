@@ -169,6 +169,15 @@ BAD_DEFINE = [
      'instance of VIRT_VirtualSystemSettingData { ElementName = "vssd-as-rasd"; };',
      ['instance of VIRT_VirtualSystemSettingData { ElementName = "vssd-as-rasd"; };'],
      "ResourceSettings[0]"),
+    ("no processors",
+     'instance of VIRT_VirtualSystemSettingData { ElementName = "zero-cpu"; };',
+     ["instance of VIRT_ResourceAllocationSettingData { ResourceType = 3; VirtualQuantity = 0; };"],
+     "ResourceSettings[0]"),
+    ("no memory",
+     'instance of VIRT_VirtualSystemSettingData { ElementName = "zero-mem"; };',
+     ["instance of VIRT_ResourceAllocationSettingData { ResourceType = 3; VirtualQuantity = 1; };",
+      "instance of VIRT_ResourceAllocationSettingData { ResourceType = 4; VirtualQuantity = 0; };"],
+     "ResourceSettings[1]"),
     ("unsupported resource type",
      'instance of VIRT_VirtualSystemSettingData { ElementName = "bad-type"; };',
      ["instance of VIRT_ResourceAllocationSettingData { ResourceType = 21; };"],
@@ -313,6 +322,16 @@ BAD_MODIFY = [
       f'"VIRT:defined:{GNOME_UUID}/proc"; }};'],
      pywbem.CIM_ERR_INVALID_PARAMETER),
     ("ModifyResourceSettings", "ResourceSettings", ["garbage"], pywbem.CIM_ERR_INVALID_PARAMETER),
+    ("ModifyResourceSettings", "ResourceSettings",
+     [f'instance of VIRT_ResourceAllocationSettingData {{ InstanceID = '
+      f'"VIRT:defined:{GNOME_UUID}/proc"; VirtualQuantity = 0; }};'],
+     pywbem.CIM_ERR_INVALID_PARAMETER),
+    ("ModifyResourceSettings", "ResourceSettings",
+     [f'instance of VIRT_ResourceAllocationSettingData {{ InstanceID = '
+      f'"VIRT:defined:{GNOME_UUID}/proc"; VirtualQuantity = 1; }};',
+      f'instance of VIRT_ResourceAllocationSettingData {{ InstanceID = '
+      f'"VIRT:defined:{GNOME_UUID}/mem"; VirtualQuantity = 0; }};'],
+     pywbem.CIM_ERR_INVALID_PARAMETER),
     # the live configuration of a running system is not what these methods change
     ("ModifySystemSettings", "SystemSettings",
      f'instance of VIRT_VirtualSystemSettingData {{ InstanceID = "VIRT:state:{TEST_UUID}"; '

@@ -66,50 +66,66 @@ def definition_from_settings(vssd: CIMInstance, rasds: list[CIMInstance]) -> dic
         out["Type"] = str(vssd["VirtualSystemType"])
     if _autostart(vssd) is not None:
         out["Autostart"] = _autostart(vssd)
-    disks, nics = [], []
-    for r in rasds:
-        rt = r.get("ResourceType")
-        rt = int(rt) if rt is not None else None
-        if rt == RT_PROCESSOR:
-            if r.get("VirtualQuantity") is not None:
-                out["VCPUs"] = int(r["VirtualQuantity"])
-        elif rt == RT_MEMORY:
-            kib = _memory_kib(r)
-            if kib is not None:
-                out["MemoryKiB"] = kib
-                out["MaxMemoryKiB"] = max(kib, _memory_kib_limit(r) or 0)
-        elif rt in (RT_DISK, RT_DVD, RT_FLOPPY):
-            target = r.get("Address") or r.get("ElementName")
-            if not target:
-                raise ValueError("a disk RASD needs Address (the target device, e.g. vda)")
-            disk: dict[str, Any] = {"Target": str(target),
-                                    "Device": {RT_DVD: "cdrom", RT_FLOPPY: "floppy"}.get(rt, "disk")}
-            if r.get("HostResource"):
-                disk["Source"] = str(r["HostResource"][0])
-            if r.get("ResourceSubType"):
-                disk["Bus"] = str(r["ResourceSubType"])
-            if r.get("VirtualQuantity") is not None and (r.get("AllocationUnits") or "byte") == "byte":
-                disk["CapacityBytes"] = int(r["VirtualQuantity"])
-            disks.append(disk)
-        elif rt == RT_ETHERNET:
-            mac = r.get("Address")
-            if not mac:
-                raise ValueError("a NIC RASD needs Address (the MAC address)")
-            nic: dict[str, Any] = {"MAC": str(mac).lower()}
-            src = (r.get("Connection") or r.get("HostResource") or [None])[0]
-            if src:
-                nic["Source"] = str(src)
-                nic["Type"] = "network"
-            if r.get("ResourceSubType"):
-                nic["Model"] = str(r["ResourceSubType"])
-            nics.append(nic)
-        else:
-            raise ValueError(f"ResourceType {rt} is not supported (3, 4, 10, 14, 16, 17 are)")
+    disks: list[dict[str, Any]] = []
+    nics: list[dict[str, Any]] = []
+    for i, r in enumerate(rasds):
+        try:
+            _add_resource(out, disks, nics, r)
+        except ValueError as exc:
+            raise ValueError(f"ResourceSettings[{i}]: {exc}") from None
     if disks:
         out["Disks"] = disks
     if nics:
         out["NICs"] = nics
     return out
+
+
+def _at_least_one(what: str, value: int) -> int:
+    if value < 1:
+        raise ValueError(f"{what} must be at least 1, not {value}")
+    return value
+
+
+def _add_resource(out: dict[str, Any], disks: list, nics: list, r: CIMInstance) -> None:
+    """One embedded RASD of DefineSystem into the DefineDomain dict."""
+    rt = r.get("ResourceType")
+    rt = int(rt) if rt is not None else None
+    if rt == RT_PROCESSOR:
+        if r.get("VirtualQuantity") is not None:
+            out["VCPUs"] = _at_least_one("the number of processors (VirtualQuantity)",
+                                         int(r["VirtualQuantity"]))
+    elif rt == RT_MEMORY:
+        kib = _memory_kib(r)
+        if kib is not None:
+            out["MemoryKiB"] = _at_least_one("memory in KiB (VirtualQuantity)", kib)
+            out["MaxMemoryKiB"] = max(kib, _memory_kib_limit(r) or 0)
+    elif rt in (RT_DISK, RT_DVD, RT_FLOPPY):
+        target = r.get("Address") or r.get("ElementName")
+        if not target:
+            raise ValueError("a disk RASD needs Address (the target device, e.g. vda)")
+        disk: dict[str, Any] = {"Target": str(target),
+                                "Device": {RT_DVD: "cdrom", RT_FLOPPY: "floppy"}.get(rt, "disk")}
+        if r.get("HostResource"):
+            disk["Source"] = str(r["HostResource"][0])
+        if r.get("ResourceSubType"):
+            disk["Bus"] = str(r["ResourceSubType"])
+        if r.get("VirtualQuantity") is not None and (r.get("AllocationUnits") or "byte") == "byte":
+            disk["CapacityBytes"] = int(r["VirtualQuantity"])
+        disks.append(disk)
+    elif rt == RT_ETHERNET:
+        mac = r.get("Address")
+        if not mac:
+            raise ValueError("a NIC RASD needs Address (the MAC address)")
+        nic: dict[str, Any] = {"MAC": str(mac).lower()}
+        src = (r.get("Connection") or r.get("HostResource") or [None])[0]
+        if src:
+            nic["Source"] = str(src)
+            nic["Type"] = "network"
+        if r.get("ResourceSubType"):
+            nic["Model"] = str(r["ResourceSubType"])
+        nics.append(nic)
+    else:
+        raise ValueError(f"ResourceType {rt} is not supported (3, 4, 10, 14, 16, 17 are)")
 
 
 def _defined_only(name: str, parts: tuple[str, str, str | None]) -> None:
@@ -302,13 +318,17 @@ class ManagementServiceProvider(Provider):
                 raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                                f"ResourceSettings[{i}]: VirtualQuantity is required")
             ch = per_uuid.setdefault(parts[0], {})
-            if parts[2] == "proc":
-                ch["VCPUs"] = int(rasd["VirtualQuantity"])
-            else:
-                try:
+            try:
+                if parts[2] == "proc":
+                    ch["VCPUs"] = _at_least_one("the number of processors (VirtualQuantity)",
+                                                int(rasd["VirtualQuantity"]))
+                else:
                     kib, limit = _memory_kib(rasd), _memory_kib_limit(rasd)
-                except ValueError as exc:
-                    raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, str(exc)) from None
+                    _at_least_one("memory in KiB (VirtualQuantity)", kib)
+            except ValueError as exc:
+                raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                               f"ResourceSettings[{i}]: {exc}") from None
+            if parts[2] != "proc":
                 ch["MemoryKiB"] = kib
                 # The maximum follows: Limit when given (never below the memory), else
                 # raised to the new memory if that is above it. Otherwise libvirt
