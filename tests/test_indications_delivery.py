@@ -56,7 +56,8 @@ def test_dead_and_stalled_listeners_do_not_delay_a_healthy_one(tmp_path, listene
         # the server still answers while two workers are stuck
         assert len(connect_wbem(srv.url).EnumerateInstances("VIRT_ComputerSystem")) >= 1
         workers = {w.name.split(":")[-1]: w for w in srv.service.workers.values()}
-        assert workers["healthy"].stats.delivered == 6
+        # (the listener hands an indication over before it answers the export request)
+        poll(lambda: workers["healthy"].stats.delivered == 6, 5, "six delivered")
         assert workers["healthy"].stats.dropped == 0
         poll(lambda: "dead" in caplog.text and "unreachable" in caplog.text, 10,
              "a log line for the dead listener")
