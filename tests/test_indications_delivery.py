@@ -149,3 +149,24 @@ def test_disabled_subscription_delivers_nothing(tmp_path, listener):
         console.close()
     finally:
         srv.close()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")
+def test_delivery_over_https(tmp_path):
+    """A listener on HTTPS with a self-signed certificate (what consoles usually have:
+    the server does not verify listener certificates by default)."""
+    from cim_provider.wbem.tls import ensure_self_signed
+    quiet_pywbem_logs()
+    tls_listener = Listener(tls=ensure_self_signed(tmp_path / "tls", "localhost"))
+    srv = LibvirtServer(tmp_path / "state").start()
+    try:
+        console = Console(srv.url)
+        console.subscribe(tls_listener.url)
+        t0 = time.monotonic()
+        srv.conn.lookupByUUIDString(TEST_UUID).suspend()
+        got = tls_listener.expect(1, since=t0)
+        assert got[0].state == 9 and got[0].previous_state == 2
+        console.close()
+    finally:
+        srv.close()
+        tls_listener.stop()

@@ -67,12 +67,17 @@ class Received:
 class Listener:
     """pywbem's WBEMListener on a free loopback port, recording what arrives."""
 
-    def __init__(self) -> None:
+    def __init__(self, tls: Optional[tuple[Path, Path]] = None) -> None:
+        """`tls`: (certificate, key) to listen with HTTPS instead of HTTP."""
         self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         self.received: list[Received] = []
         self._lock = threading.Lock()
-        self.listener = pywbem.WBEMListener("127.0.0.1", http_port=self.port)
+        if tls:
+            self.listener = pywbem.WBEMListener("127.0.0.1", https_port=self.port,
+                                                certfile=str(tls[0]), keyfile=str(tls[1]))
+        else:
+            self.listener = pywbem.WBEMListener("127.0.0.1", http_port=self.port)
         self.listener.add_callback(self._got)
         self.listener.start()
 
