@@ -9,6 +9,7 @@ produce complete instances (see provider.py for the contract).
 from __future__ import annotations
 
 import logging
+import math
 import re
 import time
 from collections.abc import Iterable
@@ -225,6 +226,8 @@ def convert_value(value: Any, cimtype: str, is_array: bool, what: str) -> Any:
                 return value       # an embedded object given as such
             if isinstance(value, bool):
                 raise ValueError("boolean given for a string")
+            if isinstance(value, (CIMInstanceName, CIMClassName)):
+                raise ValueError("reference given for a string")
             return value if isinstance(value, str) else str(value)
         if cimtype == "boolean":
             if isinstance(value, bool):
@@ -242,7 +245,7 @@ def convert_value(value: Any, cimtype: str, is_array: bool, what: str) -> Any:
         if cimtype in ("real32", "real64"):
             if isinstance(value, bool):
                 raise ValueError("boolean given for a real")
-            return pywbem.type_from_name(cimtype)(float(value))
+            return pywbem.type_from_name(cimtype)(_real(value, cimtype))
         if isinstance(value, bool):
             raise ValueError("boolean given for an integer")
         if isinstance(value, str):
@@ -263,6 +266,20 @@ def convert_value(value: Any, cimtype: str, is_array: bool, what: str) -> Any:
     except Exception as exc:
         raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                        f"{what}: invalid {cimtype} value ({_short(exc)})") from None
+
+
+_REAL32_MAX = 3.4028234663852886e38
+
+
+def _real(value: Any, cimtype: str) -> float:
+    """DSP0201 reals are IEEE 754 binary32/64: a number that does not fit is refused
+    rather than silently becoming infinity (an explicit INF text is kept)."""
+    f = float(value)
+    if math.isinf(f) and isinstance(value, str) and "inf" not in value.lower():
+        raise ValueError(f"out of range for {cimtype}")
+    if cimtype == "real32" and math.isfinite(f) and abs(f) > _REAL32_MAX:
+        raise ValueError("out of range for real32")
+    return f
 
 
 def _short(exc: object, limit: int = 200) -> str:
@@ -480,7 +497,7 @@ class Dispatcher:
         view = self._view(ns, inst, self._allowed(ns, inst.classname, True, p["PropertyList"]),
                           p["IncludeClassOrigin"])
         if view is inst:
-            return Result([rendered(inst, "instance", lambda: w.instance_xml(inst))])
+            return Result([self._body(inst)])
         return Result([w.instance_xml(view, class_origin=p["IncludeClassOrigin"])])
 
     async def op_EnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
@@ -491,7 +508,8 @@ class Dispatcher:
         for inst in await self._enumerate(ns, cls.classname):
             view = self._view(ns, inst, allowed, co)
             if view is inst:
-                out.append(rendered(inst, "named", lambda: w.value_namedinstance_xml(inst)))
+                out.append(w.value_namedinstance_xml(inst, self._body(inst), rendered(
+                    inst, "name", lambda: w.instancename_xml(inst.path))))
             else:
                 out.append(w.value_namedinstance_xml(inst, w.instance_xml(view, class_origin=co)))
         return Result(out)
@@ -637,12 +655,19 @@ class Dispatcher:
             out.append(self._with_path(inst, view, co, w.value_instancewithpath_xml, "iwp"))
         return out
 
+    @staticmethod
+    def _body(inst: CIMInstance) -> str:
+        """INSTANCE of an unfiltered instance, rendered once per instance."""
+        return rendered(inst, "instance", lambda: w.instance_xml(inst))
+
     def _with_path(self, inst: CIMInstance, view: CIMInstance, co: bool, wrap, kind: str) -> str:
-        """An instance with its full path; cached on the instance when unfiltered."""
+        """An instance with its full path; its pieces cached on it when unfiltered.
+        Only the pieces are kept (not each wrapper), which keeps memory per instance
+        near the size of its CIM-XML."""
+        path = rendered(inst, f"path@{self.host}", lambda: w.instancepath_xml(inst.path, self.host))
         if view is inst:
-            return rendered(inst, f"{kind}@{self.host}",
-                            lambda: wrap(inst, w.instance_xml(inst), self.host))
-        return wrap(inst, w.instance_xml(view, class_origin=co), self.host)
+            return wrap(inst, self._body(inst), self.host, path)
+        return wrap(inst, w.instance_xml(view, class_origin=co), self.host, path)
 
     async def op_OpenEnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
         self._check_open(p)

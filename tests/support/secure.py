@@ -44,7 +44,7 @@ class SecureServer:
 
     def __init__(self, workdir: Path, *, users: dict[str, tuple[str, str]] | None = None,
                  https: bool = False, limits=None, max_pull_per_client: int | None = None,
-                 burst: int = 5, refill: float = 2.0) -> None:
+                 burst: int = 5, refill: float = 2.0, providers_factory=None) -> None:
         import argparse
 
         from cim_provider import security
@@ -58,7 +58,7 @@ class SecureServer:
         if users is not None:
             args.users = write_users(self.workdir / "users", users)
         self.repo = ws.test_repository()
-        self.providers = ws.make_test_providers(self.repo)
+        self.providers = (providers_factory or ws.make_test_providers)(self.repo)
         sec = security.prepare(args, listen=[("127.0.0.1", 0)],
                                https=[("127.0.0.1", 0)] if https else [],
                                state_dir=self.workdir / "state", host=ws.TEST_HOST)
