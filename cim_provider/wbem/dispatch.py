@@ -594,7 +594,7 @@ class Dispatcher:
         for inst in await self._associators(ns, p["ObjectName"], p):
             view = self._view(self.repo.namespace(inst.path.namespace), inst,
                               self._allowed(ns, inst.classname, True, p["PropertyList"]), co)
-            out.append(self._with_path(inst, view, co, w.value_objectwithpath_xml, "owp"))
+            out.append(self._with_path(inst, view, co, w.value_objectwithpath_xml))
         return Result(out)
 
     async def op_AssociatorNames(self, ns: Namespace, p: dict, ctx) -> Result:
@@ -613,7 +613,7 @@ class Dispatcher:
         out = []
         for inst in await self._reference_instances(ns, p["ObjectName"], p):
             view = self._view(ns, inst, self._allowed(ns, inst.classname, True, p["PropertyList"]), co)
-            out.append(self._with_path(inst, view, co, w.value_objectwithpath_xml, "owp"))
+            out.append(self._with_path(inst, view, co, w.value_objectwithpath_xml))
         return Result(out)
 
     async def op_ReferenceNames(self, ns: Namespace, p: dict, ctx) -> Result:
@@ -652,7 +652,7 @@ class Dispatcher:
         for inst in insts:
             allowed = self._allowed(ns, classname or inst.classname, deep, p["PropertyList"])
             view = self._view(self.repo.namespace(inst.path.namespace or ns.name), inst, allowed, co)
-            out.append(self._with_path(inst, view, co, w.value_instancewithpath_xml, "iwp"))
+            out.append(self._with_path(inst, view, co, w.value_instancewithpath_xml))
         return out
 
     @staticmethod
@@ -660,7 +660,7 @@ class Dispatcher:
         """INSTANCE of an unfiltered instance, rendered once per instance."""
         return rendered(inst, "instance", lambda: w.instance_xml(inst))
 
-    def _with_path(self, inst: CIMInstance, view: CIMInstance, co: bool, wrap, kind: str) -> str:
+    def _with_path(self, inst: CIMInstance, view: CIMInstance, co: bool, wrap) -> str:
         """An instance with its full path; its pieces cached on it when unfiltered.
         Only the pieces are kept (not each wrapper), which keeps memory per instance
         near the size of its CIM-XML."""

@@ -301,23 +301,27 @@ def class_xml(cls: CIMClass, *, qualifiers: bool = True, class_origin: bool = Fa
 
 # --- response wrappers -------------------------------------------------------------
 
-def value_namedinstance_xml(inst: CIMInstance, body: str | None = None) -> str:
-    """VALUE.NAMEDINSTANCE (EnumerateInstances): INSTANCENAME then INSTANCE."""
-    return ("<VALUE.NAMEDINSTANCE>" + instancename_xml(inst.path)
+def value_namedinstance_xml(inst: CIMInstance, body: str | None = None,
+                            name: str | None = None) -> str:
+    """VALUE.NAMEDINSTANCE (EnumerateInstances): INSTANCENAME then INSTANCE.
+    `body` and `name` are the pieces when the caller already rendered them."""
+    return ("<VALUE.NAMEDINSTANCE>" + (name if name is not None else instancename_xml(inst.path))
             + (body if body is not None else instance_xml(inst)) + "</VALUE.NAMEDINSTANCE>")
 
 
 def value_objectwithpath_xml(inst: CIMInstance, body: str | None = None,
-                             host: str | None = None) -> str:
+                             host: str | None = None, path: str | None = None) -> str:
     """VALUE.OBJECTWITHPATH (Associators, References): full INSTANCEPATH then INSTANCE."""
-    return ("<VALUE.OBJECTWITHPATH>" + instancepath_xml(inst.path, host)
+    return ("<VALUE.OBJECTWITHPATH>"
+            + (path if path is not None else instancepath_xml(inst.path, host))
             + (body if body is not None else instance_xml(inst)) + "</VALUE.OBJECTWITHPATH>")
 
 
 def value_instancewithpath_xml(inst: CIMInstance, body: str | None = None,
-                               host: str | None = None) -> str:
+                               host: str | None = None, path: str | None = None) -> str:
     """VALUE.INSTANCEWITHPATH (pull operations)."""
-    return ("<VALUE.INSTANCEWITHPATH>" + instancepath_xml(inst.path, host)
+    return ("<VALUE.INSTANCEWITHPATH>"
+            + (path if path is not None else instancepath_xml(inst.path, host))
             + (body if body is not None else instance_xml(inst)) + "</VALUE.INSTANCEWITHPATH>")
 
 
