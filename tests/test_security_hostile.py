@@ -352,3 +352,27 @@ def test_embedded_objects_that_are_not_instances(model_server, value):
     assert exc.value.status_code in (pywbem.CIM_ERR_INVALID_PARAMETER, pywbem.CIM_ERR_FAILED), \
         exc.value    # FAILED: valid VSSD, then no Manager to define it with
     assert conn.EnumerateInstanceNames("VIRT_HostSystem")
+
+
+# --- found by tests/test_fuzz.py -------------------------------------------------------------
+
+def test_unknown_xml_encoding(server):
+    expect_400(server, sec.ENUM_NAMES.replace('encoding="utf-8"', 'encoding="maybe"'))
+
+
+def test_body_starting_with_m_post_is_a_body(server):
+    """A POST whose body starts with "M-POST " sent after its head: the body is not a new
+    request (it used to switch parsers mid-request and hang until the read timeout)."""
+    import socket
+    import time
+    body = b"M-POST " + sec.ENUM_NAMES.encode()
+    head = (f"POST /cimom HTTP/1.1\r\nHost: x\r\nContent-Type: application/xml\r\n"
+            f"CIMOperation: MethodCall\r\nCIMMethod: EnumerateInstanceNames\r\n"
+            f"CIMObject: root/virt\r\nContent-Length: {len(body)}\r\n\r\n").encode()
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head)
+        time.sleep(0.2)                   # head and body in separate reads on the server
+        s.sendall(body)
+        reply = s.recv(65536)             # socket timeout 10 s: a hang fails here
+    assert reply.startswith(b"HTTP/1.1 400") and b"request-not-well-formed" in reply, reply[:300]
+    sec.assert_alive(server.port)

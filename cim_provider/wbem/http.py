@@ -90,11 +90,19 @@ class _MPostAwareParser:
         self._make = lambda: http_parser.HttpRequestParserPy(*args, **kwargs)
         self._impl = _C_PARSER(*args, **kwargs)
         self._python = _C_PARSER is http_parser.HttpRequestParserPy
+        self._payload = None          # body of the last request parsed
 
     def feed_data(self, data, *args, **kwargs):
-        if not self._python and data[:7] == b"M-POST ":
+        # Switch only between requests: a body that happens to start with "M-POST "
+        # (found by fuzzing) would otherwise be parsed as a new request while its own
+        # request waited for the rest of its body.
+        if not self._python and data[:7] == b"M-POST " \
+                and (self._payload is None or self._payload.is_eof()):
             self._impl, self._python = self._make(), True
-        return self._impl.feed_data(data, *args, **kwargs)
+        result = self._impl.feed_data(data, *args, **kwargs)
+        if result[0]:
+            self._payload = result[0][-1][1]
+        return result
 
     def __getattr__(self, name):
         return getattr(self._impl, name)

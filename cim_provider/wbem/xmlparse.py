@@ -70,6 +70,8 @@ def parse_tupletree(body: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> tuple:
                               f" at line {exc.lineno}, column {exc.offset}") from None
     except RecursionError:
         raise XMLRequestError("XML nesting too deep") from None
+    except LookupError:      # encoding="maybe" in the XML declaration (found by fuzzing)
+        raise XMLRequestError("unknown encoding in the XML declaration") from None
     if not root:
         raise XMLRequestError("no root element")
     return root[0]
