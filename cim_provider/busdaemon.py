@@ -29,13 +29,15 @@ _CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configura
 class PrivateBus:
     """A running private bus; `address` is what clients connect to."""
 
-    def __init__(self) -> None:
+    def __init__(self, socket: Path | None = None) -> None:
+        """`socket`: where to listen (to restart a bus at the same address); default
+        a fresh temporary directory."""
         exe = shutil.which("dbus-daemon")
         if exe is None:
             raise RuntimeError("dbus-daemon is not installed (run `make setup`)")
         self._dir = Path(tempfile.mkdtemp(prefix="cim-dbus-"))
         config = self._dir / "bus.conf"
-        config.write_text(_CONFIG.format(socket=self._dir / "bus"))
+        config.write_text(_CONFIG.format(socket=socket or self._dir / "bus"))
         self.proc = subprocess.Popen(
             [exe, f"--config-file={config}", "--nofork", "--print-address=1", "--nopidfile"],
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)

@@ -1,73 +1,24 @@
 """A private dbus-daemon per test (or module): real D-Bus, never a mock.
 
-The daemon is the system's own `dbus-daemon`, with a throw-away configuration that
-lets anyone own any name, listening on a socket in a temporary directory.
+The daemon itself is the project's own PrivateBus (also used by the demo and the
+benchmark); this module adds the pytest fixture and environment helper.
 """
 from __future__ import annotations
 
 import os
-import shutil
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
-_CONFIG = """<!DOCTYPE busconfig PUBLIC "-//freedesktop//DTD D-BUS Bus Configuration 1.0//EN"
- "http://www.freedesktop.org/standards/dbus/1.0/busconfig.dtd">
-<busconfig>
-  <type>session</type>
-  <listen>unix:path={socket}</listen>
-  <auth>EXTERNAL</auth>
-  <policy context="default">
-    <allow send_destination="*" eavesdrop="true"/>
-    <allow eavesdrop="true"/>
-    <allow own="*"/>
-  </policy>
-</busconfig>
-"""
+from cim_provider.busdaemon import PrivateBus
 
-
-class DBusDaemon:
-    """A running private bus; `address` is what clients connect to."""
-
-    def __init__(self, socket: Path | None = None) -> None:
-        """`socket`: where to listen (to restart a bus at the same address); default
-        a fresh temporary directory."""
-        exe = shutil.which("dbus-daemon")
-        if exe is None:
-            pytest.skip("dbus-daemon is not installed")
-        self._dir = Path(tempfile.mkdtemp(prefix="cim-dbus-"))
-        config = self._dir / "bus.conf"
-        config.write_text(_CONFIG.format(socket=socket or self._dir / "bus"))
-        self.proc = subprocess.Popen(
-            [exe, f"--config-file={config}", "--nofork", "--print-address=1", "--nopidfile"],
-            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        line = self.proc.stdout.readline().strip() if self.proc.stdout else ""
-        if not line:
-            err = self.proc.stderr.read() if self.proc.stderr else ""
-            self.stop()
-            raise RuntimeError(f"dbus-daemon did not start: {err}")
-        self.address = line
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(5)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        for stream in (self.proc.stdout, self.proc.stderr):
-            if stream:
-                stream.close()
-        shutil.rmtree(self._dir, ignore_errors=True)
+# Tests name it by its old name; it is the same thing.
+DBusDaemon = PrivateBus
 
 
 def private_bus() -> Iterator[str]:
     """Generator for fixtures: yields the address of a fresh private bus."""
-    daemon = DBusDaemon()
+    daemon = PrivateBus()
     try:
         yield daemon.address
     finally:
