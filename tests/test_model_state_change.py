@@ -8,6 +8,8 @@ passive twin), "transient" (created without a definition), and "gnome" (the demo
 seeded SQLite definition). After a 0 return the very next read, by another client
 connection, must show the new state: no polling there.
 """
+import datetime
+
 import libvirt
 import pytest
 import pywbem
@@ -225,3 +227,55 @@ def test_wbemcli_bad_requested_state(demo, desc, value):
 def test_wbemcli_missing_requested_state(demo):
     proc = wbemcli("cm", wbem_cs(demo.url, TEST_UUID), "RequestStateChange", check=False)
     assert "CIM_ERR_INVALID_PARAMETER" in proc.stderr and "RequestedState" in proc.stderr
+
+
+TIMEOUTS = [
+    # (desc, TimeoutPeriod, expected return, pauses)
+    ("NULL timeout acts", None, 0, True),
+    ("zero interval acts", pywbem.CIMDateTime(datetime.timedelta(0)), 0, True),
+    ("5 s interval is not supported", pywbem.CIMDateTime(datetime.timedelta(seconds=5)), 4098, False),
+    ("a point in time is not supported", pywbem.CIMDateTime("20261127120000.000000+000"), 4098, False),
+]
+
+
+@pytest.mark.parametrize("desc,timeout,rc,pauses", TIMEOUTS, ids=[t[0] for t in TIMEOUTS])
+def test_timeout_period(demo, conn, desc, timeout, rc, pauses):
+    """CIM_EnabledLogicalElement: a non-zero TimeoutPeriod the implementation does not
+    support answers 4098 and changes nothing."""
+    cfg = domain_config("rsc-timeout-" + desc.split()[0], memory_kib=16384)
+    demo.libvirt.createXML(config_to_domain_xml(cfg), 0)
+    try:
+        poll_until(lambda: cfg.uuid in {p["Name"] for p in conn.EnumerateInstanceNames(CS)},
+                   what="domain visible")
+        params = {"RequestedState": pywbem.Uint16(9)}
+        if timeout is not None:
+            params["TimeoutPeriod"] = timeout
+        rv, _ = conn.InvokeMethod("RequestStateChange", cs_path(cfg.uuid), **params)
+        assert int(rv) == rc
+        inst = conn.GetInstance(cs_path(cfg.uuid))
+        assert inst["EnabledState"] == (9 if pauses else 2)
+        assert inst["RequestedState"] == (9 if pauses else 12)
+    finally:
+        demo.libvirt.lookupByUUIDString(cfg.uuid).destroy()
+
+
+def test_requested_state_forgotten_with_the_system(demo, conn):
+    """A transient system that goes away and comes back with the same UUID is a new
+    system: RequestedState starts at 12 again."""
+    cfg = domain_config("rsc-reborn", memory_kib=16384)
+    xml = config_to_domain_xml(cfg)
+    demo.libvirt.createXML(xml, 0)
+    poll_until(lambda: cfg.uuid in {p["Name"] for p in conn.EnumerateInstanceNames(CS)},
+               what="domain visible")
+    assert rsc(conn, cfg.uuid, 9) == 0
+    assert conn.GetInstance(cs_path(cfg.uuid))["RequestedState"] == 9
+    assert rsc(conn, cfg.uuid, 3) == 0                   # destroyed: transient, so gone
+    assert cfg.uuid not in {p["Name"] for p in conn.EnumerateInstanceNames(CS)}
+    demo.libvirt.createXML(xml, 0)
+    try:
+        poll_until(lambda: cfg.uuid in {p["Name"] for p in conn.EnumerateInstanceNames(CS)},
+                   what="domain back")
+        inst = conn.GetInstance(cs_path(cfg.uuid))
+        assert (inst["EnabledState"], inst["RequestedState"]) == (2, 12)
+    finally:
+        demo.libvirt.lookupByUUIDString(cfg.uuid).destroy()

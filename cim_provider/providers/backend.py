@@ -42,6 +42,14 @@ class Backend:
     # Last successful RequestStateChange per UUID (RequestedState); 12 otherwise.
     requested_state: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # A system that vanished takes its RequestedState with it: one that appears
+        # later with the same UUID is a new system and starts at 12 again.
+        def forget(change) -> None:
+            if change.kind == "deleted":
+                self.requested_state.pop(change.uuid, None)
+        self.inventory.subscribe(forget)
+
     @property
     def ns(self) -> Namespace:
         return self.repo.namespace(VIRT_NS)

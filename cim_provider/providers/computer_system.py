@@ -24,7 +24,7 @@ ELEC_CLASS = "VIRT_EnabledLogicalElementCapabilities"
 # EnabledState values (CIM_EnabledLogicalElement)
 ENABLED, DISABLED, SHUTTING_DOWN, NOT_APPLICABLE, OFFLINE, QUIESCE = 2, 3, 4, 5, 6, 9
 # RequestStateChange return codes (DSP1057 / CIM_EnabledLogicalElement)
-RC_OK, RC_NOT_SUPPORTED, RC_INVALID_TRANSITION = 0, 1, 4097
+RC_OK, RC_NOT_SUPPORTED, RC_INVALID_TRANSITION, RC_TIMEOUT_NOT_SUPPORTED = 0, 1, 4097, 4098
 
 # DESIGN.md "States": libvirt state -> (EnabledState, OperationalStatus, HealthState)
 _STATE_MAP: dict[RunState, tuple[int, list[int], int]] = {
@@ -42,6 +42,11 @@ _PASSIVE = (DISABLED, [2], 5)
 _KIND_TEXT = {Kind.RUNNING_ONLY: "running, no defined configuration (transient)",
               Kind.PASSIVE_ONLY: "defined, not running",
               Kind.BOTH: "running, with a defined configuration"}
+
+
+def _nonzero_interval(value: Any) -> bool:
+    """True unless `value` is a zero interval (a timestamp is never 'zero')."""
+    return not (getattr(value, "is_interval", False) and not value.timedelta)
 
 
 def system_path(uuid: str) -> CIMInstanceName:
@@ -127,6 +132,13 @@ class ComputerSystemProvider(Provider):
                            f"RequestedState {requested} is not a value of its ValueMap")
         if requested in (6, 7, 8) or requested >= 32768:
             return RC_NOT_SUPPORTED
+        # CIM_EnabledLogicalElement.RequestStateChange, TimeoutPeriod: "If this property
+        # does not contain 0 or null and the implementation does not support this
+        # parameter, a return code of 'Use Of Timeout Parameter Not Supported' shall be
+        # returned." Every action already runs under the server's own timeout.
+        timeout = params.get("TimeoutPeriod")
+        if timeout is not None and _nonzero_interval(timeout):
+            return RC_TIMEOUT_NOT_SUPPORTED
         rec = self.b.record_for(target)
         if requested not in states_supported(rec):
             return RC_INVALID_TRANSITION
