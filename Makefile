@@ -8,7 +8,7 @@ PYTEST     := $(VENV)/bin/pytest
 
 .PHONY: setup sysdeps demo test test-dbus-next bench fuzz clean
 
-setup: sysdeps $(VENV)/.installed $(SCHEMA_ZIP)
+setup: sysdeps $(VENV)/.installed $(SCHEMA_ZIP) build/cache/.compiled
 
 sysdeps:
 	@bash scripts/sysdeps.sh
@@ -21,6 +21,11 @@ $(VENV)/.installed: pyproject.toml
 
 $(SCHEMA_ZIP): | $(VENV)/.installed
 	@bash scripts/fetch_schema.sh $@ $(VENV)/bin/pip
+
+# Compile the DMTF classes the project needs once, so every start-up reads the cache.
+build/cache/.compiled: $(SCHEMA_ZIP) $(wildcard mof/*.mof) cim_provider/wbem/repository.py
+	@$(PY) -c 'from cim_provider.wbem.repository import Repository; Repository.load()'
+	@touch $@
 
 demo: setup
 	$(VENV)/bin/cim-provider demo
