@@ -124,6 +124,9 @@ class Repository:
                 with tempfile.NamedTemporaryFile(dir=cache.parent, delete=False) as f:
                     pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
                 os.replace(f.name, cache)
+                for stale in cache.parent.glob("classes-*.pickle"):   # older inputs
+                    if stale != cache:
+                        stale.unlink(missing_ok=True)
             except OSError as exc:
                 log.warning("cannot write class cache %s: %s", cache, exc)
         return cls({n: Namespace(n, c, q) for n, (c, q) in data.items()})
