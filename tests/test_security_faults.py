@@ -441,28 +441,38 @@ def _load(stack, own, proc):
 # --- the demo: HTTP and HTTPS --------------------------------------------------------------
 
 def test_demo_serves_http_and_https(tmp_path, monkeypatch):
+    """`cim-provider demo --users FILE`: HTTP and HTTPS, both behind Basic authentication."""
+    try:
+        from tests.support.secure import USERS, write_users
+    except ImportError:
+        from support.secure import USERS, write_users  # type: ignore
     monkeypatch.delenv("REQUESTS_CA_BUNDLE", raising=False)
     monkeypatch.delenv("CURL_CA_BUNDLE", raising=False)
+    users = write_users(tmp_path / "users", USERS)
     port, tls_port = free_port(), free_port()
     log = open(tmp_path / "demo.log", "wb")
     proc = subprocess.Popen([str(CIM_PROVIDER), "demo", "--listen", f"127.0.0.1:{port}",
-                             "--https-listen", f"127.0.0.1:{tls_port}"],
+                             "--https-listen", f"127.0.0.1:{tls_port}", "--users", str(users)],
                             stdout=log, stderr=subprocess.STDOUT, cwd=str(ROOT))
     try:
         wait_accepting(tls_port, time.monotonic() + 60, proc)
         wait_accepting(port, time.monotonic() + 10, proc)
-        for url in (f"http://127.0.0.1:{port}", f"https://127.0.0.1:{tls_port}"):
+        pw = USERS["bob"][0]
+        for base in (f"http://bob:{pw}@127.0.0.1:{port}", f"https://bob:{pw}@127.0.0.1:{tls_port}"):
             out = subprocess.run(["/usr/bin/wbemcli", "-noverify", "ein",
-                                  f"{url}/root/virt:VIRT_ComputerSystem"],
+                                  f"{base}/root/virt:VIRT_ComputerSystem"],
                                  capture_output=True, text=True, timeout=60)
             assert out.returncode == 0 and TEST_UUID in out.stdout, out.stderr
-        conn = pywbem.WBEMConnection(f"https://127.0.0.1:{tls_port}", default_namespace=VIRT,
+        url = f"https://127.0.0.1:{tls_port}"
+        conn = pywbem.WBEMConnection(url, ("bob", pw), default_namespace=VIRT,
                                      no_verification=True, timeout=30)
         assert any(i["ElementName"] == "gnome-test" for i in conn.EnumerateInstances(CS))
+        with pytest.raises(pywbem.AuthError):
+            pywbem.WBEMConnection(url, default_namespace=VIRT, no_verification=True,
+                                  timeout=30).EnumerateInstanceNames(CS)
         text = (tmp_path / "demo.log").read_text()
         assert f"https://127.0.0.1:{tls_port}" in text and "self-signed" in text
     finally:
         proc.terminate()
         proc.wait(20)
         log.close()
-
