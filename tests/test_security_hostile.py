@@ -376,3 +376,26 @@ def test_body_starting_with_m_post_is_a_body(server):
         reply = s.recv(65536)             # socket timeout 10 s: a hang fails here
     assert reply.startswith(b"HTTP/1.1 400") and b"request-not-well-formed" in reply, reply[:300]
     sec.assert_alive(server.port)
+
+
+@pytest.mark.parametrize("framing", [
+    b"Content-Length: {n}\r\nTransfer-Encoding: chunked\r\n",          # CL + TE: smuggling
+    b"Content-Length: {n}\r\nContent-Length: {m}\r\n",                 # two lengths
+    b"Content-Length: -1\r\n",
+    b"Content-Length: 1e3\r\n",
+    b"Transfer-Encoding: gzip, chunked, identity\r\n",
+], ids=["cl-and-te", "two-lengths", "negative", "not-a-number", "odd-te"])
+def test_ambiguous_framing_refused(server, framing):
+    import socket
+    body = sec.ENUM_NAMES.encode()
+    framing = framing.replace(b"{n}", str(len(body)).encode()).replace(
+        b"{m}", str(len(body) + 5).encode())
+    head = (b"POST /cimom HTTP/1.1\r\nHost: x\r\nContent-Type: application/xml\r\n"
+            b"CIMOperation: MethodCall\r\nCIMMethod: EnumerateInstanceNames\r\n"
+            b"CIMObject: root/virt\r\n" + framing + b"\r\n")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(head + body)
+        reply = sec.read_until_closed(s)
+    assert reply.startswith((b"HTTP/1.1 400", b"HTTP/1.0 400", b"HTTP/1.1 501")), reply[:200]
+    assert reply.count(b"HTTP/1.") == 1          # nothing was parsed as a second request
+    sec.assert_alive(server.port)

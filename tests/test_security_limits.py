@@ -265,3 +265,15 @@ def test_serve_subprocess_applies_options(tmp_path):
                 s.close()
     finally:
         srv.stop()
+
+
+def test_tls_handshake_never_started_is_cut(tmp_path):
+    """A TCP connection to the HTTPS port that never says hello is closed after the
+    read timeout (it is not counted as a connection before its handshake)."""
+    srv = sec.SecureServer(tmp_path, https=True, limits=LIMITS)
+    try:
+        with socket.create_connection(("127.0.0.1", srv.tls_port), timeout=20) as s:
+            assert sec.read_until_closed(s) == b""       # timeout 20 s: a hang fails
+        sec.assert_alive(srv.tls_port, tls=True)
+    finally:
+        srv.stop()
