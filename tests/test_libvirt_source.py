@@ -21,8 +21,10 @@ from cim_provider.sources.libvirt import (DomainNotFound, LibvirtError, LibvirtS
                                           LibvirtUnavailable, ensure_event_loop_impl)
 
 try:
+    from tests.support import reset_test_driver
     from tests.support.libvirtd import Libvirtd
 except ImportError:          # tests/ itself is on sys.path (rootdir-less layout)
+    from support import reset_test_driver
     from support.libvirtd import Libvirtd
 
 TEST_DOMAIN = "6695eb01-f6a4-8304-79aa-97f2502e193f"   # "test", running in test:///default
@@ -39,18 +41,8 @@ def domain_xml(name: str, uuid: str, memory_kib: int = 65536) -> str:
 
 
 def cleanup(conn: libvirt.virConnect) -> None:
-    """Leave test:///default as we found it: its state is shared by every connection
-    of this process while one is open, so other tests would see our domains."""
-    for dom in conn.listAllDomains():
-        if dom.UUIDString() == TEST_DOMAIN:
-            if not dom.isActive():
-                dom.create()
-            continue
-        persistent = dom.isPersistent()
-        if dom.isActive():
-            dom.destroy()
-        if persistent:
-            dom.undefine()
+    """Leave test:///default as we found it (shared by the process's connections)."""
+    reset_test_driver(conn)
 
 
 def run(coro_fn: Callable[[], Awaitable[None]], timeout: float = 60) -> None:

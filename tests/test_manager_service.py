@@ -17,10 +17,12 @@ from cim_provider.manager.store import LibvirtConnection, LibvirtStore, SqliteSt
 from cim_provider.sources.manager import ManagerClient, ManagerError, ManagerNotSupported
 
 try:
-    from tests.support import eventually, manager_command, run, wait_for_owner
+    from tests.support import (eventually, manager_command, reset_test_driver, run,
+                               wait_for_owner)
     from tests.support.dbus_daemon import dbus_address, subprocess_env  # noqa: F401 (fixture)
 except ImportError:          # tests/ itself is on sys.path (rootdir-less layout)
-    from support import eventually, manager_command, run, wait_for_owner
+    from support import (eventually, manager_command, reset_test_driver, run,  # type: ignore
+                         wait_for_owner)
     from support.dbus_daemon import dbus_address, subprocess_env  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.dbus
@@ -30,19 +32,8 @@ ERR = "org.example.virt.Error."
 
 
 def _pristine(conn):
-    """test:///default as libvirt creates it: only "test", running. Its state is shared
-    by every connection of this process while one is open, so other tests' leftovers
-    (and ours) are removed before and after each test."""
-    for dom in conn.listAllDomains():
-        if dom.UUIDString() == TEST_UUID:
-            if not dom.isActive():
-                dom.create()
-            continue
-        persistent = dom.isPersistent()
-        if dom.isActive():
-            dom.destroy()
-        if persistent:
-            dom.undefine()
+    """test:///default with only "test" running, before and after each test."""
+    reset_test_driver(conn)
 
 
 @pytest.fixture

@@ -13,7 +13,7 @@ import time
 import pytest
 import pywbem
 from pywbem import (CIMClass, CIMClassName, CIMDateTime, CIMError, CIMInstance,
-                    CIMInstanceName, CIMProperty, CIMQualifierDeclaration, Uint16, Uint32)
+                    CIMInstanceName, CIMQualifierDeclaration, Uint16, Uint32)
 from pywbem._tupleparse import TupleParser
 
 try:

@@ -7,7 +7,6 @@ pywbemcli really sent, so the tests can see that pull operations were used.
 """
 from __future__ import annotations
 
-import os
 import re
 import subprocess
 from pathlib import Path

@@ -13,8 +13,6 @@ from one system costs the same with 10 domains or 10,000.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from typing import Callable
-
 import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 

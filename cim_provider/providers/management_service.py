@@ -17,7 +17,7 @@ from pywbem import CIMError, CIMInstance, CIMInstanceName
 
 from ..wbem.embedded import parse_embedded_instance
 from ..wbem.provider import Provider, path_key
-from .backend import HOST_CLASS, VIRT_NS, VSMS_CLASS, VSMS_NAME, Backend, make
+from .backend import VIRT_NS, VSMS_CLASS, Backend, make
 from .computer_system import system_path
 from .settings import RT_DISK, RT_DVD, RT_ETHERNET, RT_FLOPPY, RT_MEMORY, RT_PROCESSOR, split_iid
 

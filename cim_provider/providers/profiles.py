@@ -13,7 +13,7 @@ import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
 from ..wbem.provider import AssociationProvider, Provider, path_key
-from .backend import CS_CLASS, INTEROP_NS, VIRT_NS, Backend, make
+from .backend import CS_CLASS, INTEROP_NS, Backend, make
 from .computer_system import system_path
 from ..providers.interop import object_manager_path
 

@@ -11,7 +11,6 @@ from __future__ import annotations
 import logging
 import math
 import re
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any, Callable

@@ -18,7 +18,7 @@ from datetime import datetime, timedelta
 from pywbem import (CIMClass, CIMClassName, CIMDateTime, CIMInstance,
                     CIMInstanceName, CIMMethod, CIMParameter, CIMProperty,
                     CIMQualifier, CIMQualifierDeclaration)
-from pywbem._cim_types import Real32, cimtype as _pywbem_cimtype  # only here
+from pywbem._cim_types import cimtype as _pywbem_cimtype  # only here
 
 XML_DECL = '<?xml version="1.0" encoding="utf-8" ?>\n'
 

@@ -61,3 +61,31 @@ async def wait_for_owner(address: str, name: str = "org.example.virt",
             await asyncio.sleep(0.02)
     finally:
         bus.disconnect()
+
+
+TEST_DOMAIN_UUID = "6695eb01-f6a4-8304-79aa-97f2502e193f"   # "test" in test:///default
+
+
+def reset_test_driver(conn) -> None:
+    """Put test:///default back as libvirt creates it: only "test", running.
+
+    Its state is shared by every connection of this process while one is open, so a
+    test's leftovers (and the demo's transient domain) would show up in later tests.
+    Domains that vanish while we walk the list are simply gone already.
+    """
+    import libvirt
+    for dom in conn.listAllDomains():
+        try:
+            if dom.UUIDString() == TEST_DOMAIN_UUID:
+                if not dom.isActive():
+                    dom.create()
+                elif dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
+                    dom.resume()
+                continue
+            persistent = dom.isPersistent()
+            if dom.isActive():
+                dom.destroy()
+            if persistent:
+                dom.undefine()
+        except libvirt.libvirtError:
+            pass

@@ -19,11 +19,13 @@ import pywbem
 from pywbem import CIMInstance
 
 try:
-    from tests.support.model import HOST, TEST_UUID, LoopThread, connect_wbem
+    from tests.support.model import HOST, LoopThread, connect_wbem
     from tests.support.wbem_server import free_port
+    from tests.support import reset_test_driver
 except ImportError:  # tests/ itself on sys.path
-    from support.model import HOST, TEST_UUID, LoopThread, connect_wbem  # type: ignore
+    from support.model import HOST, LoopThread, connect_wbem  # type: ignore
     from support.wbem_server import free_port  # type: ignore
+    from support import reset_test_driver  # type: ignore
 
 ALL_CS = ("SELECT * FROM CIM_InstIndication WHERE SourceInstance ISA VIRT_ComputerSystem")
 ARRIVAL = 1.0     # seconds: each indication must arrive within this of its cause
@@ -146,22 +148,8 @@ class StallingListener:
 
 
 def restore_libvirt(conn) -> None:
-    """Leave test:///default as found: its state is shared by every connection of the
-    process while one is open, so other tests would see our domains (and the demo's
-    transient one)."""
-    import libvirt
-    for dom in conn.listAllDomains():
-        if dom.UUIDString() == TEST_UUID:
-            if not dom.isActive():
-                dom.create()
-            elif dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED:
-                dom.resume()
-            continue
-        persistent = dom.isPersistent()
-        if dom.isActive():
-            dom.destroy()
-        if persistent:
-            dom.undefine()
+    """Leave test:///default as found (shared by the process's connections)."""
+    reset_test_driver(conn)
 
 
 def dead_url() -> str:

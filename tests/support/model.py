@@ -32,8 +32,10 @@ from cim_provider.contract.bus import (DBusError, NameFlag, ServiceInterface, co
 from cim_provider.inventory.records import Disk, DomainConfig, Nic
 
 try:
+    from tests.support import reset_test_driver
     from tests.support.wbem_server import ROOT, env_without_proxy
 except ImportError:  # tests/ itself on sys.path
+    from support import reset_test_driver  # type: ignore
     from support.wbem_server import ROOT, env_without_proxy  # type: ignore
 
 VIRT = "root/virt"
@@ -192,31 +194,11 @@ def sample_config(name: str, **kw) -> DomainConfig:
 # ---------------------------------------------------------------- test:///default
 
 def reset_test_default() -> None:
-    """Bring libvirt's test:///default back to its start: only "test", running.
-
-    Its state is private to a process but shared by every connection of the process
-    while one is open; a connection some earlier test left open keeps whatever that
-    test created. Our set-ups start from (and leave) the pristine state either way.
-    """
+    """test:///default back to its start (see tests.support.reset_test_driver)."""
     import libvirt
     conn = libvirt.open("test:///default")
     try:
-        for dom in conn.listAllDomains():
-            try:
-                if dom.UUIDString() == TEST_UUID:
-                    state = dom.state()[0]
-                    if state == libvirt.VIR_DOMAIN_PAUSED:
-                        dom.resume()
-                    elif not dom.isActive():
-                        dom.create()
-                    continue
-                persistent = dom.isPersistent()
-                if dom.isActive():
-                    dom.destroy()
-                if persistent:
-                    dom.undefine()
-            except libvirt.libvirtError:
-                pass                      # gone meanwhile
+        reset_test_driver(conn)
     finally:
         conn.close()
 
