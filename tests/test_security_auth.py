@@ -12,6 +12,7 @@ import ssl
 import subprocess
 import time
 import warnings
+from pathlib import Path
 
 import pytest
 import pywbem
@@ -366,7 +367,6 @@ def serve(tmp_path, *args, timeout=60):
     (["--listen", "0.0.0.0:{port}", "--insecure-http"], "without authentication"),
     (["--https-listen", "0.0.0.0:{port}"], "without authentication"),
     (["--listen", "127.0.0.1:{port}", "--users", "{public}"], "group or others"),
-    (["--listen", "127.0.0.1:{port}", "--pam-service", "login"], "python-pam"),
     (["--https-listen", "127.0.0.1:{port}", "--cert", "/nonexistent.pem"], "TLS"),
 ])
 def test_serve_refuses_unsafe_setups(tmp_path, args, message):
@@ -402,3 +402,58 @@ def test_serve_https_with_users_on_any_address(tmp_path):
         proc.terminate()
         proc.wait(15)
         log.close()
+
+
+# --- PAM (a real PAM stack: services made of pam_permit / pam_deny) ------------------------
+
+PAM_SERVICES = {"cim-provider-test-permit": "pam_permit.so", "cim-provider-test-deny": "pam_deny.so"}
+
+
+@pytest.fixture(scope="module")
+def pam_services():
+    """Two throw-away PAM services in /etc/pam.d (the only place PAM reads; the tests
+    run as root, as `make test` does), removed afterwards."""
+    assert os.geteuid() == 0, "the PAM tests write /etc/pam.d and need root"
+    written = []
+    for name, module in PAM_SERVICES.items():
+        path = Path("/etc/pam.d") / name
+        path.write_text(f"auth required {module}\naccount required {module}\n")
+        written.append(path)
+    yield list(PAM_SERVICES)
+    for path in written:
+        path.unlink(missing_ok=True)
+
+
+@pytest.mark.parametrize("service,role,status,method_ok", [
+    ("cim-provider-test-permit", "reader", 200, False),
+    ("cim-provider-test-permit", "operator", 200, True),
+    ("cim-provider-test-deny", "reader", 401, False),
+])
+def test_pam_service(tmp_path, pam_services, service, role, status, method_ok):
+    """--pam-service checks every login through that PAM service; --pam-role is what
+    its users may do."""
+    port = ws.free_port()
+    log = open(tmp_path / "serve.log", "wb")
+    proc = subprocess.Popen([str(ws.CIM_PROVIDER), "serve", "--state-dir", str(tmp_path / "state"),
+                             "--manager-bus", "unix:path=/nonexistent",
+                             "--libvirt-uri", "test:///default", "--pam-service", service,
+                             "--pam-role", role, "--listen", f"127.0.0.1:{port}"],
+                            stdout=log, stderr=subprocess.STDOUT)
+    try:
+        ws.wait_accepting(port, time.monotonic() + 30, proc)
+        conn = pywbem.WBEMConnection(f"http://127.0.0.1:{port}", ("anyone", "any-password"),
+                                     default_namespace="root/virt", timeout=30)
+        if status == 401:
+            with pytest.raises(pywbem.AuthError, match="401"):   # pywbem's name for a 401
+                conn.EnumerateInstanceNames("VIRT_HostSystem")
+            return
+        host = conn.EnumerateInstanceNames("VIRT_HostSystem")[0]
+        # The host implements no RequestStateChange: an operator reaches the method
+        # (CIM_ERR_NOT_SUPPORTED), a reader is stopped before it.
+        with pytest.raises(pywbem.CIMError) as exc:
+            conn.InvokeMethod("RequestStateChange", host, RequestedState=pywbem.Uint16(2))
+        expected = pywbem.CIM_ERR_NOT_SUPPORTED if method_ok else pywbem.CIM_ERR_ACCESS_DENIED
+        assert exc.value.status_code == expected
+    finally:
+        proc.terminate()
+        proc.wait(10)
