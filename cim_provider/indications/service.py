@@ -59,6 +59,7 @@ class IndicationService:
         self._last: dict[str, CIMInstance] = {}
         self._unsubscribe: list[Callable[[], None]] = []
         self._build: Callable[[DomainRecord], CIMInstance] | None = None
+        self._failing: set[tuple] = set()     # destinations already logged as failing
         subscriptions.listeners.append(self._prune)
 
     # ---- sources of indications -------------------------------------------------------
@@ -134,16 +135,30 @@ class IndicationService:
         returns how many were queued. Never blocks and never raises."""
         n = 0
         try:
-            for _sub, flt, dest in self.subs.active():
+            active = list(self.subs.active())
+        except Exception:
+            log.exception("could not queue indication %s", indication.get("IndicationIdentifier"))
+            return 0
+        # One subscription that fails (a destination that cannot be served, say) must not
+        # cost the others this indication: each is tried on its own, and a failing
+        # destination is logged once (not on every indication) until it works again.
+        for _sub, flt, dest in active:
+            key = path_key(dest.path)
+            try:
                 if not self._matches(flt, indication, source_ns):
                     continue
                 copy = indication.copy()
                 copy["IndicationFilterName"] = CIMProperty("IndicationFilterName", flt.name,
                                                            type="string")
                 self._worker(dest).put(copy)
-                n += 1
-        except Exception:
-            log.exception("could not queue indication %s", indication.get("IndicationIdentifier"))
+            except Exception:
+                if key not in self._failing:
+                    self._failing.add(key)
+                    log.exception("listener %s: cannot queue indications for it (logged "
+                                  "once); other subscriptions are unaffected", dest.get("Name"))
+                continue
+            self._failing.discard(key)
+            n += 1
         return n
 
     def _worker(self, dest: CIMInstance) -> DestinationWorker:
@@ -164,6 +179,7 @@ class IndicationService:
         """Stop the workers of destinations that were deleted."""
         for key in [k for k in self.workers if k not in self.subs.destinations]:
             self._close_later(self.workers.pop(key))
+        self._failing.intersection_update(self.subs.destinations)
 
     @staticmethod
     def _close_later(worker: DestinationWorker) -> None:

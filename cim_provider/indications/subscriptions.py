@@ -314,6 +314,13 @@ class Subscriptions:
         if parts.scheme.lower() not in ("http", "https") or not parts.hostname:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                            f"Destination {dest[:200]!r} is not an http or https URL")
+        # HTTP Basic authentication (RFC 7617) cannot carry a user-id containing ':'
+        # (it separates user-id and password), so such a listener could never be sent to.
+        user = inst.get("username")
+        if user is not None and ":" in user:
+            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                           "username must not contain ':' (RFC 7617 HTTP Basic "
+                           "authentication forbids it in the user-id)")
         protocol = inst.get("Protocol")
         if protocol is not None and protocol != PROTOCOL_CIMXML:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
