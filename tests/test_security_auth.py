@@ -172,6 +172,68 @@ def test_failed_logins_braked_per_address_and_logged(tmp_path, caplog):
         srv.stop()
 
 
+def test_concurrent_wrong_logins_braked_before_the_password_check(tmp_path):
+    """The token is taken before the (slow, threaded) password check: 40 wrong logins
+    sent at once from one address -> at most `burst` reach the check (401), the rest 429."""
+    import threading
+    burst, n = 3, 40
+    srv = sec.SecureServer(tmp_path, users=sec.USERS, burst=burst, refill=3600.0)
+    try:
+        barrier = threading.Barrier(n)
+        results: list[tuple[int, object]] = []
+        lock = threading.Lock()
+
+        def attempt(i):
+            user = "alice" if i % 2 else "mallory"     # known and unknown user alike
+            h = sec.cim_headers("EnumerateInstanceNames")
+            h["Authorization"] = sec.basic(user, f"guess-{i}")
+            barrier.wait()
+            status, headers, _ = sec.post(srv.port, sec.ENUM_NAMES, h)
+            with lock:
+                results.append((status, headers.get("Retry-After")))
+
+        threads = [threading.Thread(target=attempt, args=(i,)) for i in range(n)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        assert len(results) == n
+        statuses = [s for s, _ in results]
+        assert set(statuses) <= {401, 429}, statuses
+        assert statuses.count(401) <= burst and statuses.count(429) >= n - burst, statuses
+        assert all(int(ra) >= 1 for s, ra in results if s == 429)
+        assert srv.stats()["failed_logins"] == statuses.count(401)
+        # braked: even the right password is refused without a check
+        status, _h, _b = _status(srv, sec.basic("alice", ALICE))
+        assert status == 429
+        # after the refill (the brake's clock moved on an hour per token) it works again
+        brake = srv.handle.authenticate.brake
+        brake.clock = lambda: time.monotonic() + 3600.0 * (burst + 1)
+        assert brake.retry_after("127.0.0.1") == 0
+        status, _h, body = _status(srv, sec.basic("alice", ALICE))
+        assert status == 200 and body.count(b"<INSTANCENAME ") == 3
+        # a successful login gives its token back
+        assert brake.retry_after("127.0.0.1") == 0
+        assert srv.stats()["failed_logins"] == statuses.count(401)
+    finally:
+        srv.stop()
+
+
+def test_brake_take_and_refund():
+    now = [0.0]
+    brake = auth.FailureBrake(burst=2, refill=10.0, clock=lambda: now[0])
+    assert brake.take("a") and brake.take("a")
+    assert not brake.take("a") and brake.retry_after("a") == 10
+    assert brake.take("b")                       # per address
+    brake.refund("a")
+    assert brake.retry_after("a") == 0 and brake.take("a") and not brake.take("a")
+    now[0] += 10.0                               # one token back
+    assert brake.take("a") and not brake.take("a")
+    for _ in range(5):
+        brake.refund("b")                        # never above the burst
+    assert brake.take("b") and brake.take("b") and not brake.take("b")
+
+
 def test_brake_refills():
     brake = auth.FailureBrake(burst=2, refill=0.05)
     brake.failed("a")

@@ -178,32 +178,54 @@ def pam_checker(service: str) -> Callable[[str, str], bool]:
 class FailureBrake:
     """Token bucket of failed logins per address; bounded in memory (LRU of addresses)."""
 
-    def __init__(self, burst: int = 5, refill: float = 2.0, max_addresses: int = 10000):
+    def __init__(self, burst: int = 5, refill: float = 2.0, max_addresses: int = 10000,
+                 clock: Callable[[], float] = time.monotonic):
         self.burst = burst
         self.refill = refill
         self.max_addresses = max_addresses
+        self.clock = clock
         self._buckets: OrderedDict[str, tuple[float, float]] = OrderedDict()
 
     def _level(self, addr: str, now: float) -> float:
         tokens, at = self._buckets.get(addr, (float(self.burst), now))
         return min(float(self.burst), tokens + (now - at) / self.refill)
 
+    def _set(self, addr: str, level: float, now: float) -> None:
+        self._buckets[addr] = (min(max(level, 0.0), float(self.burst)), now)
+        self._buckets.move_to_end(addr)
+        while len(self._buckets) > self.max_addresses:
+            self._buckets.popitem(last=False)
+
     def retry_after(self, addr: str) -> int:
         """0 when `addr` may try; otherwise seconds until it may."""
         if addr not in self._buckets:
             return 0
-        level = self._level(addr, time.monotonic())
+        level = self._level(addr, self.clock())
         if level >= 1.0:
             return 0
         return max(1, int((1.0 - level) * self.refill + 0.999))
 
+    def take(self, addr: str) -> bool:
+        """Charge one attempt to `addr` *before* checking a password; False (nothing
+        charged) when its bucket is empty.  Taking before the (slow, awaited) check is what
+        keeps concurrent attempts from all passing a check-then-charge brake."""
+        now = self.clock()
+        level = self._level(addr, now)
+        if level < 1.0:
+            return False
+        self._set(addr, level - 1.0, now)
+        return True
+
+    def refund(self, addr: str) -> None:
+        """Give back the token of an attempt that succeeded."""
+        if addr in self._buckets:
+            now = self.clock()
+            self._set(addr, self._level(addr, now) + 1.0, now)
+
     def failed(self, addr: str) -> None:
-        now = time.monotonic()
-        level = self._level(addr, now) - 1.0
-        self._buckets[addr] = (max(level, 0.0), now)
-        self._buckets.move_to_end(addr)
-        while len(self._buckets) > self.max_addresses:
-            self._buckets.popitem(last=False)
+        """Charge a failure (whether or not a token was left)."""
+        now = self.clock()
+        self._set(addr, self._level(addr, now) - 1.0, now)
 
 
 # --- the authenticate hook for make_app -------------------------------------------------
@@ -257,6 +279,10 @@ class Authenticator:
         return web.Response(status=401, text=text,
                             headers={"WWW-Authenticate": f'Basic realm="{REALM}"'})
 
+    def _braked(self, addr: str) -> web.Response:
+        return web.Response(status=429, text="too many failed logins; try again later\n",
+                            headers={"Retry-After": str(max(1, self.brake.retry_after(addr)))})
+
     def _mac(self, user: str, password: str) -> bytes:
         return hmac.new(self._key, f"{user}\0{password}".encode("utf-8", "surrogatepass"),
                         hashlib.sha256).digest()
@@ -294,21 +320,28 @@ class Authenticator:
         creds = parse_basic(request.headers.get("Authorization"))
         if creds is None:
             return self.challenge()
-        wait = self.brake.retry_after(addr)
-        if wait:
-            return web.Response(status=429, text="too many failed logins; try again later\n",
-                                headers={"Retry-After": str(wait)})
+        if self.brake.retry_after(addr):
+            return self._braked(addr)
         user, password = creds
         role = self._cached_role(user, password)
         if role is None:
-            async with self._slots:
-                role = await asyncio.get_running_loop().run_in_executor(
-                    None, self._verify, user, password)
+            # The token is taken before the slow check (no await in between), so N
+            # concurrent attempts from one address cannot all pass an empty-looking
+            # bucket: at most `burst` of them reach the password check.
+            if not self.brake.take(addr):
+                return self._braked(addr)
+            try:
+                async with self._slots:
+                    role = await asyncio.get_running_loop().run_in_executor(
+                        None, self._verify, user, password)
+            except BaseException:
+                self.brake.refund(addr)    # not a failed login: cancelled or broken
+                raise
             if role is None:
                 self.failures += 1
-                self.brake.failed(addr)
                 log.warning("failed login for %r from %s", user[:64], addr)
                 return self.challenge("wrong user name or password\n")
+            self.brake.refund(addr)
             self._cache[user] = (self._mac(user, password), role, self._file_hash(user),
                                  time.monotonic() + self.cache_ttl)
             self._cache.move_to_end(user)
