@@ -182,6 +182,26 @@ BAD_DEFINE = [
      'instance of VIRT_VirtualSystemSettingData { ElementName = "bad-type"; };',
      ["instance of VIRT_ResourceAllocationSettingData { ResourceType = 21; };"],
      "ResourceType"),
+    # MOF directives would let a client make the server open files by name.
+    ("pragma include of a file",
+     '#pragma include ("/etc/hostname")\n'
+     'instance of VIRT_VirtualSystemSettingData { ElementName = "pragma"; };', [],
+     "#pragma"),
+    ("pragma hidden after an instance",
+     'instance of VIRT_VirtualSystemSettingData { ElementName = "pragma2"; };\n'
+     '#pragma include ("/etc/passwd")', [], "#pragma"),
+    ("MOF over 64 KiB",
+     'instance of VIRT_VirtualSystemSettingData { ElementName = "' + "x" * 70000 + '"; };',
+     [], "larger than"),
+    # Embedded CIM-XML is typed against the class, like CreateInstance's NewInstance.
+    ("a string where the class has uint16",
+     '<INSTANCE CLASSNAME="VIRT_VirtualSystemSettingData"><PROPERTY NAME="ElementName" '
+     'TYPE="string"><VALUE>typed</VALUE></PROPERTY><PROPERTY NAME="AutomaticStartupAction" '
+     'TYPE="string"><VALUE>abc</VALUE></PROPERTY></INSTANCE>', [], "AutomaticStartupAction"),
+    ("a property the class does not have",
+     '<INSTANCE CLASSNAME="VIRT_VirtualSystemSettingData"><PROPERTY NAME="ElementName" '
+     'TYPE="string"><VALUE>bogus</VALUE></PROPERTY><PROPERTY NAME="Bogus" '
+     'TYPE="string"><VALUE>x</VALUE></PROPERTY></INSTANCE>', [], "Bogus"),
 ]
 
 
@@ -427,3 +447,26 @@ def test_modify_memory_and_its_maximum(demo, conn, desc, store, quantity, limit,
     live = conn.GetInstance(iid_path(RASD, f"VIRT:state:{uuid}/mem"))
     assert live["VirtualQuantity"] == memory
     assert rsc(conn, uuid, 3) == 0
+
+
+def test_scalar_for_an_array_property_is_one_element(demo, conn):
+    """HostResource is an array: a plain string given for it (as hand-written
+    CIM-XML does) is one disk source, not a string cut into characters."""
+    system = ('instance of VIRT_VirtualSystemSettingData { ElementName = "scalar-array"; '
+              'VirtualSystemType = "Test"; };')
+    disk = ('<INSTANCE CLASSNAME="VIRT_StorageAllocationSettingData">'
+            '<PROPERTY NAME="ResourceType" TYPE="uint16"><VALUE>17</VALUE></PROPERTY>'
+            '<PROPERTY NAME="Address" TYPE="string"><VALUE>vda</VALUE></PROPERTY>'
+            '<PROPERTY NAME="HostResource" TYPE="string"><VALUE>/var/lib/images/x.img</VALUE>'
+            '</PROPERTY></INSTANCE>')
+    rv, out = conn.InvokeMethod("DefineSystem", vsms_path(), SystemSettings=system,
+                                ResourceSettings=[disk])
+    assert rv == 0
+    uuid = out["ResultingSystem"]["Name"]
+    try:
+        sasd = conn.GetInstance(pywbem.CIMInstanceName(
+            "VIRT_StorageAllocationSettingData",
+            {"InstanceID": f"VIRT:defined:{uuid}/vda"}, namespace="root/virt"))
+        assert sasd["HostResource"] == ["/var/lib/images/x.img"]
+    finally:
+        conn.InvokeMethod("DestroySystem", vsms_path(), AffectedSystem=out["ResultingSystem"])

@@ -181,6 +181,20 @@ def test_duplicate_parameter_refused():
     assert exc.value.status == 400 and "twice" in exc.value.reason
 
 
+def test_many_parameters_parse_and_duplicates_found_among_them():
+    """The duplicate check is linear: 20,000 distinct parameters parse (the default
+    test timeout bounds it; the quadratic check took minutes), and a repeat of the
+    first one, in another case, at the very end is still found."""
+    params = "".join(f'<IPARAMVALUE NAME="P{i}"><VALUE>x</VALUE></IPARAMVALUE>'
+                     for i in range(20000))
+    req = parse_request(imethodcall("GetClass", params))
+    assert len(req.params) == 20000 and req.params["P19999"] == "x"
+    with pytest.raises(RequestError) as exc:
+        parse_request(imethodcall("GetClass", params + '<IPARAMVALUE NAME="p0"><VALUE>y'
+                                  '</VALUE></IPARAMVALUE>'))
+    assert "twice" in exc.value.reason
+
+
 @pytest.mark.parametrize("body,status,cim_error", [
     (b"<CIM", 400, "request-not-well-formed"),
     (b'<!DOCTYPE CIM><CIM/>', 400, "request-not-well-formed"),

@@ -15,7 +15,6 @@ from typing import Any
 import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
-from ..wbem.embedded import parse_embedded_instance
 from ..wbem.provider import Provider, path_key
 from .backend import VIRT_NS, VSMS_CLASS, Backend, make
 from .computer_system import system_path
@@ -188,16 +187,13 @@ class ManagementServiceProvider(Provider):
         return await handler(params)
 
     def _embedded(self, name: str, value: Any, base: str) -> CIMInstance:
-        """Parse one embedded instance; it must be a `base` (the parameter's
-        EmbeddedInstance class), else CIM_ERR_INVALID_PARAMETER naming the parameter."""
-        try:
-            inst = parse_embedded_instance(value, self.b.ns)
-        except ValueError as exc:
-            raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"{name}: {exc}") from None
-        if not self.b.ns.is_subclass(inst.classname, base):
+        """One embedded instance (the dispatcher parsed and typed it against the
+        parameter's EmbeddedInstance class); it must be a `base`."""
+        if not isinstance(value, CIMInstance) or not self.b.ns.is_subclass(value.classname, base):
+            what = value.classname if isinstance(value, CIMInstance) else type(value).__name__
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
-                           f"{name}: an instance of {inst.classname} is not a {base}")
-        return inst
+                           f"{name}: an instance of {what} is not a {base}")
+        return value
 
     async def _manager_call(self, what: str, call, *args):
         from ..sources.manager import ManagerError, ManagerNotSupported

@@ -8,6 +8,8 @@ reason fit for CIM_ERR_INVALID_PARAMETER.
 from __future__ import annotations
 
 import logging
+import re
+import threading
 
 from pywbem import CIMInstance, MOFCompiler, MOFWBEMConnection
 from pywbem._nocasedict import NocaseDict
@@ -18,6 +20,9 @@ from .xmlparse import XMLRequestError, parse_tupletree
 
 log = logging.getLogger(__name__)
 MAX_EMBEDDED = 1024 * 1024
+MAX_MOF = 64 * 1024        # an instance of a settings class is a few hundred bytes
+_MOF_STRINGS = re.compile(r'"(?:[^"\\]|\\.)*"')
+_MOF_LOCK = threading.Lock()   # one compile at a time: pywbem's compiler is not re-entrant
 
 
 def parse_embedded_instance(text: object, ns: Namespace) -> CIMInstance:
@@ -55,6 +60,12 @@ class _Quiet:
 
 
 def _from_mof(text: str, ns: Namespace) -> CIMInstance:
+    if len(text) > MAX_MOF:
+        raise ValueError(f"embedded MOF larger than {MAX_MOF} bytes")
+    # `#pragma include(...)` would make the compiler open a file of the server's
+    # choosing by the client's name (and a FIFO would hang it): no pragmas at all.
+    if "#" in _MOF_STRINGS.sub('""', text):
+        raise ValueError("embedded MOF may not contain #pragma or other directives")
     handle = MOFWBEMConnection()
     handle.classes[ns.name] = NocaseDict({c.classname: c for c in ns.classes.values()})
     handle.qualifiers[ns.name] = NocaseDict({q.name: q for q in ns.qualifiers.values()})
@@ -62,7 +73,8 @@ def _from_mof(text: str, ns: Namespace) -> CIMInstance:
     if not text.endswith(";"):      # `instance of X { ... }` as wbemcli users type it
         text += ";"
     try:
-        result = compiler.compile_embedded_value(text, ns.name)
+        with _MOF_LOCK:
+            result = compiler.compile_embedded_value(text, ns.name)
     except Exception as exc:
         raise ValueError(f"embedded MOF: {str(exc).strip().splitlines()[0][:200]}") from None
     insts = [r for r in (result or []) if isinstance(r, CIMInstance)]

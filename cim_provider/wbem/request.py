@@ -72,18 +72,18 @@ def parse_request(body: bytes, max_depth: int = 64) -> CIMRequest:
         if call[0][0] == "IMETHODCALL":
             name, cattrs, namespace, params = parser.parse_imethodcall(call[0])
             out: dict[str, Any] = {}
+            seen: set[str] = set()
             for pname, value in params:
-                if pname.lower() in (k.lower() for k in out):
-                    raise RequestError(400, "request-not-valid", f"parameter {pname[:64]!r} given twice")
+                _once(pname, seen)
                 out[pname] = value
             return CIMRequest(mattrs["ID"], True, cattrs["NAME"], namespace, out)
         # pywbem 1.9 returns the target already parsed (CIMClassName / CIMInstanceName)
         # and each PARAMVALUE as (name, PARAMTYPE or None, parsed value).
         name, cattrs, target, params = parser.parse_methodcall(call[0])
         out = {}
+        seen = set()
         for pname, ptype, value in params:
-            if pname.lower() in (k.lower() for k in out):
-                raise RequestError(400, "request-not-valid", f"parameter {pname[:64]!r} given twice")
+            _once(pname, seen)
             out[pname] = (ptype, value)
         return CIMRequest(mattrs["ID"], False, cattrs["NAME"], target.namespace or "",
                           out, target)
@@ -91,6 +91,14 @@ def parse_request(body: bytes, max_depth: int = 64) -> CIMRequest:
         raise
     except Exception as exc:  # pywbem's parse errors and anything odd in the tree
         raise RequestError(400, "request-not-valid", _short(str(exc))) from None
+
+
+def _once(name: str, seen: set[str]) -> None:
+    """Parameter names are case-insensitive and may appear once (a set: linear time)."""
+    key = name.lower()
+    if key in seen:
+        raise RequestError(400, "request-not-valid", f"parameter {name[:64]!r} given twice")
+    seen.add(key)
 
 
 def _elements(node: tuple) -> list[tuple]:
