@@ -8,8 +8,8 @@ import subprocess
 
 import pytest
 
-from cim_provider.contract import BUS_NAME, OBJECT_PATH
-from cim_provider.contract.bus import NameFlag, PropertyAccess, Variant, connect, dbus_property, method
+from cim_provider.contract import BUS_NAME, ERROR_FAILED, ERROR_NOT_SUPPORTED, OBJECT_PATH
+from cim_provider.contract.bus import DBusError, NameFlag, PropertyAccess, Variant, connect, dbus_property, method
 from cim_provider.manager.service import serve_manager
 from cim_provider.manager.store import SqliteStore
 from cim_provider.sources.manager import (ManagerClient, ManagerError, ManagerNotSupported,
@@ -18,12 +18,12 @@ try:
     from tests.support import eventually, manager_command, run, wait_for_owner
     from tests.support.dbus_daemon import (DBusDaemon, dbus_address,  # noqa: F401 (fixture)
                                            subprocess_env)
-    from tests.support.minimal_manager import MinimalManager, serve_minimal
+    from tests.support.minimal_manager import MinimalManager, SignalingManager, serve_minimal
 except ImportError:          # tests/ itself is on sys.path (rootdir-less layout)
     from support import eventually, manager_command, run, wait_for_owner
     from support.dbus_daemon import (DBusDaemon, dbus_address,  # noqa: F401 (fixture)
                                      subprocess_env)
-    from support.minimal_manager import MinimalManager, serve_minimal
+    from support.minimal_manager import MinimalManager, SignalingManager, serve_minimal
 
 pytestmark = pytest.mark.dbus
 
@@ -380,6 +380,7 @@ class PollingManager(MinimalManager):
         super().__init__(entries)
         self.generation = 1
         self.list_calls = 0
+        self.generation_failures = []    # error names the next Generation reads reply with
 
     @method()
     async def ListDomains(self) -> "aa{sv}":
@@ -388,6 +389,9 @@ class PollingManager(MinimalManager):
 
     @dbus_property(access=PropertyAccess.READ)
     def Generation(self) -> "t":
+        if self.generation_failures:
+            name = self.generation_failures.pop(0)
+            raise DBusError(name, f"Generation fails this once with {name} (a test)")
         return self.generation
 
 
@@ -415,6 +419,112 @@ def test_generation_spares_relists_without_signals(dbus_address):
             manager.entries = [GOOD_A]
             await client.refresh()
             assert set(client.definitions) == {UUID_A}
+        finally:
+            await client.stop()
+            bus.disconnect()
+    run(scenario())
+
+
+@pytest.mark.parametrize("failure", [ERROR_FAILED, 1.0], ids=["Error.Failed", "timeout"])
+def test_failed_relist_after_a_signal_is_retried(dbus_address, caplog, failure):
+    """With signals, a re-list that fails is retried every relist_interval until one
+    works: the change the signal announced is not lost until the next signal."""
+    async def scenario():
+        running = await serve_minimal(dbus_address, manager=SignalingManager([GOOD_A]))
+        manager = running.manager
+        client = ManagerClient(dbus_address, call_timeout=0.2, relist_interval=0.05)
+        try:
+            await client.start()
+            assert client.offers("DomainDefined") and client.knows_twins
+            assert set(client.definitions) == {UUID_A}
+            manager.failures.append(failure)
+            manager.entries.append(GOOD_B)
+            manager.active.add(UUID_B)
+            with caplog.at_level(logging.WARNING, logger=LOGGER):
+                manager.DomainDefined(UUID_B)
+                await eventually(lambda: set(client.definitions) == {UUID_A, UUID_B},
+                                 within=3.0, what="the failed re-list retried")
+            assert manager.failures == [] and client.active == {UUID_B}
+            assert any("cannot read" in r.getMessage() for r in caplog.records)
+            # Once a read worked, signals alone drive the re-lists again.
+            calls = manager.list_calls
+            await asyncio.sleep(0.3)          # 6 intervals: polling would show here
+            assert manager.list_calls == calls
+        finally:
+            await client.stop()
+            await running.stop()
+    run(scenario())
+
+
+def test_safety_relist_finds_a_change_whose_signal_was_lost(dbus_address):
+    async def scenario():
+        running = await serve_minimal(dbus_address, manager=SignalingManager([GOOD_A]))
+        client = ManagerClient(dbus_address, relist_interval=60, safety_relist=0.1)
+        try:
+            await client.start()
+            assert client.offers("DomainChanged") and set(client.definitions) == {UUID_A}
+            running.manager.entries.append(GOOD_B)        # and no signal
+            await eventually(lambda: set(client.definitions) == {UUID_A, UUID_B},
+                             within=2.0, what="safety re-list")
+        finally:
+            await client.stop()
+            await running.stop()
+    run(scenario())
+
+
+def test_contract_not_supported_does_not_demote_list_domains(dbus_address):
+    """Error.NotSupported from ListDomains fails that read only; UnknownMethod is what
+    says the Manager does not have it."""
+    async def scenario():
+        running = await serve_minimal(dbus_address, manager=SignalingManager([GOOD_A]))
+        manager = running.manager
+        manager.active.add(UUID_A)
+        manager.failures.append(ERROR_NOT_SUPPORTED)
+        client = ManagerClient(dbus_address, relist_interval=0.05)
+        try:
+            await client.start()              # the first read fails, and is retried
+            await eventually(lambda: client.definitions is not None, within=2.0,
+                             what="list after Error.NotSupported")
+            assert client.knows_twins and client.offers("ListDomains")
+            assert set(client.definitions) == {UUID_A} and client.active == {UUID_A}
+
+            manager.failures.append("org.freedesktop.DBus.Error.UnknownMethod")
+            manager.active.clear()
+            manager.DomainChanged(UUID_A)
+            await eventually(lambda: not client.knows_twins, within=2.0,
+                             what="demoted after UnknownMethod")
+            assert client.offers("ListInactiveDomains") and set(client.definitions) == {UUID_A}
+        finally:
+            await client.stop()
+            await running.stop()
+    run(scenario())
+
+
+def test_contract_not_supported_does_not_demote_generation(dbus_address):
+    async def scenario():
+        bus = await connect(dbus_address)
+        manager = PollingManager([GOOD_A])
+        bus.export(OBJECT_PATH, manager)
+        await bus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
+        client = ManagerClient(dbus_address, relist_interval=0.05)
+        try:
+            await client.start()
+            assert client.offers("Generation")
+            manager.generation_failures.append(ERROR_NOT_SUPPORTED)
+            await eventually(lambda: not manager.generation_failures, within=2.0,
+                             what="Generation read failing")
+            calls = manager.list_calls
+            await eventually(lambda: manager.list_calls > calls, within=2.0,
+                             what="a re-list instead of the Generation shortcut")
+            assert client.offers("Generation")
+            # Still used: an unchanged Generation spares the re-lists again.
+            calls = manager.list_calls
+            await asyncio.sleep(0.3)
+            assert manager.list_calls == calls
+
+            manager.generation_failures.append("org.freedesktop.DBus.Error.UnknownProperty")
+            await eventually(lambda: not client.offers("Generation"), within=2.0,
+                             what="demoted after UnknownProperty")
         finally:
             await client.stop()
             bus.disconnect()

@@ -31,6 +31,9 @@ log = logging.getLogger(__name__)
 DEBOUNCE = 0.05
 # Back-off between attempts to reach the bus itself (not the Manager) after it failed.
 RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0
+# Even with the change signals, re-read this often: a signal can be lost (a bus daemon
+# under memory pressure drops messages), and then nothing else would make us look.
+SAFETY_RELIST = 60.0
 
 OnChange = Callable[[dict[str, DomainConfig] | None], None]
 
@@ -48,6 +51,12 @@ _UNSUPPORTED_ERRORS = {"org.freedesktop.DBus.Error.UnknownMethod",
                        "org.freedesktop.DBus.Error.UnknownObject",
                        "org.freedesktop.DBus.Error.UnknownProperty",
                        ERROR_NOT_SUPPORTED}
+# Only these say "this Manager does not have the member at all", so that the client may
+# stop using it for as long as this Manager runs. A contract Error.NotSupported (or any
+# other reply) is a failure of this one call, never a reason to stop asking.
+_ABSENT_MEMBER_ERRORS = {"org.freedesktop.DBus.Error.UnknownMethod",
+                         "org.freedesktop.DBus.Error.UnknownInterface",
+                         "org.freedesktop.DBus.Error.UnknownProperty"}
 
 
 class ManagerError(Exception):
@@ -100,13 +109,19 @@ class ManagerClient:
     `on_change(defs)` runs on the event loop with all current definitions whenever a
     (re)read differs from the previous one (definitions or the set of active UUIDs),
     and with None when the Manager goes away.
+
+    Without the change signals the list is re-read every `relist_interval` seconds;
+    with them, on each signal, every `relist_interval` after a failed read until one
+    succeeds, and every `safety_relist` seconds in case a signal was lost (None: never).
     """
 
     def __init__(self, bus: str = "system", *, call_timeout: float = 5.0,
-                 relist_interval: float = 5.0, on_change: OnChange | None = None) -> None:
+                 relist_interval: float = 5.0, on_change: OnChange | None = None,
+                 safety_relist: float | None = SAFETY_RELIST) -> None:
         self.bus_spec = bus
         self.call_timeout = call_timeout
         self.relist_interval = relist_interval
+        self.safety_relist = safety_relist
         self.on_change = on_change
         self.definitions: dict[str, DomainConfig] | None = None
         self.active: set[str] = set()
@@ -121,6 +136,7 @@ class ManagerClient:
         self._wakes = 0                    # counts reasons to re-list (see _poke)
         self._owner_events = 0             # NameOwnerChanged signals seen
         self._debounce = False
+        self._refresh_failed = False       # the last read of this Manager failed
         self._refresh_lock = asyncio.Lock()
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
@@ -233,8 +249,11 @@ class ManagerClient:
                     backoff = min(backoff * 2, RECONNECT_MAX)
                     log.debug("bus still unreachable: %s", exc)
                 continue
-            with contextlib.suppress(asyncio.TimeoutError):
+            timed_out = False
+            try:
                 await asyncio.wait_for(self._wake.wait(), self._wait_timeout())
+            except asyncio.TimeoutError:
+                timed_out = True
             self._wake.clear()
             if self._owner is None:
                 continue
@@ -242,18 +261,21 @@ class ManagerClient:
                 await asyncio.sleep(DEBOUNCE)
                 self._debounce = False
                 self._wake.clear()
+                timed_out = False
             try:
-                await self._refresh()
+                await self._refresh(periodic=timed_out)
             except Exception:  # never let the loop die on a surprise
+                if self._owner is not None:
+                    self._refresh_failed = True
                 log.exception("unexpected error while reading the Manager's domains")
 
     def _wait_timeout(self) -> float | None:
         if self._owner is None:
             return None
-        if (self.definitions is None or self._need_introspect
+        if (self.definitions is None or self._need_introspect or self._refresh_failed
                 or not CHANGE_SIGNALS <= self._offered):
             return self.relist_interval
-        return None
+        return self.safety_relist
 
     # ------------------------------------------------------------ presence and signals
 
@@ -286,6 +308,7 @@ class ManagerClient:
         self._warned.clear()
         self.generation = None
         self._debounce = False
+        self._refresh_failed = False
         self._poke()
 
     def _poke(self) -> None:
@@ -300,6 +323,7 @@ class ManagerClient:
         self._epoch += 1
         self._offered = set()
         self.generation = None
+        self._refresh_failed = False
         if self.definitions is not None or self.active:
             self.definitions = None
             self.active = set()
@@ -354,7 +378,10 @@ class ManagerClient:
         client, so the next read sees it). Failures are logged, not raised."""
         await self._refresh(force=True)
 
-    async def _refresh(self, force: bool = False) -> None:
+    async def _refresh(self, force: bool = False, periodic: bool = False) -> None:
+        """Re-read the list. `force`: whatever Generation says; `periodic`: no signal
+        asked for this read (a safety re-list or a retry), so an unchanged Generation
+        may spare it even when the Manager has signals."""
         async with self._refresh_lock:
             epoch = self._epoch
             wakes = self._wakes
@@ -373,19 +400,24 @@ class ManagerClient:
                         return
                 polling = not CHANGE_SIGNALS <= self._offered
                 generation = None
-                if polling and self.offers("Generation") and not force:
+                if (polling or periodic) and self.offers("Generation") and not force:
                     # A cheap question first: has anything changed since the last list?
                     generation = await self._get_generation()
                     if (generation is not None and generation == self.generation
                             and self.definitions is not None):
+                        self._refresh_failed = False
                         return
                 entries, with_active = await self._list()
             except ManagerError as exc:
                 if epoch == self._epoch:
+                    # Retried every relist_interval (see _wait_timeout) until a read
+                    # works: the change that made us read must not be lost.
+                    self._refresh_failed = True
                     log.warning("cannot read the Manager's domains: %s", exc)
                 return
             if epoch != self._epoch:
                 return       # the Manager changed while we listened to the old one
+            self._refresh_failed = False
             self.generation = generation
             if wakes == self._wakes:
                 self._wake.clear()     # nothing new arrived while we listed
@@ -401,8 +433,11 @@ class ManagerClient:
             reply = await self._raw_call(BUS_NAME, OBJECT_PATH, "org.freedesktop.DBus.Properties",
                                          "Get", "ss", [INTERFACE, "Generation"],
                                          member_for_errors="Generation")
-        except ManagerNotSupported:
-            self._offered.discard("Generation")
+        except ManagerNotSupported as exc:
+            if exc.name in _ABSENT_MEMBER_ERRORS:
+                self._offered.discard("Generation")
+            else:                    # not now (Error.NotSupported): list, ask again later
+                log.debug("Generation not available now: %s", exc)
             return None
         value = getattr(reply[0], "value", None) if reply else None
         return value if isinstance(value, int) else None
@@ -411,7 +446,11 @@ class ManagerClient:
         if self.offers("ListDomains"):
             try:
                 return await self._call("ListDomains"), True
-            except ManagerNotSupported:
+            except ManagerNotSupported as exc:
+                if exc.name not in _ABSENT_MEMBER_ERRORS:
+                    raise    # a failure of this read (retried), not a missing method
+                log.info("the Manager does not have ListDomains after all (%s); "
+                         "using ListInactiveDomains", exc.name)
                 self._offered.discard("ListDomains")
         return await self._call("ListInactiveDomains"), False
 
