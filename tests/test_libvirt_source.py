@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import threading
 import time
 import uuid as uuidlib
 from typing import Awaitable, Callable
@@ -393,4 +394,40 @@ def test_start_against_a_hung_libvirtd_returns_and_connects_later(libvirtd):
             assert list(src.running) == [TEST_DOMAIN]
         finally:
             await src.stop()
+    run(body)
+
+
+def test_the_pending_count_changes_only_under_the_adapters_lock():
+    """libvirtaio's pending count: up on executor threads, down on the loop's thread.
+
+    Both must hold the adapter's lock. Under CPython's GIL the lost update cannot be
+    made to happen on demand, so this checks the contract itself: a decrement (as the
+    loop's free callback does) waits while another thread holds the lock, as an
+    executor thread inside libvirt's add-handle hook does.
+    """
+    async def body() -> None:
+        impl = ensure_event_loop_impl()
+        start = impl._pending
+        await asyncio.to_thread(impl._pending_inc)
+        held, release = threading.Event(), threading.Event()
+
+        def holder() -> None:
+            with impl._lock:
+                held.set()
+                release.wait(10)
+
+        lock_holder = threading.Thread(target=holder)
+        lock_holder.start()
+        assert held.wait(5)
+        dec = threading.Thread(target=impl._pending_dec)
+        dec.start()
+        try:
+            dec.join(0.2)
+            assert dec.is_alive(), "the pending count was decremented without the lock"
+            assert impl._pending == start + 1
+        finally:
+            release.set()
+            lock_holder.join(5)
+            dec.join(5)
+        assert impl._pending == start
     run(body)

@@ -111,6 +111,18 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         libvirt.virEventInvokeFreeCallback(opaque)
         self._pending_dec()
 
+    # libvirtaio counts handles and timers whose free callback has not run yet. The
+    # count goes up on whichever thread called libvirt and down on the loop's thread:
+    # both under the lock, or a read-modify-write on one thread loses the other's.
+
+    def _pending_inc(self) -> None:
+        with self._lock:
+            super()._pending_inc()
+
+    def _pending_dec(self) -> None:
+        with self._lock:
+            super()._pending_dec()
+
     # -- file handles
 
     def _add_handle(self, fd: int, event: int, cb: Any, opaque: Any) -> int:
