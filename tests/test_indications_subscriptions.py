@@ -4,6 +4,7 @@ WBEMConnection) or pywbem's WBEMSubscriptionManager as console, pywbem's WBEMLis
 receiving. Nothing is mocked."""
 from __future__ import annotations
 
+import json
 import logging
 import time
 
@@ -110,3 +111,75 @@ def test_a_failing_subscription_does_not_starve_the_others(server, listener, cap
         assert len(good) == 1
     finally:
         console.close()
+
+
+def test_references_without_a_namespace(server, listener):
+    """wbemcli and other hand-built clients send Filter / Handler as INSTANCENAME
+    (no namespace at all): they name the interop instances all the same. The
+    subscription is created, delivers, keeps its filter and destination from being
+    deleted, and is deleted by a path without a namespace too. (Over the wire the
+    dispatcher already completes the references; this guards the whole path.)"""
+    conn = connect_wbem(server.url, "interop")
+    dest = conn.CreateInstance(destination("local", listener.url))
+    flt = conn.CreateInstance(indication_filter("local"))
+    bare_flt, bare_dest = flt.copy(), dest.copy()
+    for p in (bare_flt, bare_dest):
+        p.namespace = None
+        p.host = None
+    sub = conn.CreateInstance(subscription(bare_flt, bare_dest))
+    assert [i.path for i in conn.EnumerateInstances("CIM_IndicationSubscription")] == [sub]
+    toggle(server, listener, 2)
+    for path in (flt, dest):
+        with pytest.raises(pywbem.CIMError) as err:
+            conn.DeleteInstance(path)
+        assert err.value.status_code == pywbem.CIM_ERR_FAILED
+    # the same subscription with namespaced references is the same instance
+    with pytest.raises(pywbem.CIMError) as err:
+        conn.CreateInstance(subscription(flt, dest))
+    assert err.value.status_code == pywbem.CIM_ERR_ALREADY_EXISTS
+    full_sub = sub.copy()
+    full_sub["Filter"], full_sub["Handler"] = flt, dest
+    assert conn.GetInstance(full_sub)["Filter"].keybindings == flt.keybindings
+    bare_sub = sub.copy()
+    bare_sub.namespace = None
+    bare_sub.host = None
+    bare_sub["Filter"], bare_sub["Handler"] = bare_flt, bare_dest
+    conn.DeleteInstance(bare_sub)
+    conn.DeleteInstance(flt)
+    conn.DeleteInstance(dest)
+    for cls in ("CIM_IndicationSubscription", "CIM_IndicationFilter",
+                "CIM_ListenerDestinationCIMXML"):
+        assert conn.EnumerateInstances(cls) == []
+
+
+def test_saved_references_without_a_namespace(tmp_path, listener):
+    """The dispatcher completes the references a client sends, but a state file
+    written by hand (or by another tool) may hold Filter / Handler references without
+    a namespace: they name the interop filter and destination, so the subscription is
+    loaded and delivers after a restart, instead of being skipped as dangling."""
+    quiet_pywbem_logs()
+    state = tmp_path / "state"
+    srv = LibvirtServer(state).start()
+    try:
+        conn = connect_wbem(srv.url, "interop")
+        dest = conn.CreateInstance(destination("saved", listener.url))
+        flt = conn.CreateInstance(indication_filter("saved"))
+        conn.CreateInstance(subscription(flt, dest))
+        srv.stop_server()
+        saved = state / "subscriptions.json"
+        data = json.loads(saved.read_text())
+        [sub] = data["subscriptions"]
+        for role in ("Filter", "Handler"):
+            assert sub["properties"][role]["namespace"] == "interop"
+            del sub["properties"][role]["namespace"]
+        saved.write_text(json.dumps(data))
+
+        srv.start()
+        conn = connect_wbem(srv.url, "interop")
+        assert len(conn.EnumerateInstances("CIM_IndicationSubscription")) == 1
+        toggle(srv, listener, 2)
+        with pytest.raises(pywbem.CIMError) as err:      # still referenced
+            conn.DeleteInstance(flt)
+        assert err.value.status_code == pywbem.CIM_ERR_FAILED
+    finally:
+        srv.close()

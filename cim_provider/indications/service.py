@@ -30,10 +30,9 @@ from pywbem import CIMDateTime, CIMInstance, CIMProperty
 from ..inventory.inventory import Change, Inventory
 from ..inventory.records import DomainRecord
 from ..wbem import wql
-from ..wbem.provider import path_key
 from ..wbem.repository import Repository
 from .delivery import DestinationWorker
-from .subscriptions import Filter, Subscriptions
+from .subscriptions import Filter, Subscriptions, interop_key
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +142,7 @@ class IndicationService:
         # cost the others this indication: each is tried on its own, and a failing
         # destination is logged once (not on every indication) until it works again.
         for _sub, flt, dest in active:
-            key = path_key(dest.path)
+            key = interop_key(dest.path)
             try:
                 if not self._matches(flt, indication, source_ns):
                     continue
@@ -162,7 +161,7 @@ class IndicationService:
         return n
 
     def _worker(self, dest: CIMInstance) -> DestinationWorker:
-        key = path_key(dest.path)
+        key = interop_key(dest.path)
         worker = self.workers.get(key)
         if worker is None or worker.url != _url(dest["Destination"]):
             if worker is not None:

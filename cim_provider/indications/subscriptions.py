@@ -105,6 +105,22 @@ def _typed(ns: Namespace, classname: str, values: dict[str, Any]) -> CIMInstance
 
 # --- the subscription set ----------------------------------------------------------------
 
+def interop_key(path: CIMInstanceName) -> tuple:
+    """path_key of an interop instance path. Hand-built clients (wbemcli) send paths
+    and the Filter / Handler references of a subscription without a namespace
+    (INSTANCENAME); they mean interop, so a missing namespace is interop, at the top
+    and in reference keys, and both spellings name the same instance."""
+    if any(isinstance(v, CIMInstanceName) and not v.namespace
+           for v in path.keybindings.values()):
+        path = path.copy()
+        for k, v in list(path.keybindings.items()):
+            if isinstance(v, CIMInstanceName) and not v.namespace:
+                v = v.copy()
+                v.namespace = INTEROP
+                path.keybindings[k] = v
+    return path_key(path, INTEROP)
+
+
 @dataclass
 class Filter:
     instance: CIMInstance
@@ -255,7 +271,7 @@ class Subscriptions:
         else:
             raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED, f"{inst.classname} cannot be created")
         path = self.path_of(inst)
-        key = path_key(path)
+        key = interop_key(path)
         if key in table:
             raise CIMError(pywbem.CIM_ERR_ALREADY_EXISTS, f"{path} already exists")
         inst.path = path
@@ -271,7 +287,7 @@ class Subscriptions:
         return path
 
     async def delete(self, path: CIMInstanceName) -> None:
-        key = path_key(path)
+        key = interop_key(path)
         if path.classname == SUB_CLASS:
             table: dict = self.subscriptions
         elif path.classname == FILTER_CLASS:
@@ -286,7 +302,8 @@ class Subscriptions:
             # DSP1054: a filter or destination still referenced by a subscription stays;
             # pywbem's WBEMSubscriptionManager expects CIM_ERR_FAILED here.
             role = "Filter" if table is self.filters else "Handler"
-            users = [s for s in self.subscriptions.values() if path_key(s[role]) == key]
+            users = [s for s in self.subscriptions.values()
+                     if interop_key(s[role]) == key]
             if users:
                 raise CIMError(pywbem.CIM_ERR_FAILED,
                                f"{path.classname} {path['Name']!r} is referenced by "
@@ -331,9 +348,9 @@ class Subscriptions:
         if flt is None or handler is None:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                            "a subscription needs both Filter and Handler")
-        if path_key(flt) not in self.filters:
+        if interop_key(flt) not in self.filters:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"Filter {flt} does not exist")
-        if path_key(handler) not in self.destinations:
+        if interop_key(handler) not in self.destinations:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, f"Handler {handler} does not exist")
         state = inst.get("SubscriptionState")
         if state is not None and state not in (STATE_ENABLED, STATE_DISABLED):
@@ -357,8 +374,8 @@ class Subscriptions:
         for sub in self.subscriptions.values():
             if sub.get("SubscriptionState", STATE_ENABLED) != STATE_ENABLED:
                 continue
-            flt = self.filters.get(path_key(sub["Filter"]))
-            dest = self.destinations.get(path_key(sub["Handler"]))
+            flt = self.filters.get(interop_key(sub["Filter"]))
+            dest = self.destinations.get(interop_key(sub["Handler"]))
             if flt is not None and dest is not None:
                 yield sub, flt, dest
 
@@ -404,7 +421,7 @@ class Subscriptions:
                 try:
                     inst = _typed(self.ns, row["classname"], row["properties"])
                     inst.path = self.path_of(inst)
-                    key = path_key(inst.path)
+                    key = interop_key(inst.path)
                     if section == "filters":
                         self.filters[key] = self.compile_filter(inst)
                     elif section == "destinations":
@@ -456,7 +473,7 @@ class _SubscriptionClassProvider(Provider):
         return [v.instance if isinstance(v, Filter) else v for v in self._table().values()]
 
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
-        v = self._table().get(path_key(path))
+        v = self._table().get(interop_key(path))
         if v is None:
             raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no instance {path}")
         return v.instance if isinstance(v, Filter) else v
