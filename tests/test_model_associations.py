@@ -442,3 +442,38 @@ def test_pywbemcli_central_instances(demo, transient, tmp_path, profile, expecte
         assert name.replace(TRANSIENT, transient) in text
     if profile == "Virtual System":
         assert text.count("root/virt:VIRT_ComputerSystem.") == 4
+
+
+CROSS_NAMESPACE_RESULT_CLASS = [
+    # (desc, source namespace, source, ResultClass, expected targets)
+    ("guest to its profile", "root/virt", lambda: cs_path(TEST_UUID), "VIRT_RegisteredProfile",
+     lambda: {key(profile_path("DSP1057"))}),
+    ("guest to a superclass of the profile", "root/virt", lambda: cs_path(TEST_UUID),
+     "CIM_RegisteredProfile", lambda: {key(profile_path("DSP1057"))}),
+    ("profile to guests by a root/virt superclass", INTEROP, lambda: profile_path("DSP1057"),
+     "CIM_ComputerSystem", "every guest"),
+    ("profile to guests, a class the guests are not", INTEROP, lambda: profile_path("DSP1057"),
+     "VIRT_HostSystem", lambda: set()),
+]
+
+
+@pytest.mark.parametrize("desc,ns,source,result_class,expected", CROSS_NAMESPACE_RESULT_CLASS,
+                         ids=[c[0] for c in CROSS_NAMESPACE_RESULT_CLASS])
+def test_result_class_across_namespaces(conn, desc, ns, source, result_class, expected):
+    """ResultClass names the class of the associated objects, which for
+    ElementConformsToProfile live in the other namespace."""
+    got = conn.AssociatorNames(source(), AssocClass="CIM_ElementConformsToProfile",
+                               ResultClass=result_class)
+    assert (source().namespace or "").lower() == ns.lower()
+    if expected == "every guest":
+        want = keys(conn.EnumerateInstanceNames(CS))
+        assert want
+    else:
+        want = expected()
+    assert keys(got) == want
+
+
+def test_result_class_unknown_everywhere_is_invalid_parameter(conn):
+    with pytest.raises(pywbem.CIMError) as exc:
+        conn.AssociatorNames(cs_path(TEST_UUID), ResultClass="VIRT_NoSuchClass")
+    assert exc.value.status_code == pywbem.CIM_ERR_INVALID_PARAMETER

@@ -552,9 +552,13 @@ class Dispatcher:
         return out
 
     async def _associator_paths(self, ns: Namespace, source: CIMInstanceName, p: dict) -> list[CIMInstanceName]:
-        if p["ResultClass"] is not None and ns.get(p["ResultClass"]) is None:
+        # Associated objects may live in another namespace (ElementConformsToProfile
+        # links root/virt and interop): ResultClass must exist in some served namespace.
+        rc = p["ResultClass"]
+        if rc is not None and not any(self.repo.namespace(n).get(rc) is not None
+                                      for n in self.repo.namespace_names):
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
-                           f"class {p['ResultClass'][:128]!r} does not exist in {ns.name}")
+                           f"class {rc[:128]!r} does not exist in any namespace")
         seen: dict[tuple, CIMInstanceName] = {}
         for assoc, via in await self._references(ns, source, p["AssocClass"], p["Role"]):
             for prop in assoc.properties.values():
