@@ -80,6 +80,10 @@ QUERY_ERRORS = [
      E.CIM_ERR_INVALID_QUERY),
     ("unknown ISA class", "WQL", "SELECT * FROM VIRT_ComputerSystem WHERE Name ISA VIRT_X",
      E.CIM_ERR_INVALID_QUERY),
+    ("NOT x 3000 nests too deeply", "WQL", "SELECT * FROM VIRT_ComputerSystem WHERE "
+     + "NOT " * 3000 + "EnabledState = 2", E.CIM_ERR_INVALID_QUERY),
+    ("'(' x 400 nests too deeply", "WQL", "SELECT * FROM VIRT_ComputerSystem WHERE "
+     + "(" * 400 + "EnabledState = 2" + ")" * 400, E.CIM_ERR_INVALID_QUERY),
 ]
 
 
@@ -92,6 +96,20 @@ def test_query_errors(virt_conn, desc, language, query, code):
     with pytest.raises(pywbem.CIMError) as err:
         virt_conn.OpenQueryInstances(language, query)
     assert err.value.status_code == code
+
+
+def test_exec_query_long_flat_chains(virt_conn):
+    """2000 ANDs (or ORs) are one flat chain: accepted and evaluated, no recursion."""
+    ands = " AND ".join(["EnabledState = 2"] * 2000)
+    got = virt_conn.ExecQuery("WQL", f"SELECT * FROM VIRT_ComputerSystem WHERE {ands}")
+    assert sorted(i["ElementName"] for i in got) == ["guest-0", "guest-1"]
+    got = virt_conn.ExecQuery("WQL", f"SELECT * FROM VIRT_ComputerSystem WHERE {ands} "
+                                     "AND ElementName = 'guest-1'")
+    assert [i["ElementName"] for i in got] == ["guest-1"]
+    ors = " OR ".join(["EnabledState = 7"] * 2000)
+    res = virt_conn.OpenQueryInstances("WQL", f"SELECT Name FROM VIRT_ComputerSystem WHERE "
+                                              f"{ors} OR EnabledState = 3", MaxObjectCount=10)
+    assert res.eos and [i["Name"] for i in res.instances] == [GUEST_UUIDS[2]]
 
 
 # --- generic write rules -------------------------------------------------------------------
@@ -158,6 +176,9 @@ CREATE_ERRORS = [
                                       "SourceInstance ISA VIRT_Nothing"),
      E.CIM_ERR_INVALID_PARAMETER),
     ("property list", make_filter("SELECT SourceInstance FROM CIM_InstCreation"),
+     E.CIM_ERR_INVALID_PARAMETER),
+    ("query nests too deeply", make_filter("SELECT * FROM CIM_InstCreation WHERE "
+                                           + "NOT " * 3000 + "SourceInstance IS NULL"),
      E.CIM_ERR_INVALID_PARAMETER),
     ("unknown source namespace", make_filter(GOOD, SourceNamespaces=["root/nowhere"]),
      E.CIM_ERR_INVALID_PARAMETER),

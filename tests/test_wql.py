@@ -161,3 +161,89 @@ def test_parse_shape():
     assert [str(p) for p in q.props()] == ["SourceInstance", "A.B"]
     assert q.isa_classes() == ["CIM_System"]
     assert wql.parse("SELECT * FROM X").select is None
+
+
+# --- limits: nesting is bounded, flat chains are not recursion ---------------------------
+
+W = "SELECT * FROM X WHERE "
+
+
+def _chain(word: str, n: int, term: str) -> str:
+    return f" {word} ".join([term] * n)
+
+
+# (description, query, instance, expected): long chains and the deepest nesting allowed
+DEEP_OK = [
+    ("2000 ANDs, all true", W + _chain("AND", 2001, "EnabledState = 2"), system(), True),
+    ("2000 ANDs, the last false", W + _chain("AND", 2000, "EnabledState = 2")
+     + " AND Name = 'db'", system(), False),
+    ("2000 ANDs, one unknown", W + "Description = 'x' AND "
+     + _chain("AND", 2000, "EnabledState = 2"), system(), False),
+    ("2000 ORs, the last true", W + _chain("OR", 2000, "EnabledState = 3")
+     + " OR Name = 'web'", system(), True),
+    ("2000 ORs, all false", W + _chain("OR", 2001, "EnabledState = 3"), system(), False),
+    ("NOT of 2000 ORs with an unknown", W + "NOT (Description = 'x' OR "
+     + _chain("OR", 2000, "EnabledState = 3") + ")", system(), False),
+    ("AND and OR chains mixed", W + _chain("OR", 500, "(" + _chain(
+        "AND", 4, "EnabledState = 3") + ")") + " OR (" + _chain("AND", 4, "Name = 'web'")
+     + ")", system(), True),
+    (f"{wql.MAX_DEPTH} parentheses", W + "(" * wql.MAX_DEPTH + "EnabledState = 2"
+     + ")" * wql.MAX_DEPTH, system(), True),
+    (f"{wql.MAX_DEPTH} NOTs", W + "NOT " * wql.MAX_DEPTH + "EnabledState = 2", system(),
+     wql.MAX_DEPTH % 2 == 0),
+    (f"{wql.MAX_DEPTH} levels of NOT and parentheses", W + "NOT (" * (wql.MAX_DEPTH // 2)
+     + "EnabledState = 2" + ")" * (wql.MAX_DEPTH // 2), system(), True),
+    (f"{wql.MAX_DEPTH} nested alternating ANDs and ORs", W
+     + "".join(f"Name = 'x{i}' {'AND' if i % 2 else 'OR'} (" for i in range(wql.MAX_DEPTH))
+     + "EnabledState = 2" + ")" * wql.MAX_DEPTH, system(), False),
+    ("parentheses one after another", W + _chain("AND", 1000, "(EnabledState = 2)"),
+     system(), True),
+]
+
+
+@pytest.mark.parametrize("desc, query, instance, expected", DEEP_OK,
+                         ids=[t[0] for t in DEEP_OK])
+def test_long_and_deep_queries_accepted(desc, query, instance, expected):
+    q = wql.parse(query)
+    assert wql.matches(q, instance, is_subclass) is expected
+
+
+def test_chains_are_flat():
+    q = wql.parse(W + _chain("AND", 2000, "A = 1") + " OR (B = 1 OR C = 1) OR D = 1")
+    assert isinstance(q.where, wql.Or) and len(q.where.operands) == 4
+    assert isinstance(q.where.operands[0], wql.And) and len(q.where.operands[0].operands) == 2000
+    assert len(q.props()) == 2003
+    assert [str(p) for p in q.props()[-3:]] == ["B", "C", "D"]
+
+
+# (description, query): too deep, each a plain (not `unsupported`) WQLError saying so
+TOO_DEEP = [
+    ("NOT x 3000", W + "NOT " * 3000 + "A = 1"),
+    ("'(' x 400", W + "(" * 400 + "A = 1" + ")" * 400),
+    ("'(' x 400, unclosed", W + "(" * 400 + "A = 1"),
+    ("'(' x 100000 (over the length limit)", W + "(" * 100000),
+    (f"{wql.MAX_DEPTH + 1} parentheses", W + "(" * (wql.MAX_DEPTH + 1) + "A = 1"
+     + ")" * (wql.MAX_DEPTH + 1)),
+    (f"{wql.MAX_DEPTH + 1} NOTs", W + "NOT " * (wql.MAX_DEPTH + 1) + "A = 1"),
+    ("NOT and parentheses together", W + "NOT (" * 60 + "A = 1" + ")" * 60),
+    ("nested AND / OR", W + "A = 1 AND (B = 1 OR (" * 60 + "C = 1" + "))" * 60),
+]
+
+
+@pytest.mark.parametrize("desc, query", TOO_DEEP, ids=[t[0] for t in TOO_DEEP])
+def test_too_deep_is_a_query_error(desc, query):
+    with pytest.raises(wql.WQLError) as err:
+        wql.parse(query)
+    assert not err.value.unsupported
+    assert "too deep" in err.value.message or "too long" in err.value.message
+
+
+def test_recursion_error_in_evaluation_is_a_query_error():
+    """A tree deeper than parse() builds (made by hand) is still a WQLError, not a crash."""
+    node: wql.Node = wql.Compare("=", wql.Prop(("EnabledState",)), wql.Literal(2))
+    for _ in range(5000):
+        node = wql.Not(node)
+    q = wql.Query("hand-built", None, "X", node)
+    with pytest.raises(wql.WQLError):
+        wql.matches(q, system())
+    assert len(q.props()) == 1              # walking it does not recurse

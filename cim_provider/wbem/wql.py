@@ -12,6 +12,10 @@ condition combines with AND / OR / NOT and parentheses:
 Everything else (LIKE, functions, joins, `prop.*`, ...) is refused with a WQLError
 whose `unsupported` flag says it is a feature we do not offer rather than bad syntax.
 
+Limits (a WQLError when exceeded): a query is at most MAX_QUERY characters, and
+parentheses and NOT nest at most MAX_DEPTH levels deep. Chains of AND / OR are flat
+(n-ary nodes, evaluated in a loop), so they are limited only by the length.
+
 Evaluation uses SQL's three-valued logic: a comparison involving NULL, or values of
 types that cannot be compared, is unknown, and a WHERE clause selects an object only
 when it is true. This module is CIM-XML free and used by dispatch (ExecQuery,
@@ -77,14 +81,12 @@ class Isa:
 
 @dataclass(frozen=True)
 class And:
-    left: "Node"
-    right: "Node"
+    operands: tuple["Node", ...]           # two or more; a chain is one node, not a spine
 
 
 @dataclass(frozen=True)
 class Or:
-    left: "Node"
-    right: "Node"
+    operands: tuple["Node", ...]
 
 
 @dataclass(frozen=True)
@@ -103,38 +105,31 @@ class Query:
     classname: str
     where: Node | None
 
+    def leaves(self) -> Iterator[Compare | IsNull | Isa]:
+        """The comparisons, IS NULL and ISA tests of the WHERE clause, left to right
+        (walked with a stack, not recursion)."""
+        stack: list[Node] = [] if self.where is None else [self.where]
+        while stack:
+            n = stack.pop()
+            if isinstance(n, (And, Or)):
+                stack.extend(reversed(n.operands))
+            elif isinstance(n, Not):
+                stack.append(n.operand)
+            else:
+                yield n
+
     def props(self) -> list[Prop]:
         """Every property path the WHERE clause reads (for validation against a class)."""
         out: list[Prop] = []
-
-        def walk(n: Node | None) -> None:
-            if n is None:
-                return
-            if isinstance(n, (And, Or)):
-                walk(n.left)
-                walk(n.right)
-            elif isinstance(n, Not):
-                walk(n.operand)
-            elif isinstance(n, Compare):
+        for n in self.leaves():
+            if isinstance(n, Compare):
                 out.extend(o for o in (n.left, n.right) if isinstance(o, Prop))
             else:
                 out.append(n.prop)
-        walk(self.where)
         return out
 
     def isa_classes(self) -> list[str]:
-        out: list[str] = []
-
-        def walk(n: Node | None) -> None:
-            if isinstance(n, (And, Or)):
-                walk(n.left)
-                walk(n.right)
-            elif isinstance(n, Not):
-                walk(n.operand)
-            elif isinstance(n, Isa):
-                out.append(n.classname)
-        walk(self.where)
-        return out
+        return [n.classname for n in self.leaves() if isinstance(n, Isa)]
 
 
 # --- tokenizer ----------------------------------------------------------------------
@@ -154,6 +149,7 @@ _KEYWORDS = {"SELECT", "FROM", "WHERE", "AND", "OR", "NOT", "IS", "NULL", "ISA",
 _UNSUPPORTED_WORDS = {"LIKE", "BETWEEN", "IN", "JOIN", "ORDER", "GROUP", "HAVING", "DISTINCT",
                       "ANY", "EVERY", "SATISFIES", "AS", "UNION", "FIRST", "LIMIT"}
 MAX_QUERY = 64 * 1024
+MAX_DEPTH = 100        # levels of parentheses and NOT, together
 
 
 @dataclass(frozen=True)
@@ -216,10 +212,21 @@ def _tokens(text: str) -> Iterator[_Tok]:
 
 # --- parser (recursive descent) --------------------------------------------------------
 
+def _extend(items: list[Node], node: Node, kind: type) -> None:
+    items.extend(node.operands if isinstance(node, kind) else (node,))
+
+
 class _Parser:
     def __init__(self, text: str):
         self.toks = list(_tokens(text))
         self.i = 0
+        self.depth = 0
+
+    def enter(self) -> None:
+        self.depth += 1
+        if self.depth > MAX_DEPTH:
+            raise WQLError(f"the condition nests too deeply (more than {MAX_DEPTH} levels "
+                           f"of parentheses and NOT, at offset {self.cur.pos})")
 
     @property
     def cur(self) -> _Tok:
@@ -280,33 +287,47 @@ class _Parser:
             raise WQLError("qualified names in the SELECT list are not supported", True)
         return name
 
+    # AND / OR chains become one n-ary node each (built in a loop, so a long flat chain
+    # costs no recursion); a parenthesised chain of the same kind is merged in (AND and
+    # OR are associative, in three-valued logic too).
+
     def or_expr(self) -> Node:
-        node = self.and_expr()
-        while self.is_kw("OR"):
+        items: list[Node] = []
+        while True:
+            _extend(items, self.and_expr(), Or)
+            if not self.is_kw("OR"):
+                return items[0] if len(items) == 1 else Or(tuple(items))
             self.take()
-            node = Or(node, self.and_expr())
-        return node
 
     def and_expr(self) -> Node:
-        node = self.not_expr()
-        while self.is_kw("AND"):
+        items: list[Node] = []
+        while True:
+            _extend(items, self.not_expr(), And)
+            if not self.is_kw("AND"):
+                return items[0] if len(items) == 1 else And(tuple(items))
             self.take()
-            node = And(node, self.not_expr())
-        return node
 
     def not_expr(self) -> Node:
-        if self.is_kw("NOT"):
+        nots = 0
+        while self.is_kw("NOT"):
             self.take()
-            return Not(self.not_expr())
-        return self.primary()
+            self.enter()
+            nots += 1
+        node = self.primary()
+        for _ in range(nots):
+            node = Not(node)
+        self.depth -= nots
+        return node
 
     def primary(self) -> Node:
         if self.cur.kind == "punct" and self.cur.value == "(":
             self.take()
+            self.enter()
             node = self.or_expr()
             if not (self.cur.kind == "punct" and self.cur.value == ")"):
                 self.fail("expected )")
             self.take()
+            self.depth -= 1
             return node
         left = self.operand()
         if self.is_kw("IS"):
@@ -358,8 +379,11 @@ def parse(text: str) -> Query:
     if not isinstance(text, str) or not text.strip():
         raise WQLError("the query is empty")
     if len(text) > MAX_QUERY:
-        raise WQLError("the query is too long")
-    return _Parser(text).query(text)
+        raise WQLError(f"the query is too long (more than {MAX_QUERY} characters)")
+    try:
+        return _Parser(text).query(text)
+    except RecursionError:      # MAX_DEPTH should prevent it; never an internal error
+        raise WQLError("the query nests too deeply") from None
 
 
 # --- evaluation ---------------------------------------------------------------------
@@ -419,22 +443,17 @@ _OPS: dict[str, Callable[[Any, Any], bool]] = {
 
 
 def _truth(node: Node, inst: CIMInstance, is_subclass: IsSubclass | None) -> bool | None:
-    if isinstance(node, And):
-        a = _truth(node.left, inst, is_subclass)
-        if a is False:
-            return False
-        b = _truth(node.right, inst, is_subclass)
-        if b is False:
-            return False
-        return None if a is None or b is None else True
-    if isinstance(node, Or):
-        a = _truth(node.left, inst, is_subclass)
-        if a is True:
-            return True
-        b = _truth(node.right, inst, is_subclass)
-        if b is True:
-            return True
-        return None if a is None or b is None else False
+    if isinstance(node, (And, Or)):
+        # Kleene logic over the chain, in a loop: AND is False as soon as one operand is
+        # False, else unknown if any is unknown; OR the same with True.
+        decisive = isinstance(node, Or)
+        unknown = False
+        for operand in node.operands:
+            v = _truth(operand, inst, is_subclass)
+            if v is decisive:
+                return decisive
+            unknown = unknown or v is None
+        return None if unknown else not decisive
     if isinstance(node, Not):
         v = _truth(node.operand, inst, is_subclass)
         return None if v is None else not v
@@ -461,4 +480,9 @@ def _truth(node: Node, inst: CIMInstance, is_subclass: IsSubclass | None) -> boo
 
 def matches(query: Query, inst: CIMInstance, is_subclass: IsSubclass | None = None) -> bool:
     """True if `inst` satisfies the WHERE clause (the FROM class is the caller's job)."""
-    return query.where is None or _truth(query.where, inst, is_subclass) is True
+    if query.where is None:
+        return True
+    try:
+        return _truth(query.where, inst, is_subclass) is True
+    except RecursionError:      # only for a hand-built tree deeper than parse() allows
+        raise WQLError("the query nests too deeply") from None
