@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import sys
 import threading
 import time
 import uuid as uuidlib
 from typing import Awaitable, Callable
 
 import libvirt
+import psutil
 import pytest
 
 from cim_provider.inventory import Inventory, Kind, RunningDomain, RunState
@@ -430,4 +432,58 @@ def test_the_pending_count_changes_only_under_the_adapters_lock():
             lock_holder.join(5)
             dec.join(5)
         assert impl._pending == start
+    run(body)
+
+
+def _inside_libvirt_open() -> bool:
+    """Is some thread of ours blocked in libvirt.open right now?"""
+    for frame in sys._current_frames().values():
+        while frame is not None:
+            code = frame.f_code
+            if code.co_name == "open" and code.co_filename == libvirt.__file__:
+                return True
+            frame = frame.f_back
+    return False
+
+
+def _daemon_clients(daemon: Libvirtd) -> int:
+    """Client connections the private libvirtd has accepted on its read-write socket."""
+    assert daemon.proc is not None
+    path = str(daemon.socket)
+    socks = psutil.Process(daemon.proc.pid).net_connections(kind="unix")
+    return sum(1 for c in socks if c.laddr == path) - 1      # minus the listener
+
+
+def test_stop_during_a_slow_open_closes_the_connection_when_it_arrives(libvirtd, monkeypatch):
+    # The open is slow for real (the daemon is stopped). The wrapper around libvirt.open
+    # only keeps a reference to what it returns: CPython closes a virConnect nobody
+    # refers to when it is collected, which would hide a leak here (and do a blocking
+    # close on whichever thread let go last, the loop's included).
+    opened: list[libvirt.virConnect] = []
+    real_open = libvirt.open
+
+    def keeping_open(uri: str | None = None) -> libvirt.virConnect:
+        conn = real_open(uri)
+        opened.append(conn)
+        return conn
+
+    monkeypatch.setattr(libvirt, "open", keeping_open)
+
+    async def body() -> None:
+        pid = libvirtd.proc.pid
+        os.kill(pid, signal.SIGSTOP)          # libvirt.open now waits for the daemon
+        src = LibvirtSource(libvirtd.uri, call_timeout=30)
+        starting = asyncio.create_task(src.start())
+        try:
+            await until(_inside_libvirt_open, timeout=5, what="libvirt.open under way")
+            await src.stop()
+        finally:
+            os.kill(pid, signal.SIGCONT)
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+        # The daemon answers and the open completes after all: that connection is closed.
+        await until(lambda: len(opened) == 1, timeout=10, what="the open returned")
+        await until(lambda: _daemon_clients(libvirtd) == 0, timeout=5,
+                    what="the late connection closed")
+        assert not src.connected and src.conn is None
     run(body)

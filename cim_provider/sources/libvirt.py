@@ -519,16 +519,21 @@ class LibvirtSource:
         assert self._loop is not None and self._executor is not None
         fut = self._loop.run_in_executor(self._executor, functools.partial(
             _guarded, functools.partial(libvirt.open, uri)))
+
+        def close_late(f: asyncio.Future[libvirt.virConnect]) -> None:
+            if not f.cancelled() and f.exception() is None:
+                threading.Thread(target=_quietly, args=(f.result().close,),
+                                 name="libvirt-close", daemon=True).start()
+
         try:
             return await asyncio.wait_for(asyncio.shield(fut), self.call_timeout)
         except asyncio.TimeoutError:
-            def close_late(f: asyncio.Future[libvirt.virConnect]) -> None:
-                if not f.cancelled() and f.exception() is None:
-                    threading.Thread(target=_quietly, args=(f.result().close,),
-                                     name="libvirt-close", daemon=True).start()
             fut.add_done_callback(close_late)
             raise LibvirtTimeout(f"libvirt open of {uri or 'the default URI'} did not answer "
                                  f"within {self.call_timeout:g} s") from None
+        except asyncio.CancelledError:      # stop() while the open is under way
+            fut.add_done_callback(close_late)
+            raise
 
     def _shared_alive(self) -> bool:
         """Use the caller's connection unless it has died (then we open our own)."""
