@@ -55,11 +55,14 @@ class Demo:
     conn: object = None
     manager: object = None
     server: object = None
+    sources: object = None
     stores: list = field(default_factory=list)
 
     async def close(self) -> None:
         if self.server is not None:
             await self.server.close()         # also stops the sources
+        elif self.sources is not None:
+            await self.sources.close()        # the server never started (stopping twice is fine)
         if self.manager is not None:
             await self.manager.stop()
         for store in self.stores:
@@ -93,8 +96,9 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
     demo = Demo(Path(tempfile.mkdtemp(prefix="cim-provider-demo-")))
     try:
         state_dir = state_dir or demo.workdir / "state"
+        host = host or host_fqdn()            # once, for the TLS pair and the CIM paths
         sec = security.prepare(options or argparse.Namespace(), listen=listen, https=list(https),
-                               state_dir=state_dir, host=host or host_fqdn())
+                               state_dir=state_dir, host=host)
         demo.bus = PrivateBus()
         ensure_event_loop_impl(loop)          # before the connection is opened
         demo.conn = await loop.run_in_executor(None, libvirt.open, "test:///default")
@@ -106,8 +110,9 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
         shared = LibvirtConnection("test:///default", conn=demo.conn)
         demo.stores = [sqlite, LibvirtStore(shared)]
         demo.manager = await serve_manager(demo.bus.address, demo.stores, shared)
-        sources = await start_sources(libvirt_conn=demo.conn, manager_bus=demo.bus.address)
-        demo.server = await start_server(sec.listen, sources=sources, host=host,
+        demo.sources = await start_sources(libvirt_conn=demo.conn,
+                                           manager_bus=demo.bus.address)
+        demo.server = await start_server(sec.listen, sources=demo.sources, host=host,
                                          state_dir=state_dir, https=sec.https,
                                          ssl_context=sec.ssl_context,
                                          authenticate=sec.authenticate)

@@ -133,7 +133,11 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     in memory when None); `indication_options` tune delivery (see indications.delivery).
     `https` listeners use `ssl_context`; `authenticate` is the hook of wbem/auth.py
     (None: no authentication, every client an operator; see security.py for the rules).
+    When a listener cannot start (a port in use, ...), everything built is closed again,
+    `sources` included, and the error is raised.
     """
+    if https and ssl_context is None:
+        raise ValueError("HTTPS listeners need an ssl_context")
     repo = repo or Repository.load()
     host = host or host_fqdn()
     registry = Registry()
@@ -164,16 +168,20 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     guard = ConnectionGuard(limits.max_connections, limits.read_timeout)
     handle = ServerHandle(runner, dispatcher, sources=sources, indications=indications,
                           guard=guard, authenticate=authenticate)
-    if https and ssl_context is None:
-        raise ValueError("HTTPS listeners need an ssl_context")
-    for addrs, ctx, out in ((listen, None, handle.addresses),
-                            (https, ssl_context, handle.https_addresses)):
-        for h, p in addrs:
-            site = GuardedSite(runner, h, p, guard, ssl_context=ctx,
-                               handshake_timeout=limits.read_timeout)
-            await site.start()
-            for sock in site.sockets:  # the real port when 0 was asked for
-                out.append(sock.getsockname()[:2])
+    try:
+        for addrs, ctx, out in ((listen, None, handle.addresses),
+                                (https, ssl_context, handle.https_addresses)):
+            for h, p in addrs:
+                site = GuardedSite(runner, h, p, guard, ssl_context=ctx,
+                                   handshake_timeout=limits.read_timeout)
+                await site.start()
+                for sock in site.sockets:  # the real port when 0 was asked for
+                    out.append(sock.getsockname()[:2])
+    except BaseException:
+        # Not serving: stop what was built (runner, indication workers, the sources'
+        # tasks) instead of leaving it running behind the error.
+        await handle.close()
+        raise
     log.info("serving CIM-XML on %s", ", ".join(
         [f"http://{h}:{p}" for h, p in handle.addresses]
         + [f"https://{h}:{p}" for h, p in handle.https_addresses]))
