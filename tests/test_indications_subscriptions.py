@@ -183,3 +183,25 @@ def test_saved_references_without_a_namespace(tmp_path, listener):
         assert err.value.status_code == pywbem.CIM_ERR_FAILED
     finally:
         srv.close()
+
+
+def test_destination_without_a_scheme_is_http(server, listener):
+    """DSP1054: a Destination without a scheme is http. Validation, the worker and the
+    check whether the worker is still current agree on the URL, so one worker serves
+    every indication (SequenceNumber counts on: it is not rebuilt each time)."""
+    conn = connect_wbem(server.url, "interop")
+    bare = listener.url.split("://", 1)[1]
+    dest = conn.CreateInstance(destination("noscheme", bare))
+    flt = conn.CreateInstance(indication_filter("noscheme"))
+    conn.CreateInstance(subscription(flt, dest))
+    dom = server.conn.lookupByUUIDString(TEST_UUID)
+    for i in range(4):
+        t0 = time.monotonic()
+        (dom.suspend if i % 2 == 0 else dom.resume)()
+        got = listener.expect(1, since=t0, quiet=0)
+        assert got[0].indication["SequenceNumber"] == i
+    [worker] = server.service.workers.values()
+    assert worker.url == listener.url
+    with pytest.raises(pywbem.CIMError) as err:
+        conn.CreateInstance(destination("ftp", "ftp://127.0.0.1:21"))
+    assert err.value.status_code == pywbem.CIM_ERR_INVALID_PARAMETER

@@ -52,6 +52,13 @@ EXPORT_HEADERS = {"Content-Type": 'application/xml; charset="utf-8"',
                   "CIMExportMethod": "ExportIndication"}
 
 
+def listener_url(destination: str) -> str:
+    """The URL of a CIM_ListenerDestination.Destination: DSP1054 lets the scheme be
+    left out, and then it is http. The one place this is decided: validation, the
+    worker and the check whether a destination's worker is still current use it."""
+    return destination if "://" in destination else "http://" + destination
+
+
 class Refused(Exception):
     """The listener answered and refused the indication: retrying will not help."""
 
@@ -71,7 +78,7 @@ class DestinationWorker:
                  max_delay: float = MAX_DELAY, timeout: float = TIMEOUT,
                  verify_tls: bool = False, auth: tuple[str, str] | None = None):
         self.name = name
-        self.url = url if "://" in url else "http://" + url
+        self.url = listener_url(url)
         self.context = context                 # SequenceContext (DSP1054 reliable delivery)
         self.queue_size = queue_size
         self.attempts = max(1, attempts)

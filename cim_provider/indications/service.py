@@ -31,7 +31,7 @@ from ..inventory.inventory import Change, Inventory
 from ..inventory.records import DomainRecord
 from ..wbem import wql
 from ..wbem.repository import Repository
-from .delivery import DestinationWorker
+from .delivery import DestinationWorker, listener_url
 from .subscriptions import Filter, Subscriptions, interop_key
 
 log = logging.getLogger(__name__)
@@ -163,7 +163,7 @@ class IndicationService:
     def _worker(self, dest: CIMInstance) -> DestinationWorker:
         key = interop_key(dest.path)
         worker = self.workers.get(key)
-        if worker is None or worker.url != _url(dest["Destination"]):
+        if worker is None or worker.url != listener_url(dest["Destination"]):
             if worker is not None:
                 self._close_later(worker)
             user, password = dest.get("username"), dest.get("password")
@@ -194,7 +194,3 @@ class IndicationService:
         workers, self.workers = list(self.workers.values()), {}
         for worker in workers:
             await worker.close()
-
-
-def _url(dest: str) -> str:
-    return dest if "://" in dest else "http://" + dest

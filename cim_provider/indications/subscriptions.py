@@ -37,6 +37,7 @@ from pywbem import (CIMDateTime, CIMError, CIMInstance, CIMInstanceName, CIMProp
 from ..wbem import wql
 from ..wbem.provider import Provider, path_key
 from ..wbem.repository import Namespace, Repository
+from .delivery import listener_url
 
 log = logging.getLogger(__name__)
 
@@ -321,8 +322,7 @@ class Subscriptions:
         dest = inst.get("Destination")
         if not dest:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "Destination is required")
-        url = dest if "://" in dest else "http://" + dest   # DSP1054: scheme defaults to http
-        parts = urlsplit(url)
+        parts = urlsplit(listener_url(dest))
         try:
             parts.port
         except ValueError:
