@@ -73,7 +73,8 @@ class Sources:
 
 async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
                         manager_bus: str | None = "system", call_timeout: float = 10.0,
-                        manager_timeout: float = 5.0, relist_interval: float = 5.0) -> Sources:
+                        manager_timeout: float = 5.0, relist_interval: float = 5.0,
+                        manager_start_timeout: float = 60.0) -> Sources:
     """Connect libvirt (events on this loop) and follow the Manager; neither has to be up."""
     from .sources.libvirt import LibvirtSource
     from .sources.manager import ManagerClient
@@ -84,6 +85,7 @@ async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
     mgr = None
     if manager_bus:
         mgr = ManagerClient(manager_bus, call_timeout=manager_timeout,
+                            start_timeout=manager_start_timeout,
                             relist_interval=relist_interval, on_change=inv.set_defined)
         await mgr.start()
     return Sources(inv, lv, mgr)
@@ -208,6 +210,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         "DBUS_SYSTEM_BUS_ADDRESS / DBUS_SESSION_BUS_ADDRESS)")
     p.add_argument("--manager-timeout", type=float, default=5.0,
                    help="seconds before a Manager call fails (default 5)")
+    p.add_argument("--manager-start-timeout", type=float, default=60.0,
+                   help="seconds before a StartDomain call to the Manager fails: it answers "
+                        "once the guest runs (default 60)")
     p.add_argument("--manager-relist", type=float, default=5.0,
                    help="seconds between re-reads of a Manager without signals (default 5)")
 
@@ -226,6 +231,7 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     sources = await start_sources(libvirt_uri=args.libvirt_uri, manager_bus=args.manager_bus,
                                   manager_timeout=args.manager_timeout,
+                                  manager_start_timeout=args.manager_start_timeout,
                                   relist_interval=args.manager_relist)
     handle = await start_server(sec.listen, sources=sources, host=host, state_dir=state_dir,
                                 limits=security.limits_from_args(args), https=sec.https,

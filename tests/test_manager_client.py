@@ -243,7 +243,8 @@ def test_manager_absent_at_start_then_appears_then_vanishes(dbus_address):
 def test_slow_manager_times_out_cleanly(dbus_address, caplog):
     async def scenario():
         manager = await serve_minimal(dbus_address, [GOOD_A], delay=1.5)
-        client = ManagerClient(dbus_address, call_timeout=0.2, relist_interval=60)
+        client = ManagerClient(dbus_address, call_timeout=0.2, start_timeout=0.3,
+                               relist_interval=60)
         try:
             with caplog.at_level(logging.WARNING, logger=LOGGER):
                 await client.start()          # must not hang nor raise
@@ -251,7 +252,7 @@ def test_slow_manager_times_out_cleanly(dbus_address, caplog):
             assert any("cannot read" in r.getMessage() for r in caplog.records)
             with pytest.raises(ManagerTimeout) as err:
                 await client.start_domain(UUID_A)
-            assert "0.2" in err.value.message
+            assert "StartDomain" in err.value.message and "0.3 s" in err.value.message
             assert isinstance(err.value, ManagerError)
         finally:
             await client.stop()
@@ -528,4 +529,45 @@ def test_contract_not_supported_does_not_demote_generation(dbus_address):
         finally:
             await client.stop()
             bus.disconnect()
+    run(scenario())
+
+
+def test_start_domain_gets_its_own_longer_timeout(dbus_address):
+    """A guest start may take far longer than a list: StartDomain waits start_timeout
+    (60 s by default), not call_timeout."""
+    async def scenario():
+        running = await serve_minimal(dbus_address, [GOOD_A, GOOD_B])
+        running.manager.start_delay = 0.5                # longer than call_timeout
+        client = ManagerClient(dbus_address, call_timeout=0.1, relist_interval=60)
+        try:
+            assert client.start_timeout == 60
+            await client.start()
+            assert set(client.definitions) == {UUID_A, UUID_B}
+            assert await client.start_domain(UUID_A) == UUID_A
+            assert running.manager.starts == [UUID_A]
+        finally:
+            await client.stop()
+            await running.stop()
+    run(scenario())
+
+
+def test_serve_passes_manager_start_timeout(dbus_address):
+    """`cim-provider serve --manager-start-timeout` reaches the ManagerClient."""
+    import argparse
+    from cim_provider.server import add_arguments, start_sources
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    assert parser.parse_args([]).manager_start_timeout == 60.0
+    args = parser.parse_args(["--manager-start-timeout", "120", "--manager-timeout", "3"])
+    assert (args.manager_start_timeout, args.manager_timeout) == (120.0, 3.0)
+
+    async def scenario():
+        sources = await start_sources(libvirt_uri="test:///default", manager_bus=dbus_address,
+                                      manager_timeout=args.manager_timeout,
+                                      manager_start_timeout=args.manager_start_timeout)
+        try:
+            assert sources.manager.start_timeout == 120.0
+            assert sources.manager.call_timeout == 3.0
+        finally:
+            await sources.close()
     run(scenario())

@@ -32,7 +32,7 @@ ALL = [A, B, REFUSED, STUCK, VANISH]
 
 @pytest.fixture(scope="module")
 def model():
-    m = MinimalModel(ALL, relist=0.5, manager_timeout=2.0)
+    m = MinimalModel(ALL, relist=0.5, manager_timeout=2.0, manager_start_timeout=3.0)
     yield m
     m.close()
 
@@ -93,7 +93,7 @@ def test_refusal_reaches_the_client_and_libvirt_is_untouched(model, conn):
 
 
 def test_stuck_manager_times_out_with_failed(model, conn):
-    model.manager.hang = 4.0          # longer than the server's 2 s call timeout
+    model.manager.hang = 4.0          # longer than the server's 3 s StartDomain timeout
     try:
         err = cim_error(lambda: rsc(conn, STUCK.uuid, 2))
     finally:

@@ -78,7 +78,7 @@ class Stack:
                 str(CIM_PROVIDER), "serve", "--listen", f"127.0.0.1:{self.port}",
                 "--state-dir", str(workdir / "state"), "--libvirt-uri", self.libvirtd.uri,
                 "--manager-bus", self.bus.address, "--manager-timeout", "2",
-                "--manager-relist", "0.5"])
+                "--manager-start-timeout", "3", "--manager-relist", "0.5"])
             wait_accepting(self.port, time.monotonic() + 30, self.server)
             self.url = f"http://127.0.0.1:{self.port}"
         except BaseException:
@@ -253,8 +253,9 @@ def test_manager_kill9_during_define_domain_loses_nothing(stack):
 
 
 def test_manager_slower_than_timeout(stack):
-    """A Manager that answers after 5 s, the server waiting 2: clean CIM_ERR_FAILED, and
-    reads keep working; then the real Manager is back and so is everything."""
+    """A Manager that answers after 5 s, the server waiting 2 (3 for StartDomain): clean
+    CIM_ERR_FAILED, and reads keep working; then the real Manager is back and so is
+    everything."""
     stack.kill_manager(signal.SIGTERM)
     lt = LoopThread()
     slow_uuid = str(uuidlib.uuid4())

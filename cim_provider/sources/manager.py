@@ -34,6 +34,9 @@ RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0
 # Even with the change signals, re-read this often: a signal can be lost (a bus daemon
 # under memory pressure drops messages), and then nothing else would make us look.
 SAFETY_RELIST = 60.0
+# StartDomain returns once the domain runs, and starting a real guest (qemu allocating
+# memory, attaching disks, the Manager's own policy) can take much longer than a list.
+START_TIMEOUT = 60.0
 
 OnChange = Callable[[dict[str, DomainConfig] | None], None]
 
@@ -113,13 +116,18 @@ class ManagerClient:
     Without the change signals the list is re-read every `relist_interval` seconds;
     with them, on each signal, every `relist_interval` after a failed read until one
     succeeds, and every `safety_relist` seconds in case a signal was lost (None: never).
+
+    Every call gives up after `call_timeout` seconds, except StartDomain, which gets
+    `start_timeout`.
     """
 
     def __init__(self, bus: str = "system", *, call_timeout: float = 5.0,
                  relist_interval: float = 5.0, on_change: OnChange | None = None,
-                 safety_relist: float | None = SAFETY_RELIST) -> None:
+                 safety_relist: float | None = SAFETY_RELIST,
+                 start_timeout: float = START_TIMEOUT) -> None:
         self.bus_spec = bus
         self.call_timeout = call_timeout
+        self.start_timeout = start_timeout
         self.relist_interval = relist_interval
         self.safety_relist = safety_relist
         self.on_change = on_change
@@ -487,20 +495,23 @@ class ManagerClient:
 
     async def _raw_call(self, destination: str, path: str, interface: str, member: str,
                         signature: str, body: list[Any], *,
-                        member_for_errors: str | None = None) -> list[Any]:
-        """One method call with a timeout; every failure becomes a ManagerError."""
+                        member_for_errors: str | None = None,
+                        timeout: float | None = None) -> list[Any]:
+        """One method call with a timeout (`call_timeout` unless given); every failure
+        becomes a ManagerError."""
         bus = self._bus
         what = member_for_errors or member
+        limit = self.call_timeout if timeout is None else timeout
         if bus is None:
             raise ManagerUnavailable(ERR_UNAVAILABLE,
                                      f"not connected to {bus_description(self.bus_spec)}")
         msg = Message(destination=destination, path=path, interface=interface, member=member,
                       signature=signature, body=body)
         try:
-            reply = await asyncio.wait_for(bus.call(msg), self.call_timeout)
+            reply = await asyncio.wait_for(bus.call(msg), limit)
         except asyncio.TimeoutError:
             raise ManagerTimeout(ERR_TIMEOUT, f"{what} got no answer within "
-                                 f"{self.call_timeout:g} s") from None
+                                 f"{limit:g} s") from None
         except DBusError as exc:
             raise error_from_dbus(str(exc.type), exc.text, what) from None
         except (OSError, EOFError) as exc:
@@ -513,7 +524,7 @@ class ManagerClient:
             raise error_from_dbus(reply.error_name or "", text, what)
         return list(reply.body)
 
-    async def _call(self, member: str, *args: Any) -> Any:
+    async def _call(self, member: str, *args: Any, timeout: float | None = None) -> Any:
         """Call a contract method with the contract's signatures; return its one result."""
         m = members()[member]
         if self._owner is None:
@@ -526,7 +537,7 @@ class ManagerClient:
             raise ManagerNotSupported(ERROR_NOT_SUPPORTED,
                                       f"the Manager does not offer {member}")
         body = await self._raw_call(BUS_NAME, OBJECT_PATH, INTERFACE, member,
-                                    m.in_signature, list(args))
+                                    m.in_signature, list(args), timeout=timeout)
         expected = 1 if m.out_signature else 0
         if len(body) != expected:
             raise ManagerError(ERR_BAD_REPLY, f"{member} returned {len(body)} values, "
@@ -551,8 +562,9 @@ class ManagerClient:
         return canonical
 
     async def start_domain(self, uuid: str) -> str:
-        """Ask the Manager to start a definition; returns the running domain's UUID."""
-        result = await self._call("StartDomain", self._uuid(uuid))
+        """Ask the Manager to start a definition; returns the running domain's UUID.
+        Waits up to `start_timeout`: the Manager answers once the domain runs."""
+        result = await self._call("StartDomain", self._uuid(uuid), timeout=self.start_timeout)
         running = canonical_uuid(result)
         if running is None:
             raise ManagerError(ERR_BAD_REPLY, f"StartDomain returned {result[:80]!r}, not a UUID")

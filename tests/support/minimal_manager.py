@@ -24,6 +24,7 @@ class MinimalManager(ServiceInterface):
         # seconds to wait before answering (longer than the client's timeout: a stall).
         self.failures: List[Union[str, float]] = []
         self.list_calls = 0           # list calls answered or failed
+        self.start_delay = 0.0        # seconds StartDomain takes (a slow guest start)
 
     async def _listing(self) -> None:
         self.list_calls += 1
@@ -43,8 +44,8 @@ class MinimalManager(ServiceInterface):
     @method()
     async def StartDomain(self, uuid: "s") -> "s":
         self.starts.append(uuid)
-        if self.delay:
-            await asyncio.sleep(self.delay)
+        if self.delay or self.start_delay:
+            await asyncio.sleep(self.delay + self.start_delay)
         for e in self.entries:
             if getattr(e.get("UUID"), "value", None) == uuid:
                 self.entries.remove(e)

@@ -290,7 +290,8 @@ class RecordingManager(ServiceInterface):
 class MinimalModel:
     """A private bus, one shared test:///default, a RecordingManager and the server."""
 
-    def __init__(self, configs=(), relist: float = 0.5, manager_timeout: float = 5.0) -> None:
+    def __init__(self, configs=(), relist: float = 0.5, manager_timeout: float = 5.0,
+                 manager_start_timeout: float = 60.0) -> None:
         from cim_provider.busdaemon import PrivateBus
         reset_test_default()
         self.lt = LoopThread()
@@ -298,6 +299,7 @@ class MinimalModel:
         self.configs = list(configs)
         self.relist = relist
         self.manager_timeout = manager_timeout
+        self.manager_start_timeout = manager_start_timeout
         self.manager: Optional[RecordingManager] = None
         self._mbus = None
         self.server = None
@@ -319,6 +321,7 @@ class MinimalModel:
         await self.start_manager(self.configs)
         sources = await start_sources(libvirt_conn=self.libvirt, manager_bus=self.bus.address,
                                       manager_timeout=self.manager_timeout,
+                                      manager_start_timeout=self.manager_start_timeout,
                                       relist_interval=self.relist)
         self.server = await start_server([("127.0.0.1", 0)], sources=sources, host=HOST)
 
