@@ -17,7 +17,7 @@ from importlib import resources
 from typing import Any
 
 from ..inventory.records import Disk, DomainConfig, Nic
-from ..sources.domxml import canonical_uuid
+from ..inventory.records import canonical_uuid
 from .bus import Variant, intr
 
 log = logging.getLogger(__name__)

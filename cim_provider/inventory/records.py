@@ -6,7 +6,18 @@ change feed can carry the old and the new one side by side.
 from __future__ import annotations
 
 import enum
+import uuid as uuidlib
 from dataclasses import dataclass, field
+
+
+def canonical_uuid(value: object) -> str | None:
+    """Canonical lower-case 8-4-4-4-12 form, or None when `value` is not a UUID."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        return str(uuidlib.UUID(value.strip()))
+    except ValueError:
+        return None
 
 
 class RunState(enum.Enum):

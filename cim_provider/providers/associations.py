@@ -99,7 +99,11 @@ class AssociationsProvider(AssociationProvider):
 
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
         key = path_key(path)
-        for inst in await self.references(path.classname, _first_ref(path)):
+        # Look up from the guest side when there is one: from the host, HostedDependency
+        # would walk every system (GetInstance must cost the same at any N).
+        refs = [v for v in path.keybindings.values() if isinstance(v, CIMInstanceName)]
+        source = next((r for r in refs if self._record_of(r) is not None), refs[0] if refs else None)
+        for inst in await self.references(path.classname, source):
             if path_key(inst.path) == key:
                 return inst
         raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no {path.classname} with those references")
@@ -146,10 +150,3 @@ class AssociationsProvider(AssociationProvider):
 def _names(assoc: CIMInstance, key: tuple) -> bool:
     return any(p.type == "reference" and p.value is not None and path_key(p.value) == key
                for p in assoc.properties.values())
-
-
-def _first_ref(path: CIMInstanceName) -> CIMInstanceName | None:
-    for v in path.keybindings.values():
-        if isinstance(v, CIMInstanceName):
-            return v
-    return None

@@ -16,7 +16,7 @@ import pywbem
 from pywbem import CIMClass, CIMError, CIMInstance, CIMInstanceName
 
 from ..inventory.inventory import Inventory
-from ..sources.domxml import canonical_uuid
+from ..inventory.records import canonical_uuid
 from ..wbem.provider import build_instance
 from ..wbem.repository import Namespace, Repository
 
@@ -106,15 +106,23 @@ class Backend:
         return self.libvirt
 
     async def settle_running(self, uuid: str) -> None:
-        """Read one domain from libvirt again so the inventory shows an action's result."""
+        """Read one domain from libvirt again so the inventory shows an action's result.
+
+        When that read fails or times out the result may not show yet: CIM_ERR_FAILED
+        with libvirt's reason, rather than a success the next read contradicts.
+        """
         if self.libvirt is not None:
-            await self.libvirt.refresh(uuid)
+            from ..sources.libvirt import LibvirtError
+            try:
+                await self.libvirt.refresh(uuid)
+            except LibvirtError as exc:
+                raise CIMError(pywbem.CIM_ERR_FAILED, f"cannot read {uuid} back from "
+                               f"libvirt to show the result: {exc.message}") from None
 
     async def settle_defined(self) -> None:
         """Re-read the Manager's list so a define/undefine/update shows at once."""
-        refresh = getattr(self.manager, "refresh", None) or getattr(self.manager, "_refresh", None)
-        if refresh is not None:
-            await refresh()
+        if self.manager is not None:
+            await self.manager.refresh()
 
 
 class RecordCache:

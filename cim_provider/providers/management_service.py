@@ -18,7 +18,7 @@ from pywbem import CIMError, CIMInstance, CIMInstanceName
 from ..wbem.provider import Provider, path_key
 from .backend import VIRT_NS, VSMS_CLASS, Backend, make
 from .computer_system import system_path
-from .settings import RT_DISK, RT_DVD, RT_ETHERNET, RT_FLOPPY, RT_MEMORY, RT_PROCESSOR, split_iid
+from .settings import RASD_CLASS, RT_DISK, RT_DVD, RT_ETHERNET, RT_FLOPPY, RT_MEMORY, RT_PROCESSOR, split_iid
 
 log = logging.getLogger(__name__)
 
@@ -335,7 +335,9 @@ class ManagementServiceProvider(Provider):
                     ch["MaxMemoryKiB"] = max(kib, limit)
                 elif old_max is not None and kib > old_max:
                     ch["MaxMemoryKiB"] = kib
-            paths.append(CIMInstanceName(rasd.classname, {"InstanceID": rasd["InstanceID"]},
+            # proc and mem are always VIRT_ResourceAllocationSettingData, whatever
+            # class (CIM_ResourceAllocationSettingData, say) the client embedded.
+            paths.append(CIMInstanceName(RASD_CLASS, {"InstanceID": rasd["InstanceID"]},
                                          namespace=VIRT_NS))
         for uuid, changes in per_uuid.items():
             rc = await self._update(uuid, changes)

@@ -18,7 +18,7 @@ import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
 from ..inventory.records import DomainConfig, DomainRecord
-from ..sources.domxml import canonical_uuid
+from ..inventory.records import canonical_uuid
 from ..wbem.provider import Provider
 from .backend import DEFINED_PREFIX, STATE_PREFIX, VIRT_NS, Backend, make
 

@@ -8,11 +8,10 @@ UUID and name, without which there is no domain.
 """
 from __future__ import annotations
 
-import uuid as uuidlib
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
-from ..inventory.records import Disk, DomainConfig, Nic
+from ..inventory.records import Disk, DomainConfig, Nic, canonical_uuid
 
 # libvirt's <domain type=...> spelled the way CIM's VirtualSystemType shows it.
 _TYPE_NAMES = {"kvm": "KVM", "qemu": "QEMU", "xen": "Xen", "lxc": "LXC", "test": "Test",
@@ -25,16 +24,6 @@ _UNIT_KIB = {"b": 1 / 1024, "bytes": 1 / 1024, "kb": 1000 / 1024, "k": 1, "kib":
 
 class DomainXMLError(ValueError):
     """The XML has no usable UUID or name, or is not XML."""
-
-
-def canonical_uuid(value: object) -> str | None:
-    """Canonical lower-case 8-4-4-4-12 form, or None when `value` is not a UUID."""
-    if not isinstance(value, str) or len(value) > 64:
-        return None
-    try:
-        return str(uuidlib.UUID(value.strip()))
-    except ValueError:
-        return None
 
 
 def _int(text: str | None) -> int | None:

@@ -6,13 +6,12 @@ parser cannot read. This writer concatenates strings, never self-closes an eleme
 gives INSTANCE only CLASSNAME, ERROR only CODE and DESCRIPTION and PARAMVALUE only
 NAME and PARAMTYPE (what wbemcli accepts), and leaves NULL output parameters out.
 
-Every function returns a `str`; the HTTP layer encodes and streams the pieces.
+Every function returns a `str`; the HTTP layer joins and encodes the pieces.
 """
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Iterable
 from datetime import datetime, timedelta
 
 from pywbem import (CIMClass, CIMClassName, CIMDateTime, CIMInstance,
@@ -380,17 +379,3 @@ def export_indication_xml(msg_id: str, indication: CIMInstance) -> str:
             '<EXPMETHODCALL NAME="ExportIndication"><EXPPARAMVALUE NAME="NewIndication">'
             + instance_xml(indication)
             + "</EXPPARAMVALUE></EXPMETHODCALL></SIMPLEEXPREQ></MESSAGE></CIM>")
-
-
-def join_chunks(pieces: Iterable[str], size: int = 65536) -> Iterable[bytes]:
-    """Group many small strings into encoded chunks of about `size` characters."""
-    buf: list[str] = []
-    n = 0
-    for p in pieces:
-        buf.append(p)
-        n += len(p)
-        if n >= size:
-            yield "".join(buf).encode("utf-8", "replace")
-            buf, n = [], 0
-    if buf:
-        yield "".join(buf).encode("utf-8", "replace")
