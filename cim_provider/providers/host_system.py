@@ -1,6 +1,7 @@
 """VIRT_HostSystem: exactly one, the host that runs the virtual systems."""
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Iterable
 
@@ -20,33 +21,44 @@ class HostSystemProvider(Provider):
     def __init__(self, backend: Backend):
         self.b = backend
         self._instance: CIMInstance | None = None
-        self._facts: dict | None = None
+        self._shown: tuple | None = None          # the facts the instance shows
+        self._refresh: asyncio.Task | None = None
 
-    async def _facts_now(self) -> dict:
+    async def _read_facts(self) -> tuple:
+        """(hostname, hypervisor, uri) from libvirt; () when libvirt cannot say."""
         src = self.b.libvirt
         if src is not None and getattr(src, "connected", False):
             try:
-                return await src.host_info()
+                f = await src.host_info()
+                return (f.get("hostname"), f.get("hypervisor"), f.get("uri"))
             except Exception as exc:  # facts are decoration: never fail the read
                 log.debug("host facts unavailable: %s", exc)
-        return {}
+        return ()
 
-    async def instance(self) -> CIMInstance:
-        facts = await self._facts_now()
-        if self._instance is None or facts != self._facts:
-            hv = facts.get("hypervisor")
+    async def _update(self) -> None:
+        facts = await self._read_facts()
+        if self._instance is None or facts != self._shown:
+            hostname, hv, uri = facts or (None, None, None)
             desc = "Virtualization host"
             if hv:
-                desc += f" ({hv} via libvirt {facts.get('uri', '')})".rstrip()
-            self._facts = facts
+                desc += f" ({hv} via libvirt {uri or ''})".rstrip()
+            self._shown = facts
             self._instance = make(self.b, HOST_CLASS, {
                 "CreationClassName": HOST_CLASS, "Name": self.b.host,
-                "ElementName": facts.get("hostname") or self.b.host.split(".")[0],
+                "ElementName": hostname or self.b.host.split(".")[0],
                 "Caption": "Host system", "Description": desc,
                 "NameFormat": "IP", "Dedicated": [0],
                 "EnabledState": 2, "RequestedState": 12, "EnabledDefault": 2,
                 "OperationalStatus": [2], "HealthState": 5, "PrimaryStatus": 1,
             }, self.b.host_path())
+
+    async def instance(self) -> CIMInstance:
+        """The first read waits for the facts; later reads are served at once and
+        refresh them in the background (reads never wait on libvirt)."""
+        if self._instance is None:
+            await self._update()
+        elif self._refresh is None or self._refresh.done():
+            self._refresh = asyncio.get_running_loop().create_task(self._update())
         return self._instance
 
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
