@@ -403,3 +403,39 @@ def test_manager_without_libvirt_still_lists_and_fails_starts_cleanly(dbus_addre
             await handle.stop()
     with caplog.at_level(logging.WARNING, logger="cim_provider.manager.service"):
         run(scenario())
+
+
+def test_libvirt_unreachable_keeps_what_runs_running(dbus_address, conn, tmp_path, caplog):
+    """When libvirt stops answering which domains run, the SQLite definitions keep the
+    Active they had: no DomainChanged storm, and a running domain is not offered by
+    ListInactiveDomains."""
+    async def scenario():
+        own = libvirt.open("test:///default")    # the Manager's connection, closed below
+        handle = await serve_manager(dbus_address, [SqliteStore(tmp_path / "m.db")], own,
+                                     poll_interval=0.05)
+        client = ManagerClient(dbus_address)
+        await client.start()
+        rec = await Recorder().start(dbus_address)
+        try:
+            started = await client.define_domain({"Name": "runs", "MemoryKiB": 65536})
+            idle = await client.define_domain({"Name": "idle", "MemoryKiB": 65536})
+            assert await client.start_domain(started) == started
+            await eventually(lambda: ("DomainChanged", started) in rec.signals,
+                             what="start announced")
+            rec.signals.clear()
+
+            own.close()                            # every libvirt call now fails
+            await eventually(lambda: any("which domains run" in r.getMessage()
+                                         for r in caplog.records),
+                             what="libvirt failure noticed")
+            await asyncio.sleep(0.3)               # several more polls
+            assert rec.signals == []
+            listed = await rec.call("ListDomains")
+            assert {e["UUID"].value: e["Active"].value for e in listed.body[0]} == \
+                {started: True, idle: False}
+            inactive = await rec.call("ListInactiveDomains")
+            assert [e["UUID"].value for e in inactive.body[0]] == [idle]
+        finally:
+            await _teardown(handle, client, rec)
+    with caplog.at_level(logging.WARNING, logger="cim_provider.manager.service"):
+        run(scenario())

@@ -175,7 +175,14 @@ class ManagerService(ServiceInterface):
                     continue
                 active = item.active
                 if active is None:
-                    active = bool(running and uuid in running)
+                    if running is not None:
+                        active = uuid in running
+                    else:
+                        # libvirt did not answer: nothing is known to have started or
+                        # stopped, so keep what we knew (announcing every definition
+                        # stopped would offer running domains to be started).
+                        known = self._snapshot.get(uuid)
+                        active = known.active if known is not None else False
                 out[uuid] = Entry(item.config, active, store)
         return out
 
