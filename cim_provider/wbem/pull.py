@@ -18,6 +18,7 @@ MAX_TIMEOUT = 3600.0
 MAX_CONTEXTS = 1000
 MAX_CONTEXTS_PER_CLIENT = 64
 MAX_OBJECT_COUNT = 100_000   # per Open/Pull response
+MAX_BYTES = 256 * 1024 * 1024   # rendered results held by all open contexts together
 
 
 @dataclass
@@ -29,13 +30,16 @@ class _Context:
     client: str
     pos: int = 0
     expires: float = field(default=0.0)
+    size: int = 0                # characters of CIM-XML held for later pulls
 
 
 class PullContexts:
     def __init__(self, max_contexts: int = MAX_CONTEXTS,
                  max_per_client: int = MAX_CONTEXTS_PER_CLIENT,
-                 default_timeout: float = DEFAULT_TIMEOUT, max_timeout: float = MAX_TIMEOUT):
+                 default_timeout: float = DEFAULT_TIMEOUT, max_timeout: float = MAX_TIMEOUT,
+                 max_bytes: int = MAX_BYTES):
         self._ctx: dict[str, _Context] = {}
+        self.max_bytes = max_bytes
         self.max_contexts = max_contexts
         self.max_per_client = max_per_client
         self.default_timeout = default_timeout
@@ -77,9 +81,16 @@ class PullContexts:
                 sum(1 for c in self._ctx.values() if c.client == client) >= self.max_per_client:
             raise CIMError(pywbem.CIM_ERR_SERVER_LIMITS_EXCEEDED,
                            "too many open enumeration contexts; close some first")
+        # Each context holds its whole rendered result until pulled: a count alone would
+        # let 64 contexts of a 10,000-system enumeration hold over a gigabyte.
+        size = sum(map(len, items[max_count:]))
+        if size + sum(c.size for c in self._ctx.values()) > self.max_bytes:
+            raise CIMError(pywbem.CIM_ERR_SERVER_LIMITS_EXCEEDED,
+                           "open enumeration contexts hold too much data; pull or close "
+                           "some first")
         cid = secrets.token_urlsafe(18)
         ctx = _Context(namespace.lower(), kind, items, timeout, client, pos=max_count,
-                       expires=time.monotonic() + timeout)
+                       expires=time.monotonic() + timeout, size=size)
         self._ctx[cid] = ctx
         return cid, items[:max_count], False
 
