@@ -18,10 +18,15 @@ from typing import Awaitable, Callable
 import libvirt
 import psutil
 import pytest
+import pywbem
 
+import cim_provider.sources.libvirt as libvirt_source
 from cim_provider.inventory import Inventory, Kind, RunningDomain, RunState
+from cim_provider.providers.backend import Backend
+from cim_provider.providers.computer_system import ComputerSystemProvider, system_path
 from cim_provider.sources.libvirt import (DomainNotFound, LibvirtError, LibvirtSource,
-                                          LibvirtUnavailable, ensure_event_loop_impl)
+                                          LibvirtTimeout, LibvirtUnavailable,
+                                          ensure_event_loop_impl)
 
 try:
     from tests.support import reset_test_driver
@@ -486,4 +491,113 @@ def test_stop_during_a_slow_open_closes_the_connection_when_it_arrives(libvirtd,
         await until(lambda: _daemon_clients(libvirtd) == 0, timeout=5,
                     what="the late connection closed")
         assert not src.connected and src.conn is None
+    run(body)
+
+
+class SlowReads:
+    """Makes the source's own per-domain read (`_read_one`) slow on demand.
+
+    A wedged libvirtd cannot be made to stall one read and answer the next on cue;
+    wrapping the source's read function can. While `slow` is set, or for the next
+    `count` reads, a read waits until `release` is set (or 10 s) before it reads.
+    """
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.real = libvirt_source._read_one
+        self.slow = threading.Event()
+        self.release = threading.Event()
+        self.count = 0
+        self.stalled = 0           # reads that were held up
+        self.inflight = 0
+        self._lock = threading.Lock()
+        monkeypatch.setattr(libvirt_source, "_read_one", self.read)
+
+    def read(self, conn: libvirt.virConnect, uuid: str) -> RunningDomain | None:
+        with self._lock:
+            hold = self.slow.is_set() or self.count > 0
+            if hold:
+                self.count = max(self.count - 1, 0)
+                self.stalled += 1
+            self.inflight += 1
+        try:
+            if hold:
+                self.release.wait(10)
+            return self.real(conn, uuid)
+        finally:
+            with self._lock:
+                self.inflight -= 1
+
+    async def drain(self) -> None:
+        self.slow.clear()
+        self.release.set()
+        await until(lambda: self.inflight == 0, timeout=15, what="slow reads finished")
+
+
+def test_a_read_that_times_out_is_retried_until_the_domain_is_current(monkeypatch):
+    async def body() -> None:
+        ensure_event_loop_impl()
+        conn = libvirt.open("test:///default")
+        reads = SlowReads(monkeypatch)
+        src = LibvirtSource(conn=conn, call_timeout=0.3)
+        await src.start()
+        try:
+            uuid = str(uuidlib.uuid4())
+            dom = conn.createXML(domain_xml("retry", uuid), 0)
+            await until(lambda: state_of(src, uuid) is RunState.RUNNING, what="started")
+            reads.count = 2                 # the next two reads time out
+            dom.suspend()
+            await until(lambda: reads.stalled >= 1, timeout=10, what="a read held up")
+            # Nothing else happens to the domain: the pending event is not dropped.
+            await until(lambda: state_of(src, uuid) is RunState.PAUSED, timeout=10,
+                        what="paused seen after the retries")
+            assert reads.stalled == 2
+        finally:
+            await reads.drain()
+            await src.stop()
+            cleanup(conn)
+            conn.close()
+    run(body)
+
+
+def test_a_state_change_whose_result_cannot_be_read_back_is_failed(monkeypatch):
+    async def body() -> None:
+        ensure_event_loop_impl()
+        conn = libvirt.open("test:///default")
+        reads = SlowReads(monkeypatch)
+        inv = Inventory()
+        src = LibvirtSource(conn=conn, call_timeout=0.3, on_snapshot=inv.set_running,
+                            on_domain=inv.update_running)
+        await src.start()
+        cs = ComputerSystemProvider(Backend(None, inv, "host.example", libvirt=src))
+        try:
+            uuid = str(uuidlib.uuid4())
+            dom = conn.createXML(domain_xml("readback", uuid), 0)
+            await until(lambda: state_of(src, uuid) is RunState.RUNNING, what="started")
+
+            reads.slow.set()
+            with pytest.raises(LibvirtTimeout) as timeout:
+                await src.refresh(uuid)
+            assert "did not answer" in timeout.value.message
+
+            # RequestStateChange(9): libvirt suspends it, but the inventory cannot show
+            # that yet: the client gets CIM_ERR_FAILED with the reason, not a 0.
+            with pytest.raises(pywbem.CIMError) as failed:
+                await cs.request_state_change(system_path(uuid), {"RequestedState": 9})
+            assert failed.value.status_code == pywbem.CIM_ERR_FAILED
+            assert "did not answer" in failed.value.status_description
+            assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+            assert inv.get(uuid).running.state is RunState.RUNNING
+            assert uuid not in cs.b.requested_state
+
+            # libvirt answers again: the retried read brings the inventory up to date.
+            await reads.drain()
+            await until(lambda: inv.get(uuid).running.state is RunState.PAUSED, timeout=10,
+                        what="paused seen once reads answer")
+            assert await cs.request_state_change(system_path(uuid), {"RequestedState": 2}) == 0
+            assert inv.get(uuid).running.state is RunState.RUNNING
+        finally:
+            await reads.drain()
+            await src.stop()
+            cleanup(conn)
+            conn.close()
     run(body)

@@ -29,6 +29,7 @@ _T = TypeVar("_T")
 BACKOFF_MIN = 0.2       # seconds before the first reconnect attempt
 BACKOFF_MAX = 5.0       # and the cap of the doubling
 KEEPALIVE = (5, 3)      # interval (s), count: a silent peer is dropped after ~20 s
+READ_RETRIES = 8        # re-reads of one domain after a failed or timed-out read
 _NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
 
 
@@ -398,7 +399,9 @@ class LibvirtSource:
         self._gen = 0                      # bumps per connection: stale callbacks are ignored
         self._loading = False
         self._dirty: set[str] = set()
-        self._refreshers: dict[str, asyncio.Task[None]] = {}
+        self._refreshers: dict[str, asyncio.Task[LibvirtError | None]] = {}
+        self._retries: dict[str, int] = {}           # failed reads in a row, per domain
+        self._retry_timers: dict[str, asyncio.TimerHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._executor: concurrent.futures.ThreadPoolExecutor | None = None
         self._task: asyncio.Task[None] | None = None
@@ -581,6 +584,10 @@ class LibvirtSource:
         for task in list(self._refreshers.values()):
             task.cancel()
         self._refreshers.clear()
+        for timer in self._retry_timers.values():
+            timer.cancel()
+        self._retry_timers.clear()
+        self._retries.clear()
         if self._up is not None:
             self._up.clear()
         if conn is None:
@@ -644,50 +651,99 @@ class LibvirtSource:
             log.debug("libvirt: connection to %s dropped: %s", self._describe(), why)
             self._dropped.set()
 
-    def _kick(self, uuid: str) -> asyncio.Task[None]:
+    def _kick(self, uuid: str) -> asyncio.Task[LibvirtError | None]:
         task = self._refreshers.get(uuid)
         if task is None or task.done():
             task = asyncio.ensure_future(self._refresher(uuid))
             self._refreshers[uuid] = task
         return task
 
-    async def _refresher(self, uuid: str) -> None:
-        """Re-read one domain until no event is pending for it: reads apply in order."""
+    async def _refresher(self, uuid: str) -> LibvirtError | None:
+        """Re-read one domain until no event is pending for it: reads apply in order.
+
+        Returns None once `running` shows what libvirt said, else why not. A read
+        that fails or times out leaves the domain pending and is retried later.
+        """
         try:
             while uuid in self._dirty and not self._stopping:
                 self._dirty.discard(uuid)
                 gen, conn = self._gen, self._conn
                 if conn is None:
-                    return
+                    return LibvirtUnavailable(f"not connected to libvirt ({self._describe()})")
                 try:
                     dom = await self._call(functools.partial(_read_one, conn, uuid),
                                            what="read domain")
                 except LibvirtError as exc:
-                    log.warning("libvirt: cannot read domain %s: %s", uuid, exc.message)
-                    return
+                    if gen == self._gen:
+                        self._retry_later(uuid, exc)
+                    return exc
                 if gen != self._gen:
-                    return
+                    return LibvirtUnavailable("the connection to libvirt was lost while "
+                                              "reading the domain")
+                self._retries.pop(uuid, None)
                 self._set_domain(uuid, dom)
+            if self._stopping:
+                return LibvirtUnavailable("the libvirt source is stopping")
+            return None
         finally:
             if self._refreshers.get(uuid) is asyncio.current_task():
                 del self._refreshers[uuid]
 
+    def _retry_later(self, uuid: str, exc: LibvirtError) -> None:
+        """Keep a domain whose read failed pending, and read it again after a back-off."""
+        if isinstance(exc, LibvirtUnavailable) and not isinstance(exc, LibvirtTimeout):
+            # The connection is being dropped (see _call): the reconnect reads all.
+            log.warning("libvirt: cannot read domain %s: %s", uuid, exc.message)
+            return
+        tries = self._retries.get(uuid, 0)
+        if tries >= READ_RETRIES:
+            self._retries.pop(uuid, None)
+            log.error("libvirt: giving up reading domain %s after %d attempts: %s; it is "
+                      "read again on its next event", uuid, tries + 1, exc.message)
+            return
+        self._retries[uuid] = tries + 1
+        delay = min(BACKOFF_MIN * 2 ** tries, BACKOFF_MAX)
+        log.warning("libvirt: cannot read domain %s: %s (retrying in %g s)",
+                    uuid, exc.message, delay)
+        self._dirty.add(uuid)
+        old = self._retry_timers.pop(uuid, None)
+        if old is not None:
+            old.cancel()
+        assert self._loop is not None
+        self._retry_timers[uuid] = self._loop.call_later(delay, self._retry, uuid, self._gen)
+
+    def _retry(self, uuid: str, gen: int) -> None:
+        self._retry_timers.pop(uuid, None)
+        if gen == self._gen and not self._stopping and not self._loading \
+                and uuid in self._dirty:
+            self._kick(uuid)
+
     async def refresh(self, uuid: str) -> RunningDomain | None:
-        """Read one domain again now (after an action), in order with its events."""
+        """Read one domain again now (after an action), in order with its events.
+
+        Raises LibvirtError (LibvirtTimeout, LibvirtUnavailable...) when `running`
+        cannot be brought up to date: then it may not show the action's result yet.
+        """
         key = canonical_uuid(uuid) or uuid
-        if self.connected and not self._loading:
-            self._dirty.add(key)
-            task = self._kick(key)
-            try:
-                await asyncio.wait_for(asyncio.shield(task), self.call_timeout)
-            except asyncio.TimeoutError:
-                log.warning("libvirt: re-reading domain %s timed out", key)
-            except asyncio.CancelledError:
-                # The refresher is cancelled when the connection drops; only our own
-                # cancellation should travel on.
-                me = asyncio.current_task()
-                if me is not None and me.cancelling():
-                    raise
+        if not self.connected:
+            raise LibvirtUnavailable(f"not connected to libvirt ({self._describe()})")
+        self._dirty.add(key)
+        task = self._kick(key)
+        try:
+            error = await asyncio.wait_for(asyncio.shield(task), self.call_timeout)
+        except asyncio.TimeoutError:
+            raise LibvirtTimeout(f"libvirt read domain did not answer within "
+                                 f"{self.call_timeout:g} s") from None
+        except asyncio.CancelledError:
+            # The refresher is cancelled when the connection drops; only our own
+            # cancellation should travel on.
+            me = asyncio.current_task()
+            if me is not None and me.cancelling():
+                raise
+            raise LibvirtUnavailable("the connection to libvirt was lost while reading "
+                                     "the domain") from None
+        if error is not None:
+            raise type(error)(error.message, error.code)
         return self.running.get(key)
 
     def _set_domain(self, uuid: str, dom: RunningDomain | None) -> None:
@@ -748,7 +804,13 @@ class LibvirtSource:
 
         await self._call(work, what=what)
         # Read it back before returning, so whoever asked sees the result at once.
-        await self.refresh(key)
+        try:
+            await self.refresh(key)
+        except LibvirtError as exc:
+            # The action was carried out; the read is retried in the background, and
+            # a caller that must show the result calls refresh() itself, which fails.
+            log.warning("libvirt: %s of %s done, but reading it back failed: %s",
+                        what, key, exc.message)
 
     async def resume(self, uuid: str) -> None:
         await self._action(uuid, "resume", lambda d: d.resume())
