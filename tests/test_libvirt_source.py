@@ -601,3 +601,35 @@ def test_a_state_change_whose_result_cannot_be_read_back_is_failed(monkeypatch):
             cleanup(conn)
             conn.close()
     run(body)
+
+
+def test_a_live_title_change_is_seen_through_its_metadata_event():
+    # The test driver raises METADATA_CHANGE for a live title or description; it
+    # raises nothing for a live setMemory or setVcpus (real hypervisors raise
+    # BALLOON_CHANGE / TUNABLE, registered alongside: the same re-read path).
+    async def body() -> None:
+        ensure_event_loop_impl()
+        conn = libvirt.open("test:///default")
+        changes: list[str | None] = []
+        src = LibvirtSource(conn=conn, on_domain=lambda u, d: changes.append(
+            d.config.title if d else None))
+        await src.start()
+        try:
+            uuid = str(uuidlib.uuid4())
+            dom = conn.createXML(domain_xml("titled", uuid), 0)
+            await until(lambda: uuid in src.running, what="started")
+            assert src.running[uuid].config.title is None
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, "web frontend", None, None,
+                            libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            await until(lambda: src.running[uuid].config.title == "web frontend",
+                        what="live title seen")
+            assert state_of(src, uuid) is RunState.RUNNING
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, "", None, None,
+                            libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            await until(lambda: src.running[uuid].config.title is None, what="title removed")
+            assert changes == [None, "web frontend", None]
+        finally:
+            await src.stop()
+            cleanup(conn)
+            conn.close()
+    run(body)

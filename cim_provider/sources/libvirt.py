@@ -32,6 +32,19 @@ KEEPALIVE = (5, 3)      # interval (s), count: a silent peer is dropped after ~2
 READ_RETRIES = 8        # re-reads of one domain after a failed or timed-out read
 _NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
 
+# Events, besides the lifecycle ones, after which a running domain's live XML may
+# differ: all mean "read that domain again". Hot-plug changes disks and NICs; virsh
+# desc/metadata changes the title; a balloon setmem the current memory; setvcpus and
+# tuning (vcpu pins, shares, blkio) raise TUNABLE or nothing at all, depending on the
+# driver; a finished job (migration, save, dump) may leave a changed definition.
+# Autostart has no event at all: it is read with the domain at connect and whenever
+# some other event makes us read the domain again.
+_CHANGE_EVENTS = tuple(getattr(libvirt, name) for name in (
+    "VIR_DOMAIN_EVENT_ID_DEVICE_ADDED", "VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED",
+    "VIR_DOMAIN_EVENT_ID_METADATA_CHANGE", "VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE",
+    "VIR_DOMAIN_EVENT_ID_TUNABLE", "VIR_DOMAIN_EVENT_ID_JOB_COMPLETED",
+) if hasattr(libvirt, name))
+
 
 class LibvirtError(Exception):
     """A libvirt call failed; `message` is libvirt's own text, `code` its virErrorNumber."""
@@ -552,13 +565,11 @@ class LibvirtSource:
         try:
             ids.append(conn.domainEventRegisterAny(
                 None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, gen))
-            for event_id in (libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_ADDED,
-                             libvirt.VIR_DOMAIN_EVENT_ID_DEVICE_REMOVED):
-                # Hot-plug changes the live XML's disks and NICs.
+            for event_id in _CHANGE_EVENTS:
                 try:
-                    ids.append(conn.domainEventRegisterAny(None, event_id, self._on_device, gen))
+                    ids.append(conn.domainEventRegisterAny(None, event_id, self._on_change, gen))
                 except libvirt.libvirtError as exc:
-                    log.debug("libvirt: device event %d not available: %s", event_id, exc)
+                    log.debug("libvirt: event %d not available: %s", event_id, exc)
         except libvirt.libvirtError:
             for cb_id in ids:
                 _quietly(conn.domainEventDeregisterAny, cb_id)
@@ -617,8 +628,9 @@ class LibvirtSource:
                       gen: int) -> None:
         self._post(gen, dom.UUIDString(), event)
 
-    def _on_device(self, _conn: Any, dom: libvirt.virDomain, _alias: str, gen: int) -> None:
-        self._post(gen, dom.UUIDString(), None)
+    def _on_change(self, _conn: Any, dom: libvirt.virDomain, *args: Any) -> None:
+        """Any of _CHANGE_EVENTS: their payloads differ, the opaque (gen) comes last."""
+        self._post(args[-1], dom.UUIDString(), None)
 
     def _post(self, gen: int, uuid: str, event: int | None) -> None:
         loop = self._loop
