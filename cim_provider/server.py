@@ -198,6 +198,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="where indication subscriptions are kept (default "
                         "/var/lib/cim-provider as root, else $XDG_STATE_HOME/cim-provider)")
+    p.add_argument("--insecure-listeners", action="store_true",
+                   help="send a listener destination's username and password to an HTTPS "
+                        "listener whose certificate does not verify (default: such "
+                        "indications are not sent; listeners without credentials are "
+                        "never verified)")
     p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
                    help="largest request body in bytes (default 16 MiB)")
     p.add_argument("--libvirt-uri", default=None,
@@ -236,7 +241,9 @@ async def _serve(args: argparse.Namespace) -> int:
     handle = await start_server(sec.listen, sources=sources, host=host, state_dir=state_dir,
                                 limits=security.limits_from_args(args), https=sec.https,
                                 ssl_context=sec.ssl_context, authenticate=sec.authenticate,
-                                max_pull_per_client=args.max_pull_contexts)
+                                max_pull_per_client=args.max_pull_contexts,
+                                indication_options={"insecure_listeners":
+                                                    args.insecure_listeners})
     log.info("ready in %.2f s", time.monotonic() - t0)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()

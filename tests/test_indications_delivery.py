@@ -14,12 +14,13 @@ import pytest
 import pywbem
 
 try:
-    from tests.support.indications import (Console, LibvirtServer, Listener, StallingListener,
-                                           dead_url, poll, quiet_pywbem_logs)
+    from tests.support.indications import (ALL_CS, Console, LibvirtServer, Listener,
+                                           StallingListener, dead_url, poll,
+                                           quiet_pywbem_logs)
     from tests.support.model import TEST_UUID, connect_wbem
 except ImportError:  # tests/ itself on sys.path
-    from support.indications import (Console, LibvirtServer, Listener, StallingListener,
-                                     dead_url, poll, quiet_pywbem_logs)
+    from support.indications import (ALL_CS, Console, LibvirtServer, Listener,
+                                     StallingListener, dead_url, poll, quiet_pywbem_logs)
     from support.model import TEST_UUID, connect_wbem
 
 
@@ -167,6 +168,83 @@ def test_delivery_over_https(tmp_path):
         got = tls_listener.expect(1, since=t0)
         assert got[0].state == 9 and got[0].previous_state == 2
         console.close()
+    finally:
+        srv.close()
+        tls_listener.stop()
+
+
+def _credentialed(name: str, url: str) -> pywbem.CIMInstance:
+    return pywbem.CIMInstance("CIM_ListenerDestinationCIMXML", properties={
+        "Name": name, "Destination": url, "username": "console", "password": "s3cret"})
+
+
+def _subscribe_raw(conn, dest: pywbem.CIMInstance, name: str) -> None:
+    dpath = conn.CreateInstance(dest)
+    fpath = conn.CreateInstance(pywbem.CIMInstance("CIM_IndicationFilter", properties={
+        "Name": name, "Query": ALL_CS, "QueryLanguage": "WQL",
+        "SourceNamespaces": ["root/virt"]}))
+    conn.CreateInstance(pywbem.CIMInstance("CIM_IndicationSubscription", properties={
+        "Filter": fpath, "Handler": dpath}))
+
+
+@pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")
+def test_credentials_go_only_to_a_verified_https_listener(tmp_path, caplog, monkeypatch):
+    """A destination with a username / password over HTTPS: its listener's certificate
+    is verified (a self-signed one fails, nothing is sent to it), while a destination
+    without credentials on the same listener still gets its indication unverified.
+    Trusting the certificate (SSL_CERT_FILE) makes the credentialed one work."""
+    from cim_provider.wbem.tls import ensure_self_signed
+    quiet_pywbem_logs()
+    caplog.set_level(logging.INFO, logger="cim_provider.indications")
+    cert, key = ensure_self_signed(tmp_path / "tls", "localhost")
+    tls_listener = Listener(tls=(cert, key))
+    srv = LibvirtServer(tmp_path / "state", {"attempts": 1, "timeout": 2.0}).start()
+    try:
+        conn = connect_wbem(srv.url, "interop")
+        _subscribe_raw(conn, _credentialed("secret", tls_listener.url), "secret")
+        _subscribe_raw(conn, pywbem.CIMInstance("CIM_ListenerDestinationCIMXML", properties={
+            "Name": "open", "Destination": tls_listener.url}), "open")
+        dom = srv.conn.lookupByUUIDString(TEST_UUID)
+        t0 = time.monotonic()
+        dom.suspend()
+        got = tls_listener.expect(1, since=t0)
+        assert got[0].filter == "open"
+        workers = {w.name: w for w in srv.service.workers.values()}
+        poll(lambda: workers["secret"].stats.dropped == 1, 10, "the unverified one dropped")
+        assert workers["secret"].stats.delivered == 0
+        assert "certificate" in caplog.text and "has credentials" in caplog.text
+
+        # the operator trusts the listener's certificate: credentials are sent
+        srv.stop_server()
+        monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+        srv.start()
+        t0 = time.monotonic()
+        dom.resume()
+        got = tls_listener.expect(2, since=t0)
+        assert sorted(r.filter for r in got) == ["open", "secret"]
+    finally:
+        srv.close()
+        tls_listener.stop()
+
+
+@pytest.mark.filterwarnings("ignore:ssl.PROTOCOL_TLS is deprecated:DeprecationWarning")
+def test_insecure_listeners_option_sends_credentials_unverified(tmp_path, caplog):
+    """--insecure-listeners (indication option insecure_listeners): the old behaviour,
+    with a warning once per destination (not per indication)."""
+    from cim_provider.wbem.tls import ensure_self_signed
+    quiet_pywbem_logs()
+    caplog.set_level(logging.INFO, logger="cim_provider.indications")
+    tls_listener = Listener(tls=ensure_self_signed(tmp_path / "tls", "localhost"))
+    srv = LibvirtServer(tmp_path / "state", {"insecure_listeners": True}).start()
+    try:
+        _subscribe_raw(connect_wbem(srv.url, "interop"),
+                       _credentialed("secret", tls_listener.url), "secret")
+        dom = srv.conn.lookupByUUIDString(TEST_UUID)
+        for i in range(2):
+            t0 = time.monotonic()
+            (dom.suspend if i == 0 else dom.resume)()
+            assert tls_listener.expect(1, since=t0, quiet=0)[0].filter == "secret"
+        assert caplog.text.count("without verifying its certificate") == 1
     finally:
         srv.close()
         tls_listener.stop()

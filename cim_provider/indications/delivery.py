@@ -17,6 +17,13 @@ Policy (per destination):
   not hold a backlog for minutes;
 - an HTTP 4xx (other than 408/429) or a CIM ERROR in the export response is the
   listener refusing that indication: it is dropped at once (no retry).
+
+HTTPS listeners (our choice): consoles usually listen with a self-signed certificate,
+so by default a listener's certificate is *not* verified -- unless the destination
+carries a username / password: credentials go only to a listener whose certificate
+verifies against the system's trust store (SSL_CERT_FILE / SSL_CERT_DIR honoured).
+`insecure_listeners=True` (the server's --insecure-listeners) sends them unverified
+anyway, with a warning once per destination; `verify_tls=True` verifies every listener.
 """
 from __future__ import annotations
 
@@ -76,7 +83,11 @@ class DestinationWorker:
     def __init__(self, name: str, url: str, *, context: str, queue_size: int = QUEUE_SIZE,
                  attempts: int = ATTEMPTS, base_delay: float = BASE_DELAY,
                  max_delay: float = MAX_DELAY, timeout: float = TIMEOUT,
-                 verify_tls: bool = False, auth: tuple[str, str] | None = None):
+                 verify_tls: bool = False, insecure_listeners: bool = False,
+                 auth: tuple[str, str] | None = None):
+        # CIM_ListenerDestination.username / password: HTTP basic authentication.
+        # (First, so that a user name aiohttp refuses fails before any task exists.)
+        self.auth = aiohttp.BasicAuth(auth[0], auth[1]) if auth else None
         self.name = name
         self.url = listener_url(url)
         self.context = context                 # SequenceContext (DSP1054 reliable delivery)
@@ -85,9 +96,13 @@ class DestinationWorker:
         self.base_delay = base_delay
         self.max_delay = max_delay
         self.timeout = timeout
-        self.verify_tls = verify_tls
-        # CIM_ListenerDestination.username / password: HTTP basic authentication
-        self.auth = aiohttp.BasicAuth(auth[0], auth[1]) if auth else None
+        # Credentials are not sent to an HTTPS listener nobody has verified (see above).
+        self.verify_tls = verify_tls or (self.auth is not None and not insecure_listeners)
+        if self.auth is not None and not self.verify_tls and \
+                self.url.lower().startswith("https:"):
+            log.warning("listener %s (%s): sending its username and password without "
+                        "verifying its certificate (insecure listeners allowed)",
+                        self.name, self.url)
         self.stats = Stats()
         self.unreachable = False
         self._queue: deque[CIMInstance] = deque()
@@ -163,6 +178,10 @@ class DestinationWorker:
                 return
             except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
                 reason = str(exc) or type(exc).__name__
+                if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+                    reason += ("; the listener's certificate is verified because the "
+                               "destination has credentials" if self.auth is not None
+                               else "")
                 log.debug("listener %s attempt %d failed: %s", self.name, attempt + 1, reason)
                 continue
             self.stats.delivered += 1
