@@ -3,7 +3,9 @@ test driver: StartDomain and its policy, every optional member, signals, Generat
 both stores, and SQLite durability (including kill -9 in the middle of defines)."""
 import asyncio
 import logging
+import sqlite3
 import subprocess
+import uuid as uuidlib
 
 import libvirt
 import pytest
@@ -438,4 +440,106 @@ def test_libvirt_unreachable_keeps_what_runs_running(dbus_address, conn, tmp_pat
         finally:
             await _teardown(handle, client, rec)
     with caplog.at_level(logging.WARNING, logger="cim_provider.manager.service"):
+        run(scenario())
+
+
+def _cfg(name, uuid):
+    from cim_provider.contract import config_from_dbus
+    return config_from_dbus(values_to_dbus({"UUID": uuid, "Name": name}))
+
+
+def test_sqlite_store_transactions_and_errors(tmp_path):
+    """define_many is one transaction (all or nothing); every SQLite failure is a
+    StoreError with a contract name, and the store stays usable after one."""
+    from cim_provider.manager.store import StoreError
+    db = tmp_path / "m.db"
+    store = SqliteStore(db)
+    a, b, c = (_cfg(n, f"0000000{i}-0000-4000-8000-000000000000")
+               for i, n in enumerate("abc", 1))
+    try:
+        store.define_many([a, b])
+        with pytest.raises(StoreError) as err:
+            store.define_many([c, a])                 # a again: nothing of it is kept
+        assert err.value.name == ERR + "InvalidArgument"
+        assert [s.config.name for s in store.list()] == ["a", "b"]
+        with pytest.raises(StoreError) as err:
+            store.define(a)
+        assert err.value.name == ERR + "InvalidArgument" and "already defined" in str(err.value)
+        store.define(c)
+        assert [s.config.name for s in store.list()] == ["a", "b", "c"]
+
+        with sqlite3.connect(db) as other:            # the table vanishes under the store
+            other.execute("ALTER TABLE domains RENAME TO elsewhere")
+        for call in (store.list, lambda: store.define(_cfg("d", str(uuidlib.uuid4()))),
+                     lambda: store.define_many([_cfg("e", str(uuidlib.uuid4()))]),
+                     lambda: store.undefine(a.uuid), lambda: store.update(a, b)):
+            with pytest.raises(StoreError) as err:
+                call()
+            assert err.value.name == ERR + "Failed" and "no such table" in str(err.value)
+        with sqlite3.connect(db) as other:            # back: the store works again
+            other.execute("ALTER TABLE elsewhere RENAME TO domains")
+        store.undefine(a.uuid)
+        assert [s.config.name for s in store.list()] == ["b", "c"]
+    finally:
+        store.close()
+    with pytest.raises(StoreError) as err:
+        store.list()
+    assert err.value.name == ERR + "Failed"
+
+
+def test_sqlite_failure_does_not_fail_the_other_stores(dbus_address, conn, tmp_path, caplog):
+    """An SQLite store that fails (its table gone) keeps its last known definitions;
+    the libvirt store is still listed, writes to SQLite fail with Error.Failed, the
+    failure is logged once, and everything is back when SQLite is."""
+    async def scenario():
+        db = tmp_path / "m.db"
+        handle, client, rec = await _setup(dbus_address, conn, tmp_path, poll=0.05)
+        try:
+            kept = await client.define_domain({"Name": "kept"})
+            with sqlite3.connect(db) as other:
+                other.execute("ALTER TABLE domains RENAME TO elsewhere")
+            await eventually(lambda: any("cannot list" in r.getMessage()
+                                         for r in caplog.records), what="failure noticed")
+            await asyncio.sleep(0.3)                       # several polls
+            reply = await rec.call("ListDomains")
+            assert reply.message_type == MessageType.METHOD_RETURN, reply.body
+            assert {e["UUID"].value for e in reply.body[0]} == {kept, TEST_UUID}
+            err = await _error(client.define_domain({"Name": "lost"}))
+            assert err.name == ERR + "Failed" and "no such table" in err.message
+            assert len([r for r in caplog.records if "cannot list" in r.getMessage()]) == 1
+            assert not [r for r in caplog.records            # no "failed" traceback
+                        if r.levelno >= logging.ERROR and r.name.startswith("cim_provider")]
+            assert rec.signals == [("DomainDefined", kept)]
+
+            with sqlite3.connect(db) as other:
+                other.execute("ALTER TABLE elsewhere RENAME TO domains")
+            await eventually(lambda: any("works again" in r.getMessage()
+                                         for r in caplog.records), what="recovery logged")
+            assert await client.define_domain({"Name": "stored"})
+        finally:
+            await _teardown(handle, client, rec)
+    with caplog.at_level(logging.INFO, logger="cim_provider.manager.service"):
+        run(scenario())
+
+
+def test_poll_failures_are_logged_once(dbus_address, conn, tmp_path, caplog):
+    """A poll that fails as a whole (storage not answering within the deadline) is a
+    warning when it starts and a note when it ends, not a line per poll."""
+    async def scenario():
+        handle = await serve_manager(dbus_address, [SqliteStore(tmp_path / "m.db")], conn,
+                                     poll_interval=0.02)
+        service = handle.service
+        try:
+            service.call_timeout = 0                   # no store call can finish in time
+            await eventually(lambda: any("cannot re-read" in r.getMessage()
+                                         for r in caplog.records), what="poll failure logged")
+            await asyncio.sleep(0.3)                   # many more failing polls
+            service.call_timeout = 30
+            await eventually(lambda: any("polling works again" in r.getMessage()
+                                         for r in caplog.records), what="recovery logged")
+            failures = [r for r in caplog.records if "cannot re-read" in r.getMessage()]
+            assert len(failures) == 1 and failures[0].levelno == logging.WARNING
+        finally:
+            await handle.stop()
+    with caplog.at_level(logging.INFO, logger="cim_provider.manager.service"):
         run(scenario())

@@ -129,8 +129,10 @@ class ManagerService(ServiceInterface):
             await asyncio.sleep(self.poll_interval)
             try:
                 await self._sync()
+                self._trouble("polling", None)
             except Exception as exc:
-                log.debug("poll failed: %s", exc)
+                # Once when it starts failing, once when it works again: not per poll.
+                self._trouble("polling", f"cannot re-read the definitions: {exc}")
 
     async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
         """Run a blocking store or libvirt call off the loop, with a deadline: a hung

@@ -7,11 +7,13 @@ executor).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import sqlite3
 import threading
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -122,6 +124,8 @@ class SqliteStore(Store):
 
     WAL with synchronous=FULL and one transaction per change, committed before the
     service replies: an acknowledged definition survives kill -9 and power loss.
+    Every SQLite failure (a full disk, a corrupt or locked file, a dropped table)
+    comes out as StoreError: Error.Failed, or Error.InvalidArgument for a duplicate.
     """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
@@ -139,21 +143,40 @@ class SqliteStore(Store):
             self._db.execute("CREATE TABLE IF NOT EXISTS domains ("
                              " uuid TEXT PRIMARY KEY, name TEXT NOT NULL, config TEXT NOT NULL)")
 
-    def _write(self, sql: str, params: tuple[Any, ...]) -> int:
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        """One write transaction under the lock: committed when the block ends,
+        rolled back if it raises."""
         with self._lock:
             try:
                 self._db.execute("BEGIN IMMEDIATE")
-                cur = self._db.execute(sql, params)
+                yield self._db
                 self._db.execute("COMMIT")
             except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                with contextlib.suppress(sqlite3.Error):   # keep the first error
+                    if self._db.in_transaction:
+                        self._db.execute("ROLLBACK")
                 raise
-            return cur.rowcount
+
+    def _failed(self, action: str, exc: sqlite3.Error) -> StoreError:
+        if isinstance(exc, sqlite3.IntegrityError):       # a UUID defined twice
+            return StoreError(ERROR_INVALID_ARGUMENT, f"{action}: {exc}")
+        return StoreError(ERROR_FAILED, f"{self.spec}: {action} failed: {exc}")
+
+    def _write(self, sql: str, params: tuple[Any, ...], action: str) -> int:
+        try:
+            with self._transaction() as db:
+                return db.execute(sql, params).rowcount
+        except sqlite3.Error as exc:
+            raise self._failed(action, exc) from None
 
     def list(self) -> list[Stored]:
-        with self._lock:
-            rows = self._db.execute("SELECT uuid, config FROM domains ORDER BY rowid").fetchall()
+        try:
+            with self._lock:
+                rows = self._db.execute(
+                    "SELECT uuid, config FROM domains ORDER BY rowid").fetchall()
+        except sqlite3.Error as exc:
+            raise self._failed("listing the definitions", exc) from None
         out = []
         for uuid, text in rows:
             try:
@@ -167,32 +190,33 @@ class SqliteStore(Store):
     def define(self, cfg: DomainConfig) -> None:
         try:
             self._write("INSERT INTO domains (uuid, name, config) VALUES (?, ?, ?)",
-                        (cfg.uuid, cfg.name, json.dumps(config_to_values(cfg))))
-        except sqlite3.IntegrityError:
-            raise StoreError(ERROR_INVALID_ARGUMENT, f"UUID {cfg.uuid} is already defined") \
-                from None
+                        (cfg.uuid, cfg.name, json.dumps(config_to_values(cfg))),
+                        f"defining {cfg.name}")
+        except StoreError as exc:
+            if exc.name == ERROR_INVALID_ARGUMENT:
+                raise StoreError(ERROR_INVALID_ARGUMENT,
+                                 f"UUID {cfg.uuid} is already defined") from None
+            raise
 
     def define_many(self, cfgs: list[DomainConfig]) -> None:
         """Seed many definitions in one transaction (the demo and the benchmark)."""
         rows = [(c.uuid, c.name, json.dumps(config_to_values(c))) for c in cfgs]
-        with self._lock:
-            try:
-                self._db.execute("BEGIN IMMEDIATE")
-                self._db.executemany("INSERT INTO domains (uuid, name, config) VALUES (?, ?, ?)",
-                                     rows)
-                self._db.execute("COMMIT")
-            except BaseException:
-                if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
-                raise
+        try:
+            with self._transaction() as db:
+                db.executemany("INSERT INTO domains (uuid, name, config) VALUES (?, ?, ?)",
+                               rows)
+        except sqlite3.Error as exc:
+            raise self._failed(f"defining {len(rows)} domains", exc) from None
 
     def undefine(self, uuid: str) -> None:
-        if self._write("DELETE FROM domains WHERE uuid = ?", (uuid,)) == 0:
+        if self._write("DELETE FROM domains WHERE uuid = ?", (uuid,),
+                       f"undefining {uuid}") == 0:
             raise StoreError(ERROR_NOT_FOUND, f"no definition with UUID {uuid}")
 
     def update(self, old: DomainConfig, new: DomainConfig) -> None:
         n = self._write("UPDATE domains SET name = ?, config = ? WHERE uuid = ?",
-                        (new.name, json.dumps(config_to_values(new)), old.uuid))
+                        (new.name, json.dumps(config_to_values(new)), old.uuid),
+                        f"updating {old.uuid}")
         if n == 0:
             raise StoreError(ERROR_NOT_FOUND, f"no definition with UUID {old.uuid}")
 
