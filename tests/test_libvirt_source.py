@@ -633,3 +633,88 @@ def test_a_live_title_change_is_seen_through_its_metadata_event():
             cleanup(conn)
             conn.close()
     run(body)
+
+
+class SlowFirstRegistration:
+    """Holds the source's own first event registration (`_register_all`) until released.
+
+    So that registering times out on the first connection attempt and its callbacks
+    arrive only after the source gave that connection up: the second attempt's
+    registration is held until the first one is over, so the late one comes first.
+    """
+
+    def __init__(self, src: LibvirtSource) -> None:
+        self.real = src._register_all
+        self.go = threading.Event()
+        self.second = threading.Event()
+        self.done = threading.Event()
+        self.calls = 0
+        src._register_all = self.register      # type: ignore[method-assign]
+
+    def register(self, conn: libvirt.virConnect, gen: int) -> str:
+        self.calls += 1
+        if self.calls == 1:
+            try:
+                self.go.wait(10)
+                return self.real(conn, gen)
+            finally:
+                self.done.set()
+        if self.calls == 2:
+            self.second.set()
+            self.done.wait(10)
+        return self.real(conn, gen)
+
+
+def _our_callbacks(conn: libvirt.virConnect) -> dict[int, object]:
+    """libvirt-python's record of the domain event callbacks on conn (id -> opaque)."""
+    return dict(getattr(conn, "domainEventCallbackID", {}))
+
+
+def test_event_callbacks_registered_after_a_timeout_are_deregistered():
+    async def body() -> None:
+        ensure_event_loop_impl()
+        conn = libvirt.open("test:///default")
+        src = LibvirtSource(conn=conn, call_timeout=0.3)
+        slow = SlowFirstRegistration(src)
+        try:
+            await src.start()                      # the first registration times out
+            await until(slow.second.is_set, timeout=5, what="second attempt")
+            slow.go.set()                          # the first one registers now, late
+            await until(slow.done.is_set, timeout=5, what="late registration over")
+            # It undid itself, so the second attempt could register (libvirt refuses a
+            # second callback for the same event on one connection).
+            assert await src.wait_connected(10)
+            ours = _our_callbacks(conn)
+            assert ours and set(ours.values()) == {src._gen}
+            uuid = str(uuidlib.uuid4())
+            conn.createXML(domain_xml("after-late-registration", uuid), 0)
+            await until(lambda: uuid in src.running, what="events flow")
+        finally:
+            slow.go.set()
+            await src.stop()
+            cleanup(conn)
+        assert _our_callbacks(conn) == {}          # stop() leaves nothing registered
+        conn.close()
+    run(body)
+
+
+def test_a_late_registration_on_a_given_up_connection_closes_it(libvirtd):
+    async def body() -> None:
+        src = LibvirtSource(libvirtd.uri, call_timeout=0.3)
+        slow = SlowFirstRegistration(src)
+        try:
+            await src.start()
+            await until(slow.second.is_set, timeout=5, what="second attempt")
+            # The given-up connection is still used by its registration: it is not
+            # closed under it, but by it once it is over.
+            assert _daemon_clients(libvirtd) == 2
+            slow.go.set()
+            await until(slow.done.is_set, timeout=5, what="late registration over")
+            assert await src.wait_connected(10)
+            await until(lambda: _daemon_clients(libvirtd) == 1, timeout=5,
+                        what="only the live connection left")
+        finally:
+            slow.go.set()
+            await src.stop()
+        await until(lambda: _daemon_clients(libvirtd) == 0, timeout=5, what="all closed")
+    run(body)

@@ -409,6 +409,12 @@ class LibvirtSource:
         self._owned = False
         self._close_cb = False
         self._event_ids: list[int] = []
+        # Registration runs on an executor thread and may outlive the timeout of its
+        # call; under this lock it records what it registered only while its
+        # connection is still the current one (`_gen`), and undoes the rest itself.
+        self._reg_lock = threading.Lock()
+        self._registering: set[int] = set()     # generations still registering
+        self._close_after: set[int] = set()     # ... whose owned connection they close
         self._gen = 0                      # bumps per connection: stale callbacks are ignored
         self._loading = False
         self._dirty: set[str] = set()
@@ -501,8 +507,9 @@ class LibvirtSource:
         return self._conn_uri or self.uri or "libvirt's default URI"
 
     async def _connect(self) -> None:
-        self._gen += 1
-        gen = self._gen
+        with self._reg_lock:
+            self._gen += 1
+            gen = self._gen
         self._dropped = asyncio.Event()
         if self._shared is not None and self._shared_alive():
             conn = self._shared
@@ -510,7 +517,7 @@ class LibvirtSource:
             conn = await self._open(self.uri or self._conn_uri)
         self._conn = conn
         self._owned = conn is not self._shared
-        self._conn_uri, self._event_ids, self._close_cb = await self._call(
+        self._conn_uri = await self._call(
             functools.partial(self._register, conn, gen), what="register events")
         self._loading = True
         try:
@@ -558,39 +565,78 @@ class LibvirtSource:
         except libvirt.libvirtError:
             return False
 
-    def _register(self, conn: libvirt.virConnect, gen: int) -> tuple[str, list[int], bool]:
-        """Blocking: event callbacks, close callback and keepalive for a new connection."""
-        conn_uri = conn.getURI()
-        ids: list[int] = []
+    def _register(self, conn: libvirt.virConnect, gen: int) -> str:
+        """Blocking: event callbacks, close callback and keepalive for a new connection.
+
+        Each callback goes into `_event_ids` (released by _disconnect) if `gen` is
+        still current when it is made; one made after the call timed out and the
+        connection was given up is deregistered here at once, and registering stops.
+        """
+        with self._reg_lock:
+            if gen != self._gen:
+                raise LibvirtUnavailable("connection given up before its events were registered")
+            self._registering.add(gen)
         try:
-            ids.append(conn.domainEventRegisterAny(
-                None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, gen))
-            for event_id in _CHANGE_EVENTS:
-                try:
-                    ids.append(conn.domainEventRegisterAny(None, event_id, self._on_change, gen))
-                except libvirt.libvirtError as exc:
-                    log.debug("libvirt: event %d not available: %s", event_id, exc)
-        except libvirt.libvirtError:
-            for cb_id in ids:
-                _quietly(conn.domainEventDeregisterAny, cb_id)
-            raise
-        close_cb = False
+            return self._register_all(conn, gen)
+        finally:
+            with self._reg_lock:
+                self._registering.discard(gen)
+                close = gen in self._close_after
+                self._close_after.discard(gen)
+            if close:
+                _quietly(conn.close)
+
+    def _register_all(self, conn: libvirt.virConnect, gen: int) -> str:
+        def keep(cb_id: int) -> None:
+            with self._reg_lock:
+                if gen == self._gen:
+                    self._event_ids.append(cb_id)
+                    return
+            _quietly(conn.domainEventDeregisterAny, cb_id)
+            raise LibvirtUnavailable("connection given up while its events were registered")
+
+        conn_uri = conn.getURI()
+        keep(conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, gen))
+        for event_id in _CHANGE_EVENTS:
+            try:
+                cb_id = conn.domainEventRegisterAny(None, event_id, self._on_change, gen)
+            except libvirt.libvirtError as exc:
+                log.debug("libvirt: event %d not available: %s", event_id, exc)
+                continue
+            keep(cb_id)
         try:
             conn.registerCloseCallback(self._on_close, gen)
-            close_cb = True
         except libvirt.libvirtError as exc:   # e.g. the owner of a shared connection has one
             log.debug("libvirt: no close callback on %s: %s", conn_uri, exc)
+        else:
+            with self._reg_lock:
+                current = gen == self._gen
+                if current:
+                    self._close_cb = True
+            if not current:
+                _quietly(conn.unregisterCloseCallback)
+                raise LibvirtUnavailable("connection given up while its events were registered")
         if self._owned:
             try:
                 conn.setKeepAlive(*KEEPALIVE)
             except libvirt.libvirtError as exc:   # local drivers: nothing to keep alive
                 log.debug("libvirt: no keepalive on %s: %s", conn_uri, exc)
-        return conn_uri, ids, close_cb
+        return conn_uri
 
     async def _disconnect(self) -> None:
         conn, self._conn = self._conn, None
         was_connected, self.connected = self.connected, False
-        self._gen += 1
+        owned = self._owned
+        with self._reg_lock:
+            # What the registration recorded so far is released below; from now on it
+            # undoes its own late registrations (see _register).
+            if conn is not None and owned and self._gen in self._registering:
+                self._close_after.add(self._gen)   # it still uses conn: it closes it
+                owned = False
+            self._gen += 1
+            ids, self._event_ids = self._event_ids, []
+            close_cb, self._close_cb = self._close_cb, False
         self._dirty.clear()
         for task in list(self._refreshers.values()):
             task.cancel()
@@ -603,9 +649,6 @@ class LibvirtSource:
             self._up.clear()
         if conn is None:
             return
-        ids, self._event_ids = self._event_ids, []
-        close_cb, self._close_cb = self._close_cb, False
-        owned = self._owned
 
         def release() -> None:
             for cb_id in ids:
