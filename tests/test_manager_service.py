@@ -543,3 +543,27 @@ def test_poll_failures_are_logged_once(dbus_address, conn, tmp_path, caplog):
             await handle.stop()
     with caplog.at_level(logging.INFO, logger="cim_provider.manager.service"):
         run(scenario())
+
+
+def test_libvirt_store_vcpus_never_lower_the_maximum(dbus_address, conn, tmp_path):
+    """UpdateDomain(VCPUs) sets the current count; the maximum someone set with virsh
+    stays, and is raised only when the new count needs it."""
+    async def scenario():
+        handle = await serve_manager(dbus_address, [LibvirtStore(LibvirtConnection(None, conn))],
+                                     conn, poll_interval=0.1)
+        client = ManagerClient(dbus_address)
+        await client.start()
+        config = libvirt.VIR_DOMAIN_AFFECT_CONFIG
+        maximum = config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM
+        try:
+            uuid = await client.define_domain({"Name": "cpus", "VCPUs": 2, "MemoryKiB": 65536})
+            dom = conn.lookupByUUIDString(uuid)
+            dom.setVcpusFlags(8, maximum)               # virsh setvcpus --maximum --config
+            for vcpus, expected in ((4, (8, 4)), (1, (8, 1)), (12, (12, 12)), (3, (12, 3))):
+                await client.update_domain(uuid, {"VCPUs": vcpus})
+                assert (dom.vcpusFlags(maximum), dom.vcpusFlags(config)) == expected, vcpus
+                assert (await client.get_domain(uuid)).vcpus == vcpus
+        finally:
+            await client.stop()
+            await handle.stop()
+    run(scenario())

@@ -312,11 +312,12 @@ class LibvirtStore(Store):
             for kib, flags in mem_steps:
                 dom.setMemoryFlags(kib, flags)
             if new.vcpus is not None and new.vcpus != old.vcpus:
-                vcpu_steps = [config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM, config]
-                if new.vcpus < (old.vcpus or 0):
-                    vcpu_steps.reverse()
-                for flags in vcpu_steps:
-                    dom.setVcpusFlags(new.vcpus, flags)
+                # VCPUs is the current count; the maximum (hot-plug headroom someone
+                # set with virsh) is raised when the new count needs it, never lowered.
+                maximum = config | libvirt.VIR_DOMAIN_VCPU_MAXIMUM
+                if new.vcpus > dom.vcpusFlags(maximum):
+                    dom.setVcpusFlags(new.vcpus, maximum)
+                dom.setVcpusFlags(new.vcpus, config)
             if new.title != old.title:
                 dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_TITLE, new.title or "", None, None,
                                 config)
