@@ -567,3 +567,35 @@ def test_libvirt_store_vcpus_never_lower_the_maximum(dbus_address, conn, tmp_pat
             await client.stop()
             await handle.stop()
     run(scenario())
+
+
+def test_stop_leaves_the_bus_before_closing_the_stores(dbus_address, conn, tmp_path):
+    """stop() releases the name first; a DefineDomain still running then completes
+    (acknowledged and stored) instead of meeting a closed database."""
+    async def scenario():
+        db = tmp_path / "m.db"
+        handle = await serve_manager(dbus_address, [SqliteStore(db)], conn, poll_interval=0.05)
+        client = ManagerClient(dbus_address, call_timeout=20)
+        await client.start()
+        blocker = sqlite3.connect(db, isolation_level=None)
+        try:
+            blocker.execute("BEGIN IMMEDIATE")       # another writer: the define must wait
+            define = asyncio.create_task(client.define_domain({"Name": "in-flight"}))
+            await eventually(lambda: handle.service._change_lock.locked(), within=5.0,
+                             what="DefineDomain running")
+            stop = asyncio.create_task(handle.stop())
+            await wait_for_owner(dbus_address, present=False)   # the name goes first
+            assert not define.done() and not stop.done()
+            blocker.execute("COMMIT")                 # now the define can write
+            uuid = await define
+            await stop
+        finally:
+            blocker.close()
+            await client.stop()
+            await handle.stop()
+        reopened = SqliteStore(db)
+        try:
+            assert [s.config.uuid for s in reopened.list()] == [uuid]
+        finally:
+            reopened.close()
+    run(scenario())

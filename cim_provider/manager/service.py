@@ -100,6 +100,7 @@ class ManagerService(ServiceInterface):
         self._change_lock = asyncio.Lock()      # defines, undefines, updates, starts
         self._sync_lock = asyncio.Lock()        # snapshot comparison and signals
         self._poller: Optional[asyncio.Task] = None
+        self._stopping = False
         self._warned_dupes: set[str] = set()
         self._troubles: dict[str, str] = {}
 
@@ -113,20 +114,52 @@ class ManagerService(ServiceInterface):
                                "org.example.virt.Manager.xml: " + "; ".join(problems))
 
     async def start(self) -> None:
+        self._stopping = False
         await self._sync(emit=False)
         self._poller = asyncio.create_task(self._poll(), name="manager-service-poll")
 
     async def stop(self) -> None:
-        if self._poller is not None:
-            self._poller.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._poller
-            self._poller = None
+        """Stop polling. The flag as well as the cancel: asyncio.wait_for (in
+        _blocking) may swallow a cancel that arrives as its call completes, and the
+        poller must end anyway."""
+        self._stopping = True
+        poller, self._poller = self._poller, None
+        if poller is not None:
+            poller.cancel()
+            await asyncio.wait({poller})     # never swallows a cancel of our own
+
+    async def close(self) -> None:
+        """Stop polling, let the calls already running finish (for at most
+        call_timeout), then close the stores. Unexport the service first, so that no
+        new call arrives."""
+        await self.stop()
+        held = []
+        try:
+            for lock in (self._change_lock, self._sync_lock):
+                await asyncio.wait_for(lock.acquire(), self.call_timeout)
+                held.append(lock)
+        except asyncio.TimeoutError:
+            log.warning("calls still running after %g s; closing the stores anyway",
+                        self.call_timeout)
+        try:
+            self._close_stores()
+        finally:
+            for lock in held:
+                lock.release()
+
+    def _close_stores(self) -> None:
+        for store in self.stores:
+            try:
+                store.close()
+            except Exception as exc:
+                log.warning("%s: cannot close: %s", store.spec, exc)
 
     async def _poll(self) -> None:
         """Notice changes made behind our back (virsh, a guest shutting down)."""
-        while True:
+        while not self._stopping:
             await asyncio.sleep(self.poll_interval)
+            if self._stopping:
+                return
             try:
                 await self._sync()
                 self._trouble("polling", None)
@@ -390,21 +423,19 @@ class ManagerHandle:
         self._own_bus = own_bus
 
     async def stop(self) -> None:
-        """Leave the bus (the name first, so clients see the Manager go), stop, and
-        close the stores (a libvirt connection handed in stays open)."""
-        await self.service.stop()
-        for store in self.service.stores:
-            with contextlib.suppress(Exception):
-                store.close()
+        """Leave the bus (the name first, so clients see the Manager go, then the
+        object, so no new call reaches it), let the calls in progress finish, and close
+        the stores (a libvirt connection handed in stays open)."""
         if self.bus.connected:
             with contextlib.suppress(Exception):
                 await self.bus.release_name(BUS_NAME)
             with contextlib.suppress(Exception):
                 self.bus.unexport(OBJECT_PATH, self.service)
-            if self._own_bus:
-                self.bus.disconnect()
-                with contextlib.suppress(Exception):
-                    await self.bus.wait_for_disconnect()
+        await self.service.close()
+        if self._own_bus and self.bus.connected:
+            self.bus.disconnect()
+            with contextlib.suppress(Exception):
+                await self.bus.wait_for_disconnect()
 
     async def wait_closed(self) -> None:
         """Until the bus connection ends (the daemon went away)."""
