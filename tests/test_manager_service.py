@@ -599,3 +599,35 @@ def test_stop_leaves_the_bus_before_closing_the_stores(dbus_address, conn, tmp_p
         finally:
             reopened.close()
     run(scenario())
+
+
+def test_stop_closes_the_libvirt_connections_it_opened(dbus_address, conn, tmp_path,
+                                                       monkeypatch):
+    """A `libvirt:URI` store spec makes serve_manager open a connection: stop() closes
+    it, and the default one it opens when given none. A connection handed in (and
+    `libvirt:` meaning that one) stays open."""
+    monkeypatch.setenv("LIBVIRT_DEFAULT_URI", "test:///default")
+    def closed(virconn):
+        try:
+            virconn.isAlive()
+        except libvirt.libvirtError:
+            return True
+        return False
+
+    async def scenario():
+        handle = await serve_manager(dbus_address, ["libvirt:test:///default",
+                                                    f"sqlite:{tmp_path / 'm.db'}"], None,
+                                     poll_interval=0.05)
+        lv_store = handle.service.stores[0]
+        assert isinstance(lv_store, LibvirtStore)
+        opened = lv_store.connection.get()
+        service_conn = handle.service.libvirt.get()      # libvirt's default: test driver
+        assert TEST_UUID in {d.UUIDString() for d in opened.listAllDomains()}
+        await handle.stop()
+        assert closed(opened) and closed(service_conn)
+
+        handle = await serve_manager(dbus_address, ["libvirt:"], conn, poll_interval=0.05)
+        assert handle.service.stores[0].connection.get() is conn
+        await handle.stop()
+        assert not closed(conn) and conn.isAlive()
+    run(scenario())

@@ -417,10 +417,14 @@ def _stored_from(entry: Entry) -> Stored:
 class ManagerHandle:
     """A running Manager: the bus it is on, the service object, and how to stop it."""
 
-    def __init__(self, bus: MessageBus, service: ManagerService, own_bus: bool) -> None:
+    def __init__(self, bus: MessageBus, service: ManagerService, own_bus: bool,
+                 connections: Sequence[LibvirtConnection] = ()) -> None:
         self.bus = bus
         self.service = service
         self._own_bus = own_bus
+        # The libvirt connections serve_manager made itself (for `libvirt:URI` specs);
+        # closed by stop(). Those handed in belong to the caller.
+        self._connections = list(connections)
 
     async def stop(self) -> None:
         """Leave the bus (the name first, so clients see the Manager go, then the
@@ -432,6 +436,8 @@ class ManagerHandle:
             with contextlib.suppress(Exception):
                 self.bus.unexport(OBJECT_PATH, self.service)
         await self.service.close()
+        for conn in self._connections:
+            conn.close()          # only closes what it opened itself
         if self._own_bus and self.bus.connected:
             self.bus.disconnect()
             with contextlib.suppress(Exception):
@@ -452,12 +458,19 @@ async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Stor
 
     `stores` holds Store objects or specs (`sqlite:PATH`, `libvirt:URI`; `libvirt:`
     with no URI means `libvirt_conn` itself). `libvirt_conn` may be an open
-    virConnect shared with the rest of the process; it is never closed here.
+    virConnect shared with the rest of the process; it is never closed here. What is
+    opened here (the stores named by spec, their libvirt connections) is closed by
+    the handle's stop(), or at once if serving fails.
     """
+    made: list[LibvirtConnection] = []       # ours to close; a handed-in one is not
     if not isinstance(libvirt_conn, LibvirtConnection):
         libvirt_conn = LibvirtConnection(None, libvirt_conn)
+        made.append(libvirt_conn)
     connections = {None: libvirt_conn}
-    stores = [open_store(s, connections) if isinstance(s, str) else s for s in stores]
+    specs = list(stores)
+    stores = [open_store(s, connections) if isinstance(s, str) else s for s in specs]
+    opened = [s for s, spec in zip(stores, specs) if isinstance(spec, str)]
+    made += [c for uri, c in connections.items() if uri is not None]
     service = ManagerService(stores, libvirt_conn, poll_interval=poll_interval)
     service.verify_contract()
     own_bus = isinstance(bus, str)
@@ -474,7 +487,11 @@ async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Stor
             mb.unexport(OBJECT_PATH, service)
         if own_bus:
             mb.disconnect()
+        for store in opened:
+            store.close()
+        for conn in made:
+            conn.close()
         raise
     log.info("serving %s on %s with %s", BUS_NAME, mb.unique_name,
              ", ".join(s.spec for s in stores))
-    return ManagerHandle(mb, service, own_bus)
+    return ManagerHandle(mb, service, own_bus, made)
