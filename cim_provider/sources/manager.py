@@ -182,6 +182,7 @@ class ManagerClient:
 
     async def stop(self) -> None:
         self._stopping = True
+        self._wake.set()      # the loop ends on the flag even if a cancel is swallowed
         for task in (self._task, self._watch):
             if task is not None:
                 task.cancel()
@@ -263,6 +264,8 @@ class ManagerClient:
             except asyncio.TimeoutError:
                 timed_out = True
             self._wake.clear()
+            if self._stopping:
+                break
             if self._owner is None:
                 continue
             if self._debounce:
