@@ -463,11 +463,13 @@ def _write_atomic(path: Path, data: bytes) -> None:
 class _SubscriptionClassProvider(Provider):
     namespace = INTEROP
 
+    TABLE = ""            # the Subscriptions attribute holding this class's instances
+
     def __init__(self, subs: Subscriptions):
         self.subs = subs
 
     def _table(self) -> dict:
-        raise NotImplementedError
+        return getattr(self.subs, self.TABLE)
 
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
         return [v.instance if isinstance(v, Filter) else v for v in self._table().values()]
@@ -488,8 +490,7 @@ class _SubscriptionClassProvider(Provider):
 class FilterProvider(_SubscriptionClassProvider):
     classnames = (FILTER_CLASS,)
 
-    def _table(self) -> dict:
-        return self.subs.filters
+    TABLE = "filters"
 
 
 class DestinationProvider(_SubscriptionClassProvider):
@@ -498,8 +499,7 @@ class DestinationProvider(_SubscriptionClassProvider):
     is used for delivery but never shown to clients."""
     classnames = (DEST_CLASS,)
 
-    def _table(self) -> dict:
-        return self.subs.destinations
+    TABLE = "destinations"
 
     @staticmethod
     def _hide(inst: CIMInstance) -> CIMInstance:
@@ -519,8 +519,7 @@ class DestinationProvider(_SubscriptionClassProvider):
 class SubscriptionProvider(_SubscriptionClassProvider):
     classnames = (SUB_CLASS,)
 
-    def _table(self) -> dict:
-        return self.subs.subscriptions
+    TABLE = "subscriptions"
 
 
 def subscription_providers(subs: Subscriptions) -> list[Provider]:

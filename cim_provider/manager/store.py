@@ -7,6 +7,7 @@ executor).
 """
 from __future__ import annotations
 
+import abc
 import contextlib
 import json
 import logging
@@ -99,21 +100,21 @@ class Stored:
     active: bool | None = None
 
 
-class Store:
+class Store(abc.ABC):
     """What the service needs from a store (all blocking)."""
     spec: str = ""
 
-    def list(self) -> list[Stored]:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def list(self) -> list[Stored]: ...
 
-    def define(self, cfg: DomainConfig) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def define(self, cfg: DomainConfig) -> None: ...
 
-    def undefine(self, uuid: str) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def undefine(self, uuid: str) -> None: ...
 
-    def update(self, old: DomainConfig, new: DomainConfig) -> None:
-        raise NotImplementedError
+    @abc.abstractmethod
+    def update(self, old: DomainConfig, new: DomainConfig) -> None: ...
 
     def close(self) -> None:
         pass
