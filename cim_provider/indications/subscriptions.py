@@ -22,7 +22,6 @@ import contextlib
 import json
 import logging
 import os
-import tempfile
 import time
 import uuid as uuidlib
 from collections.abc import Callable, Iterable
@@ -34,6 +33,7 @@ from urllib.parse import urlsplit
 import pywbem
 from pywbem import (CIMDateTime, CIMError, CIMInstance, CIMInstanceName, CIMProperty)
 
+from ..statefile import write_private
 from ..wbem import wql
 from ..wbem.provider import Provider, path_key
 from ..wbem.repository import Namespace, Repository
@@ -397,7 +397,7 @@ class Subscriptions:
             return
         data = json.dumps(self._snapshot(), indent=1, sort_keys=True).encode()
         async with self._write_lock:
-            await asyncio.get_running_loop().run_in_executor(None, _write_atomic, self.path,
+            await asyncio.get_running_loop().run_in_executor(None, write_private, self.path,
                                                              data)
 
     def load(self) -> None:
@@ -434,28 +434,6 @@ class Subscriptions:
                     log.warning("skipping a saved %s entry: %s", section[:-1], exc)
         log.info("loaded %d filter(s), %d destination(s), %d subscription(s) from %s",
                  len(self.filters), len(self.destinations), len(self.subscriptions), self.path)
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    """Readers (and a crash) see the old file or the new one, never a mix."""
-    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o600)          # destinations may carry a user name and password
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 # --- providers ---------------------------------------------------------------------------

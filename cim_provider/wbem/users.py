@@ -11,11 +11,10 @@ from __future__ import annotations
 import argparse
 import getpass
 import logging
-import os
 import sys
-import tempfile
 from pathlib import Path
 
+from ..statefile import write_private
 from .auth import (ROLES, User, UsersFileError, check_private, format_users, hash_password,
                    parse_users, valid_name)
 
@@ -49,25 +48,7 @@ def _read_password() -> str:
 
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text`: mode 0600 from the first byte, fsync'd, renamed."""
-    path = path.absolute()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)   # mode 0600
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
+    write_private(path, text.encode("utf-8"))
 
 
 def update_users_file(path: Path, user: str, password: str | None, role: str | None,
