@@ -9,14 +9,14 @@ import pywbem
 from pywbem import CIMInstanceName
 
 try:
-    from tests.support.model import (CS, EPASD, GNOME_UUID, HOST, INTEROP, KDE_UUID, RASD,
-                                      SASD, TEST_UUID, VIRT, VSSD, DemoModel, cim_error,
+    from tests.support.model import (demo, CS, EPASD, GNOME_UUID, HOST, INTEROP, KDE_UUID, RASD,
+                                      SASD, TEST_UUID, VIRT, VSSD, cim_error,
                                       cs_path, host_path, iid_path, key, keys, profile_path,
                                       pywbemcli, vsms_path, vssd_path, wbem_cs, wbem_url,
                                       wbemcli)
 except ImportError:
-    from support.model import (CS, EPASD, GNOME_UUID, HOST, INTEROP, KDE_UUID,  # type: ignore
-                               RASD, SASD, TEST_UUID, VIRT, VSSD, DemoModel, cim_error,
+    from support.model import (demo, CS, EPASD, GNOME_UUID, HOST, INTEROP, KDE_UUID,  # type: ignore
+                               RASD, SASD, TEST_UUID, VIRT, VSSD, cim_error,
                                cs_path, host_path, iid_path, key, keys, profile_path,
                                pywbemcli, vsms_path, vssd_path, wbem_cs, wbem_url, wbemcli)
 
@@ -177,13 +177,6 @@ ASSOCIATORS = [
     ("DSP1033: the object manager", profile_path("DSP1033"), {}, [object_manager()]),
     ("object manager: DSP1033", object_manager(), {}, [profile_path("DSP1033")]),
 ]
-
-
-@pytest.fixture(scope="module")
-def demo():
-    d = DemoModel()
-    yield d
-    d.close()
 
 
 @pytest.fixture(scope="module")

@@ -18,14 +18,14 @@ import libvirt
 import pytest
 
 try:
-    from tests.support import manager_command, wait_for_owner
+    from tests.support import manager_command, stop_process, wait_for_owner
     from tests.support.dbus_daemon import DBusDaemon, subprocess_env
     from tests.support.libvirtd import Libvirtd
     from tests.support.model import (CS, TEST_UUID, VIRT, domain_config, poll_until,
                                       sample_config, wbem_cs, wbem_url, wbemcli)
     from tests.support.wbem_server import CIM_PROVIDER, ROOT, free_port, wait_accepting
 except ImportError:
-    from support import manager_command, wait_for_owner  # type: ignore
+    from support import manager_command, stop_process, wait_for_owner  # type: ignore
     from support.dbus_daemon import DBusDaemon, subprocess_env  # type: ignore
     from support.libvirtd import Libvirtd  # type: ignore
     from support.model import (CS, TEST_UUID, VIRT, domain_config, poll_until,  # type: ignore
@@ -89,13 +89,7 @@ class Stack:
 
     def stop(self):
         for proc in reversed(self.procs):
-            if proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         self.libvirtd.cleanup()
         self.bus.stop()
 

@@ -15,11 +15,11 @@ import pytest
 import pywbem
 
 try:
-    from tests.support.model import (CS, GNOME_UUID, KDE_UUID, TEST_UUID, DemoModel,
+    from tests.support.model import (demo, CS, GNOME_UUID, KDE_UUID, TEST_UUID,
                                       cim_error, cs_path, domain_config, poll_until, rsc,
                                       wbem_cs, wbemcli)
 except ImportError:
-    from support.model import (CS, GNOME_UUID, KDE_UUID, TEST_UUID, DemoModel,  # type: ignore
+    from support.model import (demo, CS, GNOME_UUID, KDE_UUID, TEST_UUID,  # type: ignore
                                cim_error, cs_path, domain_config, poll_until, rsc,
                                wbem_cs, wbemcli)
 
@@ -61,13 +61,6 @@ OUT_OF_RANGE = [0, 1, 5, 12, 13, 4096, 32767]
 
 ENABLED_STATE = {"passive": 3, "gnome": 3, "running": 2, "paused": 9, "transient": 2}
 LIBVIRT_STATE = {2: libvirt.VIR_DOMAIN_RUNNING, 9: libvirt.VIR_DOMAIN_PAUSED}
-
-
-@pytest.fixture(scope="module")
-def demo():
-    d = DemoModel()
-    yield d
-    d.close()
 
 
 @pytest.fixture(scope="module")

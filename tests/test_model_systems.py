@@ -10,24 +10,17 @@ import pytest
 import pywbem
 
 try:
-    from tests.support.model import (CS, EPASD, GNOME_UUID, HOST, KDE_UUID, RASD, SASD,
-                                      TEST_UUID, VIRT, VSSD, DemoModel, cim_error, cs_path,
+    from tests.support.model import (demo, CS, EPASD, GNOME_UUID, HOST, KDE_UUID, RASD, SASD,
+                                      TEST_UUID, VIRT, VSSD, cim_error, cs_path,
                                       domain_config, iid_path, keys, poll_until, vssd_path,
                                       wbem_cs, wbem_url, wbemcli)
 except ImportError:
-    from support.model import (CS, EPASD, GNOME_UUID, HOST, KDE_UUID, RASD, SASD,  # type: ignore
-                               TEST_UUID, VIRT, VSSD, DemoModel, cim_error, cs_path,
+    from support.model import (demo, CS, EPASD, GNOME_UUID, HOST, KDE_UUID, RASD, SASD,  # type: ignore
+                               TEST_UUID, VIRT, VSSD, cim_error, cs_path,
                                domain_config, iid_path, keys, poll_until, vssd_path,
                                wbem_cs, wbem_url, wbemcli)
 
 pytestmark = pytest.mark.dbus
-
-
-@pytest.fixture(scope="module")
-def demo():
-    d = DemoModel()
-    yield d
-    d.close()
 
 
 @pytest.fixture(scope="module")

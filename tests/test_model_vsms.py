@@ -13,24 +13,17 @@ import pywbem
 from pywbem import CIMInstance, Uint16, Uint64
 
 try:
-    from tests.support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID, VSSD,
-                                      DemoModel, cim_error, cs_path, domain_config,
+    from tests.support.model import (demo, CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID, VSSD,
+                                      cim_error, cs_path, domain_config,
                                       iid_path, manager_get_domain, poll_until, rsc, vsms_path,
                                       vssd_path, wbem_cs, wbem_vsms, wbemcli)
 except ImportError:
-    from support.model import (CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID,  # type: ignore
-                               VSSD, DemoModel, cim_error, cs_path, domain_config,
+    from support.model import (demo, CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID,  # type: ignore
+                               VSSD, cim_error, cs_path, domain_config,
                                iid_path, manager_get_domain, poll_until, rsc, vsms_path, vssd_path,
                                wbem_cs, wbem_vsms, wbemcli)
 
 pytestmark = pytest.mark.dbus
-
-
-@pytest.fixture(scope="module")
-def demo():
-    d = DemoModel()
-    yield d
-    d.close()
 
 
 @pytest.fixture

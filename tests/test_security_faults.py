@@ -17,7 +17,6 @@ and HTTPS.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import re
 import signal
@@ -32,7 +31,7 @@ import pytest
 import pywbem
 
 try:
-    from tests.support import manager_command, wait_for_owner
+    from tests.support import manager_command, stop_process, wait_for_owner
     from tests.support.dbus_daemon import DBusDaemon, subprocess_env
     from tests.support.libvirtd import Libvirtd
     from tests.support.minimal_manager import serve_minimal
@@ -40,7 +39,7 @@ try:
                                       poll_until, sample_config)
     from tests.support.wbem_server import CIM_PROVIDER, ROOT, free_port, wait_accepting
 except ImportError:
-    from support import manager_command, wait_for_owner  # type: ignore
+    from support import manager_command, stop_process, wait_for_owner  # type: ignore
     from support.dbus_daemon import DBusDaemon, subprocess_env  # type: ignore
     from support.libvirtd import Libvirtd  # type: ignore
     from support.minimal_manager import serve_minimal  # type: ignore
@@ -122,13 +121,7 @@ class Stack:
 
     def stop(self):
         for proc in (self.server, self.manager):
-            if proc is not None and proc.poll() is None:
-                proc.terminate()
-                try:
-                    proc.wait(10)
-                except subprocess.TimeoutExpired:
-                    proc.kill()
-                    proc.wait()
+            stop_process(proc)
         self.libvirtd.cleanup()
         self.bus.stop()
 

@@ -89,3 +89,16 @@ def reset_test_driver(conn) -> None:
                 dom.undefine()
         except libvirt.libvirtError:
             pass
+
+
+def stop_process(proc) -> None:
+    """Terminate a child we started; kill it if it does not go within 10 s."""
+    import subprocess
+    if proc is None or proc.poll() is not None:
+        return
+    proc.terminate()
+    try:
+        proc.wait(10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()

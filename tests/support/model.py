@@ -22,6 +22,7 @@ import uuid as uuidlib
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
+import pytest
 import pywbem
 from pywbem import CIMInstanceName
 
@@ -407,3 +408,11 @@ async def manager_get_domain(address: str, uuid: str) -> Optional[dict]:
         return plain(reply.body[0])
     finally:
         bus.disconnect()
+
+
+@pytest.fixture(scope="module")
+def demo():
+    """One in-process demo per test module (import this fixture into the module)."""
+    d = DemoModel()
+    yield d
+    d.close()
