@@ -28,6 +28,7 @@ anyway, with a warning once per destination; `verify_tls=True` verifies every li
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import itertools
 import logging
@@ -85,9 +86,16 @@ class DestinationWorker:
                  max_delay: float = MAX_DELAY, timeout: float = TIMEOUT,
                  verify_tls: bool = False, insecure_listeners: bool = False,
                  auth: tuple[str, str] | None = None):
-        # CIM_ListenerDestination.username / password: HTTP basic authentication.
-        # (First, so that a user name aiohttp refuses fails before any task exists.)
-        self.auth = aiohttp.BasicAuth(auth[0], auth[1]) if auth else None
+        # CIM_ListenerDestination.username / password: HTTP basic authentication
+        # (RFC 7617: no ':' in the user-id). Checked first, so a bad one fails before any
+        # task exists; the header is built once here.
+        self.headers = dict(EXPORT_HEADERS)
+        self.auth = auth or None
+        if auth:
+            if ":" in auth[0]:
+                raise ValueError("a Basic user name may not contain ':'")
+            token = base64.b64encode(f"{auth[0]}:{auth[1]}".encode("utf-8")).decode("ascii")
+            self.headers["Authorization"] = f"Basic {token}"
         self.name = name
         self.url = listener_url(url)
         self.context = context                 # SequenceContext (DSP1054 reliable delivery)
@@ -201,8 +209,7 @@ class DestinationWorker:
                      self.name, reason, ind.get("IndicationIdentifier"))
 
     async def _post(self, session: aiohttp.ClientSession, body: bytes) -> None:
-        async with session.post(self.url, data=body, headers=EXPORT_HEADERS,
-                                auth=self.auth) as resp:
+        async with session.post(self.url, data=body, headers=self.headers) as resp:
             data = await resp.content.read(MAX_RESPONSE)
             if resp.status in (408, 429) or resp.status >= 500:
                 raise aiohttp.ClientResponseError(resp.request_info, (), status=resp.status,
