@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.client
 import socket
+import time
 
 import pytest
 from pywbem._tupleparse import TupleParser
@@ -298,6 +299,31 @@ def test_m_post_with_numbered_headers(port):
     h["73-CIMMethod"] = "GetClass"
     resp = send(port, ENUM_NAMES, h, method="M-POST")
     assert resp.status == 400 and resp.headers["73-CIMError"] == "header-mismatch"
+
+
+@pytest.mark.parametrize("split", [1, 4, 6, 7, 30], ids=lambda n: f"first {n} bytes alone")
+def test_m_post_split_across_segments(port, split):
+    """An M-POST whose first line arrives in pieces is still an M-POST."""
+    body = ENUM_NAMES.encode()
+    head = ("M-POST /cimom HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            'Content-Type: application/xml; charset="utf-8"\r\n'
+            "Man: http://www.dmtf.org/cim/mapping.http/v1.0 ; ns=73\r\n"
+            "73-CIMOperation: MethodCall\r\n73-CIMMethod: EnumerateInstanceNames\r\n"
+            f"73-CIMObject: interop\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n").encode() + body
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.sendall(head[:split])
+        time.sleep(0.05)              # let the first piece arrive on its own
+        sock.sendall(head[split:])
+        reply = b""
+        while chunk := sock.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert status_line.startswith(b"HTTP/1.1 200"), reply[:300]
+    assert b"73-CIMOperation: MethodResponse" in rest
+    assert rest.count(b"<INSTANCENAME ") == 2
+    assert_alive(port)
 
 
 def test_m_post_without_man_header(port):

@@ -91,14 +91,19 @@ class _MPostAwareParser:
         self._impl = _C_PARSER(*args, **kwargs)
         self._python = _C_PARSER is http_parser.HttpRequestParserPy
         self._payload = None          # body of the last request parsed
+        self._held = b""              # a request's first bytes, too few to tell M-POST
 
     def feed_data(self, data, *args, **kwargs):
         # Switch only between requests: a body that happens to start with "M-POST "
         # (found by fuzzing) would otherwise be parsed as a new request while its own
         # request waited for the rest of its body.
-        if not self._python and data[:7] == b"M-POST " \
-                and (self._payload is None or self._payload.is_eof()):
-            self._impl, self._python = self._make(), True
+        if not self._python and (self._payload is None or self._payload.is_eof()):
+            data, self._held = self._held + data, b""
+            if len(data) < 7 and b"M-POST ".startswith(data):
+                self._held = data     # "M-PO" split from "ST ...": wait for the rest
+                return [], False, b""
+            if data[:7] == b"M-POST ":
+                self._impl, self._python = self._make(), True
         result = self._impl.feed_data(data, *args, **kwargs)
         if result[0]:
             self._payload = result[0][-1][1]
