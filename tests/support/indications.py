@@ -19,11 +19,11 @@ import pywbem
 from pywbem import CIMInstance
 
 try:
-    from tests.support.model import HOST, LoopThread, connect_wbem
+    from tests.support.model import HOST, LoopThread, connect_wbem, poll_until
     from tests.support.wbem_server import free_port
     from tests.support import reset_test_driver
 except ImportError:  # tests/ itself on sys.path
-    from support.model import HOST, LoopThread, connect_wbem  # type: ignore
+    from support.model import HOST, LoopThread, connect_wbem, poll_until  # type: ignore
     from support.wbem_server import free_port  # type: ignore
     from support import reset_test_driver  # type: ignore
 
@@ -230,14 +230,8 @@ class LibvirtServer:
 
 
 def poll(predicate: Callable[[], Any], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{what} not reached within {within} s")
-        time.sleep(0.02)
+    """poll_until with a finer interval (indications must arrive within a second)."""
+    return poll_until(predicate, within, what, interval=0.02)
 
 
 def quiet_pywbem_logs() -> None:
