@@ -35,9 +35,9 @@ import libvirt  # noqa: E402
 import pywbem  # noqa: E402
 
 from cim_provider.busdaemon import PrivateBus  # noqa: E402
-from cim_provider.inventory.records import DomainConfig  # noqa: E402
+from cim_provider.domain.records import DomainConfig  # noqa: E402
 from cim_provider.manager.store import SqliteStore  # noqa: E402
-from cim_provider.sources.domxml import config_to_domain_xml  # noqa: E402
+from cim_provider.domain.domxml import config_to_domain_xml  # noqa: E402
 from tests.support.libvirtd import Libvirtd  # noqa: E402
 
 EXE = str(ROOT / ".venv" / "bin" / "cim-provider")

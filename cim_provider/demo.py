@@ -22,7 +22,7 @@ import uuid as uuidlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .inventory.records import Disk, DomainConfig, Nic
+from .domain.records import Disk, DomainConfig, Nic
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
     from .manager.store import LibvirtConnection, LibvirtStore, SqliteStore
     from . import security
     from .server import host_fqdn, start_server, start_sources
-    from .sources.domxml import config_to_domain_xml
+    from .domain.domxml import config_to_domain_xml
     from .sources.libvirt import ensure_event_loop_impl
 
     loop = asyncio.get_running_loop()

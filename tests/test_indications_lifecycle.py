@@ -87,7 +87,7 @@ def listener():
 
 
 def transient_xml(name: str, uuid: str) -> str:
-    from cim_provider.sources.domxml import config_to_domain_xml
+    from cim_provider.domain.domxml import config_to_domain_xml
     return config_to_domain_xml(domain_config(name, uuid=uuid))
 
 

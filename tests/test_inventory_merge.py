@@ -7,8 +7,9 @@ from dataclasses import replace
 
 import pytest
 
-from cim_provider.inventory import (Change, Disk, DomainConfig, DomainRecord, Inventory, Kind,
-                                    Nic, RunningDomain, RunState, merge)
+from cim_provider.domain.records import (Disk, DomainConfig, DomainRecord, Kind, Nic,
+                                         RunningDomain, RunState)
+from cim_provider.inventory import Change, Inventory, merge
 
 
 def U(n: int) -> str:

@@ -21,7 +21,8 @@ import pytest
 import pywbem
 
 import cim_provider.sources.libvirt as libvirt_source
-from cim_provider.inventory import Inventory, Kind, RunningDomain, RunState
+from cim_provider.domain.records import Kind, RunningDomain, RunState
+from cim_provider.inventory import Inventory
 from cim_provider.providers.backend import Backend
 from cim_provider.providers.computer_system import ComputerSystemProvider, system_path
 from cim_provider.sources.libvirt import (DomainNotFound, LibvirtError, LibvirtSource,
@@ -495,7 +496,7 @@ def test_stop_during_a_slow_open_closes_the_connection_when_it_arrives(libvirtd,
 
 
 class SlowReads:
-    """Makes the source's own per-domain read (`_read_one`) slow on demand.
+    """Makes the source's own per-domain read (`read_one`) slow on demand.
 
     A wedged libvirtd cannot be made to stall one read and answer the next on cue;
     wrapping the source's read function can. While `slow` is set, or for the next
@@ -503,14 +504,14 @@ class SlowReads:
     """
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
-        self.real = libvirt_source._read_one
+        self.real = libvirt_source.read_one
         self.slow = threading.Event()
         self.release = threading.Event()
         self.count = 0
         self.stalled = 0           # reads that were held up
         self.inflight = 0
         self._lock = threading.Lock()
-        monkeypatch.setattr(libvirt_source, "_read_one", self.read)
+        monkeypatch.setattr(libvirt_source, "read_one", self.read)
 
     def read(self, conn: libvirt.virConnect, uuid: str) -> RunningDomain | None:
         with self._lock:

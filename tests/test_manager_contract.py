@@ -9,7 +9,7 @@ from cim_provider.contract import (InvalidEntry, Member, compare_members, config
                                    config_to_dbus, config_to_values, interface_members,
                                    members, values_to_dbus)
 from cim_provider.contract.bus import LIBRARY, ServiceInterface, Variant, method, plain
-from cim_provider.inventory.records import Disk, DomainConfig, Nic
+from cim_provider.domain.records import Disk, DomainConfig, Nic
 from cim_provider.manager.service import ManagerService
 from cim_provider.manager.store import SqliteStore
 

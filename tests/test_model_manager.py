@@ -135,7 +135,7 @@ def test_manager_leaving_during_start_is_failed(model, conn):
 def test_without_manager(model, conn):
     """With no Manager on the bus the passive systems are not offered, anything that
     needs the Manager fails with CIM_ERR_FAILED saying so, and running ones stay."""
-    from cim_provider.sources.domxml import config_to_domain_xml
+    from cim_provider.domain.domxml import config_to_domain_xml
     running = domain_config("mini-running", memory_kib=32768)
     model.libvirt.createXML(config_to_domain_xml(running), 0)
     model.lt.run(model.stop_manager())

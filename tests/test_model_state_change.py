@@ -23,7 +23,7 @@ except ImportError:
                                cim_error, cs_path, domain_config, poll_until, rsc,
                                wbem_cs, wbemcli)
 
-from cim_provider.sources.domxml import config_to_domain_xml
+from cim_provider.domain.domxml import config_to_domain_xml
 
 pytestmark = pytest.mark.dbus
 

@@ -110,7 +110,7 @@ def test_enumeration_covers_every_system_once(conn, demo, transient_uuid):
 def test_domain_started_behind_our_back_appears_as_transient(demo, conn):
     """A domain created straight in libvirt (as with virsh create) shows up by itself,
     running-only, and vanishes when destroyed."""
-    from cim_provider.sources.domxml import config_to_domain_xml
+    from cim_provider.domain.domxml import config_to_domain_xml
     cfg = domain_config("virsh-made", memory_kib=32768)
     dom = demo.libvirt.createXML(config_to_domain_xml(cfg), 0)
     try:
@@ -320,7 +320,7 @@ STATES = [
 @pytest.mark.parametrize("desc,state,enabled,opstatus,health,offered", STATES,
                          ids=[s[0] for s in STATES])
 def test_states_table(demo, conn, desc, state, enabled, opstatus, health, offered):
-    from cim_provider.inventory.records import RunningDomain, RunState
+    from cim_provider.domain.records import RunningDomain, RunState
     cfg = domain_config(f"state-{state.lower()}")
 
     async def feed(dom):

@@ -381,7 +381,7 @@ def test_service_and_capabilities(conn):
 
 def test_destroy_transient_system(demo, conn):
     """A running system with no definition: DestroySystem destroys it in libvirt."""
-    from cim_provider.sources.domxml import config_to_domain_xml
+    from cim_provider.domain.domxml import config_to_domain_xml
     cfg = domain_config("destroy-transient", memory_kib=16384)
     demo.libvirt.createXML(config_to_domain_xml(cfg), 0)
     poll_until(lambda: cfg.uuid in {p["Name"] for p in conn.EnumerateInstanceNames(CS)},
@@ -410,7 +410,7 @@ def test_modify_memory_and_its_maximum(demo, conn, desc, store, quantity, limit,
                                        maximum):
     """The definition's maximum memory follows a change of memory, so the change is
     accepted (libvirt refuses memory above the maximum) and a start really gets it."""
-    from cim_provider.sources.domxml import config_to_domain_xml
+    from cim_provider.domain.domxml import config_to_domain_xml
     name = f"mem-{store}-{quantity}-{limit}".replace(" ", "")
     if store == "sqlite":
         rv, system = define(conn, inst(VSSD, ElementName=name, VirtualSystemType="Test"),

@@ -329,7 +329,7 @@ def test_libvirtd_restarted_while_clients_enumerate(stack):
 def test_load_32_clients(stack):
     import libvirt
 
-    from cim_provider.sources.domxml import config_to_domain_xml
+    from cim_provider.domain.domxml import config_to_domain_xml
     lv = libvirt.open(stack.libvirtd.uri)
     own = []
     for i in range(8):          # one running domain per state-changing client

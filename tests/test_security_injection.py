@@ -19,8 +19,8 @@ except ImportError:
     from support.model import (CS, HOST, VIRT, MinimalModel, cs_path,  # type: ignore
                                domain_config, wbem_cs, wbem_url)
 
-from cim_provider.inventory.records import Disk
-from cim_provider.sources.domxml import config_to_domain_xml
+from cim_provider.domain.records import Disk
+from cim_provider.domain.domxml import config_to_domain_xml
 
 pytestmark = [pytest.mark.dbus, pytest.mark.timeout(120)]
 

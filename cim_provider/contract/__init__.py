@@ -16,8 +16,8 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
-from ..inventory.records import Disk, DomainConfig, Nic
-from ..inventory.records import canonical_uuid
+from ..domain.records import Disk, DomainConfig, Nic
+from ..domain.records import canonical_uuid
 from .bus import Variant, intr
 
 log = logging.getLogger(__name__)

@@ -28,7 +28,7 @@ from typing import Any
 from pywbem import CIMDateTime, CIMInstance, CIMProperty
 
 from ..inventory.inventory import Change, Inventory
-from ..inventory.records import DomainRecord
+from ..domain.records import DomainRecord
 from ..wbem import wql
 from ..wbem.repository import Repository
 from .delivery import DestinationWorker, listener_url

@@ -1,6 +1,5 @@
-"""CIM-free domain records, the merge rules, the cache and its change feed."""
+"""The merge of running and passive domains into one record per UUID, the cache of
+those records and its change feed. The records themselves live in `domain/`."""
 from .inventory import Change, Inventory, merge
-from .records import Disk, DomainConfig, DomainRecord, Kind, Nic, RunningDomain, RunState
 
-__all__ = ["Change", "Disk", "DomainConfig", "DomainRecord", "Inventory", "Kind", "Nic",
-           "RunState", "RunningDomain", "merge"]
+__all__ = ["Change", "Inventory", "merge"]

@@ -16,7 +16,7 @@ import logging
 from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, Mapping, Sequence
 
-from .records import DomainConfig, DomainRecord, Kind, RunningDomain
+from ..domain.records import DomainConfig, DomainRecord, Kind, RunningDomain
 
 log = logging.getLogger(__name__)
 

@@ -26,15 +26,15 @@ from ..contract import (BUS_NAME, ERROR_ALREADY_RUNNING, ERROR_FAILED, ERROR_INV
                         compare_members, config_from_dbus, config_to_dbus, interface_members)
 from ..contract.bus import (DBusError, MessageBus, NameFlag, PropertyAccess, RequestNameReply,
                             ServiceInterface, Variant, connect, dbus_property, method, signal)
-from ..inventory.records import DomainConfig
-from ..sources.domxml import canonical_uuid, config_to_domain_xml
+from ..domain.records import DomainConfig
+from ..domain.defaults import DEFAULT_MEMORY_KIB
+from ..domain.domxml import config_to_domain_xml
+from ..domain.records import canonical_uuid
 from .store import (LibvirtConnection, LibvirtStore, Store, Stored, StoreError,
                     libvirt_type_for, open_store)
 
 log = logging.getLogger(__name__)
 
-# What a definition without any memory size gets (the same default as domxml).
-DEFAULT_MEMORY_KIB = 131072
 
 
 @dataclass(frozen=True, slots=True)

@@ -24,8 +24,8 @@ import libvirt
 from ..contract import (ERROR_FAILED, ERROR_INVALID_ARGUMENT, ERROR_NOT_FOUND,
                         ERROR_NOT_SUPPORTED, config_from_dbus, config_to_values,
                         values_to_dbus)
-from ..inventory.records import DomainConfig
-from ..sources.domxml import DomainXMLError, config_to_domain_xml, parse_domain_xml
+from ..domain.records import DomainConfig
+from ..domain.domxml import DomainXMLError, config_to_domain_xml, parse_domain_xml
 
 log = logging.getLogger(__name__)
 

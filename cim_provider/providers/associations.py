@@ -16,7 +16,7 @@ from collections.abc import Iterable
 import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
-from ..inventory.records import DomainRecord
+from ..domain.records import DomainRecord
 from ..wbem.provider import AssociationProvider, path_key
 from .backend import CS_CLASS, HOST_CLASS, VIRT_NS, VSMS_CLASS, Backend, make
 from .computer_system import CapabilitiesProvider, system_path

@@ -16,7 +16,8 @@ import pywbem
 from pywbem import CIMClass, CIMError, CIMInstance, CIMInstanceName
 
 from ..inventory.inventory import Inventory
-from ..inventory.records import canonical_uuid
+from ..domain.records import canonical_uuid
+from ..domain.sources import DefinitionSource, RunningSource, SourceError
 from ..wbem.provider import build_instance
 from ..wbem.repository import Namespace, Repository
 
@@ -37,8 +38,8 @@ class Backend:
     repo: Repository
     inventory: Inventory
     host: str                                  # host FQDN: VIRT_HostSystem.Name
-    libvirt: Any = None                        # sources.libvirt.LibvirtSource
-    manager: Any = None                        # sources.manager.ManagerClient
+    libvirt: RunningSource | None = None       # the running domains (libvirt)
+    manager: DefinitionSource | None = None    # the passive definitions (a Manager)
     # Last successful RequestStateChange per UUID (RequestedState); 12 otherwise.
     requested_state: dict[str, int] = field(default_factory=dict)
 
@@ -77,7 +78,7 @@ class Backend:
         rec = self.inventory.get(uuid)
         if rec is None:
             why = ""
-            if self.manager is not None and not getattr(self.manager, "present", False):
+            if self.manager is not None and not self.manager.present:
                 why = ("; no org.example.virt.Manager is on the bus, so no passive "
                        "system is known now")
             raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no virtual system with UUID {uuid}{why}")
@@ -93,15 +94,15 @@ class Backend:
         self.inventory.subscribe(on_change)
         return cache
 
-    def require_manager(self):
-        if self.manager is None or not getattr(self.manager, "present", False):
+    def require_manager(self) -> DefinitionSource:
+        if self.manager is None or not self.manager.present:
             raise CIMError(pywbem.CIM_ERR_FAILED,
                            "no org.example.virt.Manager is on the bus; passive domains "
                            "cannot be started, defined or changed now")
         return self.manager
 
-    def require_libvirt(self):
-        if self.libvirt is None or not getattr(self.libvirt, "connected", False):
+    def require_libvirt(self) -> RunningSource:
+        if self.libvirt is None or not self.libvirt.connected:
             raise CIMError(pywbem.CIM_ERR_FAILED, "libvirt is not connected")
         return self.libvirt
 
@@ -112,10 +113,9 @@ class Backend:
         with libvirt's reason, rather than a success the next read contradicts.
         """
         if self.libvirt is not None:
-            from ..sources.libvirt import LibvirtError
             try:
                 await self.libvirt.refresh(uuid)
-            except LibvirtError as exc:
+            except SourceError as exc:
                 raise CIMError(pywbem.CIM_ERR_FAILED, f"cannot read {uuid} back from "
                                f"libvirt to show the result: {exc.message}") from None
 

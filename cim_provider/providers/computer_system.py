@@ -13,7 +13,8 @@ from typing import Any
 import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
-from ..inventory.records import DomainRecord, Kind, RunState
+from ..domain.records import DomainRecord, Kind, RunState
+from ..domain.sources import SourceError
 from ..wbem.provider import Provider
 from .backend import CS_CLASS, VIRT_NS, Backend, make
 
@@ -151,10 +152,9 @@ class ComputerSystemProvider(Provider):
         try:
             if rec.running is None:                      # 2 from passive: through the Manager
                 manager = self.b.require_manager()
-                from ..sources.manager import ManagerError
                 try:
                     new_uuid = await manager.start_domain(uuid)
-                except ManagerError as exc:
+                except SourceError as exc:
                     log.info("Manager refused to start %s: %s", uuid, exc)
                     raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start "
                                    f"{rec.name}: {exc.message}") from None
@@ -162,13 +162,13 @@ class ComputerSystemProvider(Provider):
                 if new_uuid and new_uuid != uuid:
                     await self.b.settle_running(uuid)
             else:
-                action = {ENABLED: "resume", DISABLED: "destroy", 4: "shutdown",
-                          QUIESCE: "suspend", 10: "reboot", 11: "reset"}[requested]
                 src = self.b.require_libvirt()
-                from ..sources.libvirt import LibvirtError
+                action, act = {ENABLED: ("resume", src.resume), DISABLED: ("destroy", src.destroy),
+                               4: ("shutdown", src.shutdown), QUIESCE: ("suspend", src.suspend),
+                               10: ("reboot", src.reboot), 11: ("reset", src.reset)}[requested]
                 try:
-                    await getattr(src, action)(uuid)
-                except LibvirtError as exc:
+                    await act(uuid)
+                except SourceError as exc:
                     raise CIMError(pywbem.CIM_ERR_FAILED,
                                    f"libvirt could not {action} {rec.name}: {exc.message}") from None
                 await self.b.settle_running(uuid)

@@ -27,7 +27,7 @@ class HostSystemProvider(Provider):
     async def _read_facts(self) -> tuple:
         """(hostname, hypervisor, uri) from libvirt; () when libvirt cannot say."""
         src = self.b.libvirt
-        if src is not None and getattr(src, "connected", False):
+        if src is not None and src.connected:
             try:
                 f = await src.host_info()
                 return (f.get("hostname"), f.get("hypervisor"), f.get("uri"))

@@ -9,18 +9,20 @@ ModifyResourceSettings -> UpdateDomain changes).
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
-from typing import Any
+from collections.abc import Awaitable, Iterable, Mapping
+from typing import Any, TypeVar
 
 import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
+from ..domain.sources import NotFound, NotSupported, SourceError
 from ..wbem.provider import Provider, path_key
 from .backend import VIRT_NS, VSMS_CLASS, Backend, make
 from .computer_system import system_path
 from .settings import RASD_CLASS, RT_DISK, RT_DVD, RT_ETHERNET, RT_FLOPPY, RT_MEMORY, RT_PROCESSOR, split_iid
 
 log = logging.getLogger(__name__)
+_T = TypeVar("_T")
 
 VSMC_CLASS = "VIRT_VirtualSystemManagementCapabilities"
 VSMC_IID = "VIRT:VirtualSystemManagementCapabilities"
@@ -195,19 +197,19 @@ class ManagementServiceProvider(Provider):
                            f"{name}: an instance of {what} is not a {base}")
         return value
 
-    async def _manager_call(self, what: str, call, *args):
-        from ..sources.manager import ManagerError, ManagerNotSupported
-        manager = self.b.require_manager()
+    @staticmethod
+    async def _manager_call(what: str, call: Awaitable[_T]) -> _T:
+        """Await one Manager call; its failures become CIM_ERR_FAILED with the Manager's
+        reason, except NotSupported, which the caller turns into return code 1."""
         try:
-            return await getattr(manager, call)(*args)
-        except ManagerNotSupported:
+            return await call
+        except NotSupported:
             raise
-        except ManagerError as exc:
+        except SourceError as exc:
             raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager could not {what}: {exc.message}") from None
 
     async def define_system(self, params: Mapping[str, Any]):
         """DefineSystem: VSSD + RASDs -> Manager.DefineDomain; ResultingSystem out."""
-        from ..sources.manager import ManagerNotSupported
         if params.get("SystemSettings") is None:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "SystemSettings is required")
         if params.get("ReferenceConfiguration") is not None:
@@ -223,45 +225,47 @@ class ManagementServiceProvider(Provider):
         if not manager.offers("DefineDomain"):
             return RC_NOT_SUPPORTED, {}
         try:
-            uuid = await self._manager_call("define the system", "define_domain", definition)
-        except ManagerNotSupported:
+            uuid = await self._manager_call("define the system",
+                                            manager.define_domain(definition))
+        except NotSupported:
             return RC_NOT_SUPPORTED, {}
         await self.b.settle_defined()
         return RC_OK, {"ResultingSystem": system_path(uuid)}
 
     async def destroy_system(self, params: Mapping[str, Any]):
-        """DestroySystem: destroy the running domain, undefine the Manager's definition."""
-        from ..sources.libvirt import DomainNotFound, LibvirtError
-        from ..sources.manager import ManagerNotSupported
+        """DestroySystem: undefine the Manager's definition, then destroy the running domain.
+
+        The Manager is asked first: it may refuse (its policy, snapshots), and a refusal
+        must leave the guest running and defined, untouched. Once the definition is gone,
+        a running domain is only transient, so a failing destroy loses nothing either.
+        """
         target = params.get("AffectedSystem")
         if target is None:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "AffectedSystem is required")
         rec = self.b.record_for(target)
+        src = self.b.require_libvirt() if rec.running is not None else None
         if rec.defined is not None:
             manager = self.b.require_manager()
             if not manager.offers("UndefineDomain"):
                 return RC_NOT_SUPPORTED, {}
-        if rec.running is not None:
-            src = self.b.require_libvirt()
+            try:
+                await self._manager_call("undefine the system", manager.undefine_domain(rec.uuid))
+            except NotSupported:
+                return RC_NOT_SUPPORTED, {}
+            await self.b.settle_defined()
+        if src is not None:
             try:
                 await src.destroy(rec.uuid)
-            except DomainNotFound:
+            except NotFound:
                 pass
-            except LibvirtError as exc:
+            except SourceError as exc:
                 raise CIMError(pywbem.CIM_ERR_FAILED,
                                f"libvirt could not destroy {rec.name}: {exc.message}") from None
             await self.b.settle_running(rec.uuid)
-        if rec.defined is not None:
-            try:
-                await self._manager_call("undefine the system", "undefine_domain", rec.uuid)
-            except ManagerNotSupported:
-                return RC_NOT_SUPPORTED, {}
-            await self.b.settle_defined()
         self.b.requested_state.pop(rec.uuid, None)
         return RC_OK, {}
 
     async def _update(self, uuid: str, changes: dict[str, Any]):
-        from ..sources.manager import ManagerNotSupported
         rec = self.b.inventory.get(uuid)
         if rec is None or rec.defined is None:
             raise CIMError(pywbem.CIM_ERR_NOT_FOUND,
@@ -272,8 +276,9 @@ class ManagementServiceProvider(Provider):
             return RC_NOT_SUPPORTED
         if changes:
             try:
-                await self._manager_call("modify the system", "update_domain", uuid, changes)
-            except ManagerNotSupported:
+                await self._manager_call("modify the system",
+                                         manager.update_domain(uuid, changes))
+            except NotSupported:
                 return RC_NOT_SUPPORTED
             await self.b.settle_defined()
         return RC_OK

@@ -17,8 +17,8 @@ from typing import Any
 import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
-from ..inventory.records import DomainConfig, DomainRecord
-from ..inventory.records import canonical_uuid
+from ..domain.records import DomainConfig, DomainRecord
+from ..domain.records import canonical_uuid
 from ..wbem.provider import Provider
 from .backend import DEFINED_PREFIX, STATE_PREFIX, VIRT_NS, Backend, make
 

@@ -17,20 +17,20 @@ import time
 from typing import Any, Callable, TypeVar
 
 import libvirt
-import libvirtaio
 
-from ..inventory.records import RunningDomain, RunState
-from .domxml import DomainXMLError, canonical_uuid, parse_domain_xml
-
-log = logging.getLogger(__name__)
+from ..domain.records import RunningDomain, canonical_uuid
+from .libvirt_calls import (DomainNotFound, LibvirtError, LibvirtTimeout, LibvirtUnavailable,
+                            guarded, quietly, read_all, read_one)
+from .libvirt_events import ensure_event_loop_impl
 
 _T = TypeVar("_T")
+
+log = logging.getLogger(__name__)
 
 BACKOFF_MIN = 0.2       # seconds before the first reconnect attempt
 BACKOFF_MAX = 5.0       # and the cap of the doubling
 KEEPALIVE = (5, 3)      # interval (s), count: a silent peer is dropped after ~20 s
 READ_RETRIES = 8        # re-reads of one domain after a failed or timed-out read
-_NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
 
 # Events, besides the lifecycle ones, after which a running domain's live XML may
 # differ: all mean "read that domain again". Hot-plug changes disks and NICs; virsh
@@ -46,341 +46,6 @@ _CHANGE_EVENTS = tuple(getattr(libvirt, name) for name in (
 ) if hasattr(libvirt, name))
 
 
-class LibvirtError(Exception):
-    """A libvirt call failed; `message` is libvirt's own text, `code` its virErrorNumber."""
-
-    def __init__(self, message: str, code: int | None = None) -> None:
-        super().__init__(message)
-        self.message = message
-        self.code = code
-
-
-class DomainNotFound(LibvirtError):
-    """No domain with that UUID (or the UUID is not a UUID)."""
-
-
-class LibvirtUnavailable(LibvirtError):
-    """There is no working connection to libvirt right now."""
-
-
-class LibvirtTimeout(LibvirtUnavailable):
-    """libvirt did not answer within the call timeout."""
-
-
-# ---- the event loop glue -------------------------------------------------------------
-
-class _Descriptor(libvirtaio.Descriptor):
-    def _handle(self, event: int) -> None:
-        # Another thread may remove a watch while the loop dispatches this fd: skip
-        # callbacks that are gone rather than call libvirt back for a removed watch.
-        for callback in list(self.callbacks.values()):
-            if callback.event is not None and callback.event & event \
-                    and callback.iden in self.callbacks:
-                callback.cb(callback.iden, self.fd, event, callback.opaque)
-
-
-class _Descriptors(libvirtaio.DescriptorDict):
-    def __missing__(self, fd: int) -> _Descriptor:
-        descriptor = _Descriptor(self.impl, fd)
-        self[fd] = descriptor
-        return descriptor
-
-
-class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
-    """libvirtaio's adapter, made safe for two things our use of libvirt needs.
-
-    libvirt calls the add/update/remove hooks from whichever thread made the API
-    call, and we make most calls from executor threads; asyncio objects may only be
-    touched on the loop's thread. So the bookkeeping happens at once under a lock and
-    the loop-side work (readers, timer tasks, free callbacks) is handed to the loop.
-    Second, libvirt accepts one event implementation per process, while tests run
-    one asyncio loop after another: `rebind` moves the live handles to a new loop.
-    """
-
-    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        super().__init__(loop=loop)
-        self.descriptors = _Descriptors(self)
-        self._lock = threading.RLock()
-        self._thread = threading.get_ident()
-
-    # -- dispatch to the loop's thread
-
-    def _on_loop(self, fn: Callable[..., None], *args: Any) -> None:
-        try:
-            if threading.get_ident() == self._thread:
-                fn(*args)
-            else:
-                self.loop.call_soon_threadsafe(fn, *args)
-        except RuntimeError:        # the loop is closed: nothing is left to drive
-            log.debug("libvirt event hook after its loop closed")
-
-    def _free_later(self, opaque: Any) -> None:
-        """libvirt forbids running a free callback from inside the remove hook."""
-        try:
-            self.loop.call_soon_threadsafe(self._free, opaque)
-        except RuntimeError:
-            log.debug("libvirt free callback dropped: loop closed")
-
-    def _free(self, opaque: Any) -> None:
-        libvirt.virEventInvokeFreeCallback(opaque)
-        self._pending_dec()
-
-    # libvirtaio counts handles and timers whose free callback has not run yet. The
-    # count goes up on whichever thread called libvirt and down on the loop's thread:
-    # both under the lock, or a read-modify-write on one thread loses the other's.
-
-    def _pending_inc(self) -> None:
-        with self._lock:
-            super()._pending_inc()
-
-    def _pending_dec(self) -> None:
-        with self._lock:
-            super()._pending_dec()
-
-    # -- file handles
-
-    def _add_handle(self, fd: int, event: int, cb: Any, opaque: Any) -> int:
-        with self._lock:
-            desc = self.descriptors[fd]
-            callback = libvirtaio.FDCallback(self, cb, opaque, descriptor=desc, event=event)
-            self.callbacks[callback.iden] = callback
-            desc.callbacks[callback.iden] = callback
-            self._pending_inc()
-        self._on_loop(self._sync_fd, fd)
-        return callback.iden
-
-    def _update_handle(self, watch: int, event: int) -> None:
-        with self._lock:
-            callback = self.callbacks.get(watch)
-            if not isinstance(callback, libvirtaio.FDCallback):
-                return
-            callback.event = event
-            fd = callback.descriptor.fd
-        self._on_loop(self._sync_fd, fd)
-
-    def _remove_handle(self, watch: int) -> int:
-        with self._lock:
-            callback = self.callbacks.pop(watch, None)
-            if not isinstance(callback, libvirtaio.FDCallback):
-                return -1
-            desc = callback.descriptor
-            desc.callbacks.pop(watch, None)
-            if not desc.callbacks and dict.get(self.descriptors, desc.fd) is desc:
-                del self.descriptors[desc.fd]
-        self._on_loop(self._sync_fd, desc.fd)
-        self._free_later(callback.opaque)
-        return 0
-
-    def _sync_fd(self, fd: int) -> None:
-        """Make the loop watch `fd` exactly as the current callbacks ask."""
-        with self._lock:
-            desc = dict.get(self.descriptors, fd)
-            if desc is None:
-                self.loop.remove_reader(fd)
-                self.loop.remove_writer(fd)
-                return
-            try:
-                desc.update()
-            except OSError:
-                # The fd was closed and its number reused before we saw the removal:
-                # forget the stale registration and register the new socket afresh.
-                self.loop.remove_reader(fd)
-                self.loop.remove_writer(fd)
-                desc.update()
-
-    # -- timers
-
-    def _add_timeout(self, timeout: int, cb: Any, opaque: Any) -> int:
-        with self._lock:
-            timer = libvirtaio.TimeoutCallback(self, cb, opaque)
-            timer.timeout = timeout
-            timer._armed = None
-            self.callbacks[timer.iden] = timer
-            self._pending_inc()
-        self._on_loop(self._sync_timer, timer)
-        return timer.iden
-
-    def _update_timeout(self, timer_id: int, timeout: int) -> None:
-        with self._lock:
-            timer = self.callbacks.get(timer_id)
-            if not isinstance(timer, libvirtaio.TimeoutCallback):
-                return
-            timer.timeout = timeout
-        self._on_loop(self._sync_timer, timer)
-
-    def _remove_timeout(self, timer_id: int) -> int:
-        with self._lock:
-            timer = self.callbacks.pop(timer_id, None)
-            if not isinstance(timer, libvirtaio.TimeoutCallback):
-                return -1
-            timer.timeout = -1
-        self._on_loop(self._sync_timer, timer)
-        self._free_later(timer.opaque)
-        return 0
-
-    def _sync_timer(self, timer: libvirtaio.TimeoutCallback) -> None:
-        """Run a timer task iff the timer is enabled; restart it when its period changed."""
-        with self._lock:
-            live = self.callbacks.get(timer.iden) is timer and timer.timeout >= 0
-            task = timer._task
-            if task is not None and not task.done() and live and timer._armed == timer.timeout:
-                return
-            if task is not None:
-                task.cancel()
-                timer._task = None
-            if live:
-                timer._armed = timer.timeout
-                timer._task = self.loop.create_task(self._run_timer(timer))
-
-    async def _run_timer(self, timer: libvirtaio.TimeoutCallback) -> None:
-        period = timer._armed
-        while True:
-            await asyncio.sleep(period / 1000 if period > 0 else 0)
-            # Re-check after the sleep: a disable from another thread may be in flight.
-            if self.callbacks.get(timer.iden) is not timer or timer.timeout < 0:
-                return
-            timer.cb(timer.iden, timer.opaque)
-
-    # -- moving between loops
-
-    def rebind(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Serve libvirt from `loop` from now on, carrying over the live handles."""
-        with self._lock:
-            old = self.loop
-            if old is loop:
-                return
-            if not old.is_closed() and old.is_running():
-                raise RuntimeError("libvirt events are bound to another running asyncio loop")
-            if not old.is_closed():
-                for fd in list(self.descriptors):
-                    old.remove_reader(fd)
-                    old.remove_writer(fd)
-            self.loop = loop
-            self._thread = threading.get_ident()
-            for fd in list(self.descriptors):
-                self._sync_fd(fd)
-            for cb in list(self.callbacks.values()):
-                if isinstance(cb, libvirtaio.TimeoutCallback):
-                    cb._task = None
-                    self._sync_timer(cb)
-
-
-_impl_lock = threading.Lock()
-
-
-def _quiet_error_handler(_ctx: object, err: object) -> None:
-    """libvirt prints every error on stderr by default; we raise and log them instead."""
-    log.debug("libvirt: %s", err)
-
-
-def ensure_event_loop_impl(loop: asyncio.AbstractEventLoop | None = None
-                           ) -> libvirtaio.virEventAsyncIOImpl:
-    """Route libvirt's events through the running asyncio loop; call before any open.
-
-    Idempotent; safe to call from every component that opens a connection. Called
-    again from a later loop (one asyncio.run after another), it moves over to it.
-    """
-    if loop is None:
-        loop = asyncio.get_running_loop()
-    with _impl_lock:
-        impl = libvirtaio.getCurrentImpl()
-        if impl is None:
-            libvirt.registerErrorHandler(_quiet_error_handler, None)
-            impl = _AsyncIOImpl(loop).register()
-            libvirtaio._current_impl = impl      # so libvirtaio.getCurrentImpl() sees it
-            log.debug("libvirt event loop implementation registered")
-        elif impl.loop is not loop:
-            if not isinstance(impl, _AsyncIOImpl):
-                raise RuntimeError("a libvirtaio implementation for another loop is registered")
-            impl.rebind(loop)
-        return impl
-
-
-# ---- reading domains (blocking: run in the executor) -----------------------------------
-
-def _run_state(value: int | None) -> RunState:
-    try:
-        return RunState(int(value))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return RunState.NOSTATE
-
-
-def _read_domain(dom: libvirt.virDomain, state: int | None = None, *,
-                 persistent: bool | None = None,
-                 autostart: bool | None = None) -> RunningDomain | None:
-    """The RunningDomain for `dom`, or None when it is not active (or gone).
-
-    What the caller already knows from bulk listings is passed in and not asked again.
-    """
-    try:
-        if state is None:
-            state = dom.state()[0]
-        if state == libvirt.VIR_DOMAIN_SHUTOFF:
-            return None
-        xml = dom.XMLDesc(0)
-        if autostart is None:
-            try:
-                autostart = bool(dom.autostart())
-            except libvirt.libvirtError:
-                autostart = None
-        if persistent is None:
-            persistent = bool(dom.isPersistent())
-        dom_id = dom.ID()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == _NO_DOMAIN:
-            return None
-        raise
-    try:
-        config = parse_domain_xml(xml, autostart)
-    except DomainXMLError as exc:
-        log.warning("skipping running domain %s: %s", dom.UUIDString(), exc)
-        return None
-    return RunningDomain(config=config, state=_run_state(state), persistent=persistent,
-                         id=dom_id if dom_id is not None and dom_id >= 0 else None)
-
-
-def _uuids(conn: libvirt.virConnect, flags: int) -> set[str]:
-    return {d.UUIDString() for d in conn.listAllDomains(flags)}
-
-
-def _read_all(conn: libvirt.virConnect) -> dict[str, RunningDomain]:
-    """Every active domain: listings and one stats call in bulk, then one XML each."""
-    active = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE
-    doms = conn.listAllDomains(active)
-    # Bulk answers to what would otherwise be two more round trips per domain.
-    persistent = _uuids(conn, active | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
-    autostart = _uuids(conn, active | libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
-    states: dict[str, int] = {}
-    try:
-        for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE,
-                                                 libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE):
-            if "state.state" in stats:
-                states[dom.UUIDString()] = stats["state.state"]
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-            raise
-        log.debug("getAllDomainStats unsupported here; asking each domain for its state")
-    out: dict[str, RunningDomain] = {}
-    for dom in doms:
-        key = dom.UUIDString()
-        running = _read_domain(dom, states.get(key), persistent=key in persistent,
-                               autostart=key in autostart)
-        if running is not None:
-            out[running.uuid] = running
-    return out
-
-
-def _read_one(conn: libvirt.virConnect, uuid: str) -> RunningDomain | None:
-    try:
-        dom = conn.lookupByUUIDString(uuid)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() == _NO_DOMAIN:
-            return None
-        raise
-    return _read_domain(dom)
-
-
-# ---- the source ------------------------------------------------------------------------
 
 class LibvirtSource:
     """The running domains of one libvirt URI, kept current by events.
@@ -521,7 +186,7 @@ class LibvirtSource:
             functools.partial(self._register, conn, gen), what="register events")
         self._loading = True
         try:
-            snapshot = await self._call(functools.partial(_read_all, conn),
+            snapshot = await self._call(functools.partial(read_all, conn),
                                         timeout=self.load_timeout, what="read domains")
         finally:
             self._loading = False
@@ -541,11 +206,11 @@ class LibvirtSource:
         """Open a connection; one that arrives after we gave up waiting is closed."""
         assert self._loop is not None and self._executor is not None
         fut = self._loop.run_in_executor(self._executor, functools.partial(
-            _guarded, functools.partial(libvirt.open, uri)))
+            guarded, functools.partial(libvirt.open, uri)))
 
         def close_late(f: asyncio.Future[libvirt.virConnect]) -> None:
             if not f.cancelled() and f.exception() is None:
-                threading.Thread(target=_quietly, args=(f.result().close,),
+                threading.Thread(target=quietly, args=(f.result().close,),
                                  name="libvirt-close", daemon=True).start()
 
         try:
@@ -584,7 +249,7 @@ class LibvirtSource:
                 close = gen in self._close_after
                 self._close_after.discard(gen)
             if close:
-                _quietly(conn.close)
+                quietly(conn.close)
 
     def _register_all(self, conn: libvirt.virConnect, gen: int) -> str:
         def keep(cb_id: int) -> None:
@@ -592,7 +257,7 @@ class LibvirtSource:
                 if gen == self._gen:
                     self._event_ids.append(cb_id)
                     return
-            _quietly(conn.domainEventDeregisterAny, cb_id)
+            quietly(conn.domainEventDeregisterAny, cb_id)
             raise LibvirtUnavailable("connection given up while its events were registered")
 
         conn_uri = conn.getURI()
@@ -615,7 +280,7 @@ class LibvirtSource:
                 if current:
                     self._close_cb = True
             if not current:
-                _quietly(conn.unregisterCloseCallback)
+                quietly(conn.unregisterCloseCallback)
                 raise LibvirtUnavailable("connection given up while its events were registered")
         if self._owned:
             try:
@@ -652,11 +317,11 @@ class LibvirtSource:
 
         def release() -> None:
             for cb_id in ids:
-                _quietly(conn.domainEventDeregisterAny, cb_id)
+                quietly(conn.domainEventDeregisterAny, cb_id)
             if close_cb:
-                _quietly(conn.unregisterCloseCallback)
+                quietly(conn.unregisterCloseCallback)
             if owned:
-                _quietly(conn.close)
+                quietly(conn.close)
 
         try:
             await self._call(release, timeout=min(self.call_timeout, 5.0), what="close")
@@ -726,7 +391,7 @@ class LibvirtSource:
                 if conn is None:
                     return LibvirtUnavailable(f"not connected to libvirt ({self._describe()})")
                 try:
-                    dom = await self._call(functools.partial(_read_one, conn, uuid),
+                    dom = await self._call(functools.partial(read_one, conn, uuid),
                                            what="read domain")
                 except LibvirtError as exc:
                     if gen == self._gen:
@@ -833,7 +498,7 @@ class LibvirtSource:
             raise LibvirtUnavailable("the libvirt source is not started")
         limit = self.call_timeout if timeout is None else timeout
         gen = self._gen
-        fut = self._loop.run_in_executor(self._executor, functools.partial(_guarded, fn))
+        fut = self._loop.run_in_executor(self._executor, functools.partial(guarded, fn))
         try:
             return await asyncio.wait_for(fut, limit)
         except asyncio.TimeoutError:
@@ -851,7 +516,7 @@ class LibvirtSource:
     async def _action(self, uuid: str, what: str, op: Callable[[libvirt.virDomain], Any]) -> None:
         key = canonical_uuid(uuid)
         if key is None:
-            raise DomainNotFound(f"no domain with UUID {uuid!r}", _NO_DOMAIN)
+            raise DomainNotFound(f"no domain with UUID {uuid!r}", libvirt.VIR_ERR_NO_DOMAIN)
         conn = self._live_conn()
 
         def work() -> None:
@@ -909,25 +574,3 @@ class LibvirtSource:
         info = await self._call(work, what="host info")
         self._host_cache = (gen, time.monotonic(), info)
         return dict(info)
-
-
-def _quietly(fn: Callable[..., Any], *args: Any) -> None:
-    try:
-        fn(*args)
-    except libvirt.libvirtError as exc:
-        log.debug("libvirt: %s: %s", getattr(fn, "__name__", fn), exc)
-
-
-def _guarded(fn: Callable[[], _T]) -> _T:
-    """Blocking side of `_call`: turn libvirt's exceptions into ours, message kept."""
-    try:
-        return fn()
-    except libvirt.libvirtError as exc:
-        code = exc.get_error_code()
-        message = exc.get_error_message() or str(exc)
-        if code == _NO_DOMAIN:
-            raise DomainNotFound(message, code) from None
-        if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN) \
-                or exc.get_error_domain() == libvirt.VIR_FROM_RPC:
-            raise LibvirtUnavailable(message, code) from None
-        raise LibvirtError(message, code) from None

@@ -14,15 +14,17 @@ import logging
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..contract import (BUS_NAME, CHANGE_SIGNALS, ERROR_INVALID_ARGUMENT,
-                        ERROR_NOT_SUPPORTED, INTERFACE,
+from ..contract import (BUS_NAME, CHANGE_SIGNALS, ERROR_ALREADY_RUNNING, ERROR_INVALID_ARGUMENT,
+                        ERROR_NOT_FOUND, ERROR_NOT_SUPPORTED, ERROR_REFUSED, INTERFACE,
                         OBJECT_PATH, REQUIRED_METHODS, InvalidEntry, Member,
                         active_from_dbus, config_from_dbus, interface_members, members,
                         values_to_dbus)
 from ..contract.bus import (DBUS_INTERFACE, DBUS_NAME, DBUS_PATH, DBusError, Message,
                             MessageBus, MessageType, bus_description, connect, intr)
-from ..inventory.records import DomainConfig
-from .domxml import canonical_uuid
+from ..domain.records import DomainConfig
+from ..domain.records import canonical_uuid
+from ..domain.sources import (Failed, NotFound, NotSupported, Refused, SourceError, Timeout,
+                              Unavailable)
 
 log = logging.getLogger(__name__)
 
@@ -62,28 +64,38 @@ _ABSENT_MEMBER_ERRORS = {"org.freedesktop.DBus.Error.UnknownMethod",
                          "org.freedesktop.DBus.Error.UnknownProperty"}
 
 
-class ManagerError(Exception):
+class ManagerError(SourceError):
     """A Manager call failed; `name` is the D-Bus error name (or one of ours)."""
 
     def __init__(self, name: str, message: str) -> None:
-        super().__init__(message)
-        self.name = name
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
+        super().__init__(message, name=name)
 
 
-class ManagerUnavailable(ManagerError):
+class ManagerUnavailable(ManagerError, Unavailable):
     """No Manager owns org.example.virt (or the bus itself is unreachable)."""
 
 
-class ManagerTimeout(ManagerError):
+class ManagerTimeout(ManagerError, Timeout):
     """The Manager did not answer within the call timeout."""
 
 
-class ManagerNotSupported(ManagerError):
+class ManagerNotSupported(ManagerError, NotSupported):
     """The Manager does not offer this (optional) member."""
+
+
+class ManagerNotFound(ManagerError, NotFound):
+    """The Manager has no definition with that UUID."""
+
+
+class ManagerRefused(ManagerError, Refused):
+    """The Manager said no: its policy, already running, or a bad argument."""
+
+
+class ManagerFailed(ManagerError, Failed):
+    """Any other error reply, or a reply that breaks the contract."""
+
+
+_REFUSED_ERRORS = {ERROR_REFUSED, ERROR_ALREADY_RUNNING, ERROR_INVALID_ARGUMENT}
 
 
 def error_from_dbus(name: str, text: str, member: str) -> ManagerError:
@@ -93,7 +105,11 @@ def error_from_dbus(name: str, text: str, member: str) -> ManagerError:
         return ManagerUnavailable(name, f"no Manager on the bus ({message})")
     if name in _UNSUPPORTED_ERRORS:
         return ManagerNotSupported(name, f"the Manager does not offer {member}: {message}")
-    return ManagerError(name, message)
+    if name == ERROR_NOT_FOUND:
+        return ManagerNotFound(name, message)
+    if name in _REFUSED_ERRORS:
+        return ManagerRefused(name, message)
+    return ManagerFailed(name, message)
 
 
 def _ident(entry: Any) -> str:
@@ -357,7 +373,7 @@ class ManagerClient:
         try:
             node = intr.Node.parse(reply[0])
         except Exception as exc:
-            raise ManagerError(ERR_BAD_REPLY, f"unparsable introspection data: {exc}") from None
+            raise ManagerFailed(ERR_BAD_REPLY, f"unparsable introspection data: {exc}") from None
         remote: dict[str, Member] = {}
         for iface in node.interfaces:
             if iface.name == INTERFACE:
@@ -543,15 +559,15 @@ class ManagerClient:
                                     m.in_signature, list(args), timeout=timeout)
         expected = 1 if m.out_signature else 0
         if len(body) != expected:
-            raise ManagerError(ERR_BAD_REPLY, f"{member} returned {len(body)} values, "
+            raise ManagerFailed(ERR_BAD_REPLY, f"{member} returned {len(body)} values, "
                                f"expected {expected}")
         result = body[0] if body else None
         if m.out_signature == "s" and not isinstance(result, str):
-            raise ManagerError(ERR_BAD_REPLY, f"{member} did not return a string")
+            raise ManagerFailed(ERR_BAD_REPLY, f"{member} did not return a string")
         if m.out_signature.startswith("a"):
             want = list if m.out_signature.startswith("aa") else dict
             if not isinstance(result, (list, tuple) if want is list else dict):
-                raise ManagerError(ERR_BAD_REPLY, f"{member} returned the wrong type")
+                raise ManagerFailed(ERR_BAD_REPLY, f"{member} returned the wrong type")
             if want is list:
                 result = list(result)
         return result
@@ -560,7 +576,7 @@ class ManagerClient:
     def _uuid(uuid: str) -> str:
         canonical = canonical_uuid(uuid)
         if canonical is None:
-            raise ManagerError(ERROR_INVALID_ARGUMENT,
+            raise ManagerRefused(ERROR_INVALID_ARGUMENT,
                                f"{uuid!r} is not a UUID")
         return canonical
 
@@ -570,7 +586,7 @@ class ManagerClient:
         result = await self._call("StartDomain", self._uuid(uuid), timeout=self.start_timeout)
         running = canonical_uuid(result)
         if running is None:
-            raise ManagerError(ERR_BAD_REPLY, f"StartDomain returned {result[:80]!r}, not a UUID")
+            raise ManagerFailed(ERR_BAD_REPLY, f"StartDomain returned {result[:80]!r}, not a UUID")
         return running
 
     async def define_domain(self, props: Mapping[str, Any]) -> str:
@@ -578,11 +594,11 @@ class ManagerClient:
         try:
             values = values_to_dbus(props)
         except InvalidEntry as exc:
-            raise ManagerError(ERROR_INVALID_ARGUMENT, str(exc)) from None
+            raise ManagerRefused(ERROR_INVALID_ARGUMENT, str(exc)) from None
         result = await self._call("DefineDomain", values)
         uuid = canonical_uuid(result)
         if uuid is None:
-            raise ManagerError(ERR_BAD_REPLY, f"DefineDomain returned {result[:80]!r}")
+            raise ManagerFailed(ERR_BAD_REPLY, f"DefineDomain returned {result[:80]!r}")
         return uuid
 
     async def undefine_domain(self, uuid: str) -> None:
@@ -593,11 +609,11 @@ class ManagerClient:
         try:
             return config_from_dbus(result)
         except InvalidEntry as exc:
-            raise ManagerError(ERR_BAD_REPLY, f"GetDomain returned a bad entry: {exc}") from None
+            raise ManagerFailed(ERR_BAD_REPLY, f"GetDomain returned a bad entry: {exc}") from None
 
     async def update_domain(self, uuid: str, changes: Mapping[str, Any]) -> None:
         try:
             values = values_to_dbus(changes)
         except InvalidEntry as exc:
-            raise ManagerError(ERROR_INVALID_ARGUMENT, str(exc)) from None
+            raise ManagerRefused(ERROR_INVALID_ARGUMENT, str(exc)) from None
         await self._call("UpdateDomain", self._uuid(uuid), values)

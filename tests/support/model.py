@@ -30,7 +30,7 @@ from cim_provider.contract import (BUS_NAME, ERROR_ALREADY_RUNNING, ERROR_NOT_FO
                                    ERROR_REFUSED, INTERFACE, OBJECT_PATH, config_to_dbus)
 from cim_provider.contract.bus import (DBusError, NameFlag, ServiceInterface, connect,
                                        method)
-from cim_provider.inventory.records import Disk, DomainConfig, Nic
+from cim_provider.domain.records import Disk, DomainConfig, Nic
 
 try:
     from tests.support import reset_test_driver
@@ -274,7 +274,7 @@ class RecordingManager(ServiceInterface):
         cfg = self.entries.get(uuid)
         if cfg is None:
             raise DBusError(ERROR_NOT_FOUND, f"no definition with UUID {uuid}")
-        from cim_provider.sources.domxml import config_to_domain_xml
+        from cim_provider.domain.domxml import config_to_domain_xml
         loop = asyncio.get_running_loop()
         try:
             dom = await loop.run_in_executor(None, self.conn.createXML,

@@ -11,7 +11,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
-from ..inventory.records import Disk, DomainConfig, Nic, canonical_uuid
+from .defaults import DEFAULT_ARCH, DEFAULT_MEMORY_KIB, DEFAULT_OS_TYPE, DEFAULT_VCPUS
+from .records import Disk, DomainConfig, Nic, canonical_uuid
 
 # libvirt's <domain type=...> spelled the way CIM's VirtualSystemType shows it.
 _TYPE_NAMES = {"kvm": "KVM", "qemu": "QEMU", "xen": "Xen", "lxc": "LXC", "test": "Test",
@@ -100,7 +101,7 @@ def parse_domain_xml(xml: str, autostart: bool | None = None) -> DomainConfig:
 
 def config_to_domain_xml(cfg: DomainConfig, libvirt_type: str = "test") -> str:
     """Domain XML that libvirt can create from a definition (same UUID and name)."""
-    memory = cfg.max_memory_kib or cfg.memory_kib or 131072
+    memory = cfg.max_memory_kib or cfg.memory_kib or DEFAULT_MEMORY_KIB
     current = min(cfg.memory_kib or memory, memory)
     parts = [f"<domain type={quoteattr(libvirt_type)}>",
              f"<name>{escape(cfg.name)}</name>", f"<uuid>{cfg.uuid}</uuid>"]
@@ -108,9 +109,9 @@ def config_to_domain_xml(cfg: DomainConfig, libvirt_type: str = "test") -> str:
         parts.append(f"<title>{escape(cfg.title)}</title>")
     parts += [f"<memory unit='KiB'>{memory}</memory>",
               f"<currentMemory unit='KiB'>{current}</currentMemory>",
-              f"<vcpu>{cfg.vcpus or 1}</vcpu>",
-              f"<os><type arch={quoteattr(cfg.arch or 'x86_64')}>"
-              f"{escape(cfg.os_type or 'hvm')}</type></os>", "<devices>"]
+              f"<vcpu>{cfg.vcpus or DEFAULT_VCPUS}</vcpu>",
+              f"<os><type arch={quoteattr(cfg.arch or DEFAULT_ARCH)}>"
+              f"{escape(cfg.os_type or DEFAULT_OS_TYPE)}</type></os>", "<devices>"]
     for d in cfg.disks:
         src = f"<source file={quoteattr(d.source)}/>" if d.source else ""
         bus = f" bus={quoteattr(d.bus)}" if d.bus else ""

@@ -1,0 +1,96 @@
+"""What the providers may ask of the two sources, and the one error family both raise.
+
+The providers import this module, never `sources/`: the libvirt source and the Manager
+client satisfy these Protocols (checked by mypy where the server wires them), and every
+failure they report is one of the `SourceError` subclasses below, so a provider maps
+source failures to CIM status codes without knowing which library failed.
+See docs/architecture.md, "Sources".
+"""
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any, Protocol
+
+from .records import DomainConfig, RunningDomain
+
+
+class SourceError(Exception):
+    """A source call failed. `message` is the source's own text (libvirt's, the
+    Manager's); `code` is libvirt's virErrorNumber, `name` the D-Bus error name."""
+
+    def __init__(self, message: str, *, code: int | None = None, name: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.code = code
+        self.name = name or type(self).__name__
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Unavailable(SourceError):
+    """The source is not reachable now (no connection, no Manager on the bus)."""
+
+
+class Timeout(Unavailable):
+    """The source did not answer within the call's timeout; the outcome is unknown."""
+
+
+class NotFound(SourceError):
+    """The source has no such domain."""
+
+
+class Refused(SourceError):
+    """The source understood and said no: policy, already running, a bad argument."""
+
+
+class NotSupported(SourceError):
+    """The source does not offer this operation."""
+
+
+class Failed(SourceError):
+    """The operation was attempted and failed for another reason."""
+
+
+class RunningSource(Protocol):
+    """libvirt as the providers see it: the running domains and actions on them."""
+
+    @property
+    def connected(self) -> bool: ...
+
+    async def refresh(self, uuid: str) -> RunningDomain | None: ...
+
+    async def resume(self, uuid: str) -> None: ...
+
+    async def suspend(self, uuid: str) -> None: ...
+
+    async def destroy(self, uuid: str) -> None: ...
+
+    async def shutdown(self, uuid: str) -> None: ...
+
+    async def reboot(self, uuid: str) -> None: ...
+
+    async def reset(self, uuid: str) -> None: ...
+
+    async def host_info(self) -> dict[str, Any]: ...
+
+
+class DefinitionSource(Protocol):
+    """An org.example.virt.Manager as the providers see it: the passive definitions."""
+
+    @property
+    def present(self) -> bool: ...
+
+    def offers(self, member: str) -> bool: ...
+
+    async def refresh(self) -> None: ...
+
+    async def start_domain(self, uuid: str) -> str: ...
+
+    async def define_domain(self, props: Mapping[str, Any]) -> str: ...
+
+    async def undefine_domain(self, uuid: str) -> None: ...
+
+    async def get_domain(self, uuid: str) -> DomainConfig: ...
+
+    async def update_domain(self, uuid: str, changes: Mapping[str, Any]) -> None: ...
