@@ -12,11 +12,11 @@ import sys
 from pathlib import Path
 
 SUBCOMMANDS = {
-    "serve": ("cim_provider.server", "run the WBEM server"),
+    "serve": ("cim_provider.server.main", "run the WBEM server"),
     "manager": ("cim_provider.manager.cli", "run the reference org.example.virt.Manager"),
     "demo": ("cim_provider.demo", "serve the embedded demo (private bus, libvirt test driver)"),
     "bench": ("bench.run", "run the benchmark (same as make bench)"),
-    "passwd": ("cim_provider.wbem.users", "add or change a user in a users file"),
+    "passwd": ("cim_provider.passwd", "add or change a user in a users file"),
 }
 
 

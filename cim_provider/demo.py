@@ -87,8 +87,8 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
     from .busdaemon import PrivateBus
     from .manager.service import serve_manager
     from .manager.store import LibvirtConnection, LibvirtStore, SqliteStore
-    from . import security
-    from .server import host_fqdn, start_server, start_sources
+    from .server import security
+    from .server.main import host_fqdn, start_server, start_sources
     from .domain.domxml import config_to_domain_xml
     from .sources.libvirt import ensure_event_loop_impl
 
@@ -123,10 +123,10 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .server import parse_listen
+    from .server.listen import parse_listen
     p.add_argument("--listen", action="append", type=parse_listen, metavar="HOST:PORT",
                    help="address to serve HTTP on (repeatable; default 127.0.0.1:5988)")
-    from . import security
+    from .server import security
     security.add_arguments(p, demo=True)
 
 
@@ -149,7 +149,7 @@ See README.md for starting "gnome-test" through the Manager, pausing it and a re
 
 
 async def _run(args: argparse.Namespace) -> int:
-    from .security import StartupError
+    from .server.security import StartupError
     try:
         demo = await start_demo(args.listen or [("127.0.0.1", 5988)],
                                 https=args.https_listen or [("127.0.0.1", 5989)], options=args)
@@ -170,5 +170,5 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    from .server import run_loop
+    from .server.main import run_loop
     return run_loop(_run(args))

@@ -203,7 +203,7 @@ def test_body_over_limit_by_content_length(port):
 
 @pytest.fixture
 def small_server():
-    from cim_provider.wbem.http import HTTPLimits
+    from cim_provider.server.http import HTTPLimits
     srv = ws.InProcessServer(ws.make_test_providers, limits=HTTPLimits(max_body=100_000))
     yield srv
     srv.stop()

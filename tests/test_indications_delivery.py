@@ -156,7 +156,7 @@ def test_disabled_subscription_delivers_nothing(tmp_path, listener):
 def test_delivery_over_https(tmp_path):
     """A listener on HTTPS with a self-signed certificate (what consoles usually have:
     the server does not verify listener certificates by default)."""
-    from cim_provider.wbem.tls import ensure_self_signed
+    from cim_provider.server.tls import ensure_self_signed
     quiet_pywbem_logs()
     tls_listener = Listener(tls=ensure_self_signed(tmp_path / "tls", "localhost"))
     srv = LibvirtServer(tmp_path / "state").start()
@@ -193,7 +193,7 @@ def test_credentials_go_only_to_a_verified_https_listener(tmp_path, caplog, monk
     is verified (a self-signed one fails, nothing is sent to it), while a destination
     without credentials on the same listener still gets its indication unverified.
     Trusting the certificate (SSL_CERT_FILE) makes the credentialed one work."""
-    from cim_provider.wbem.tls import ensure_self_signed
+    from cim_provider.server.tls import ensure_self_signed
     quiet_pywbem_logs()
     caplog.set_level(logging.INFO, logger="cim_provider.indications")
     cert, key = ensure_self_signed(tmp_path / "tls", "localhost")
@@ -231,7 +231,7 @@ def test_credentials_go_only_to_a_verified_https_listener(tmp_path, caplog, monk
 def test_insecure_listeners_option_sends_credentials_unverified(tmp_path, caplog):
     """--insecure-listeners (indication option insecure_listeners): the old behaviour,
     with a warning once per destination (not per indication)."""
-    from cim_provider.wbem.tls import ensure_self_signed
+    from cim_provider.server.tls import ensure_self_signed
     quiet_pywbem_logs()
     caplog.set_level(logging.INFO, logger="cim_provider.indications")
     tls_listener = Listener(tls=ensure_self_signed(tmp_path / "tls", "localhost"))

@@ -554,7 +554,7 @@ def test_start_domain_gets_its_own_longer_timeout(dbus_address):
 def test_serve_passes_manager_start_timeout(dbus_address):
     """`cim-provider serve --manager-start-timeout` reaches the ManagerClient."""
     import argparse
-    from cim_provider.server import add_arguments, start_sources
+    from cim_provider.server.main import add_arguments, start_sources
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     assert parser.parse_args([]).manager_start_timeout == 60.0

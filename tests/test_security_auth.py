@@ -25,7 +25,7 @@ except ImportError:
     from support import secure as sec  # type: ignore
     from support import wbem_server as ws  # type: ignore
 
-from cim_provider.wbem import auth
+from cim_provider.server import auth
 
 pytestmark = pytest.mark.timeout(120)
 ALICE, BOB = sec.USERS["alice"][0], sec.USERS["bob"][0]
@@ -64,7 +64,7 @@ def test_self_signed_pair_created_private_and_reused(server, tmp_path):
     assert pem.strip() == cert.read_text().strip()
     # a second start with the same state directory keeps the pair
     before = cert.read_bytes()
-    from cim_provider.wbem.tls import ensure_self_signed
+    from cim_provider.server.tls import ensure_self_signed
     assert ensure_self_signed(cert.parent, "other") == (cert, key)
     assert cert.read_bytes() == before
 
@@ -156,7 +156,7 @@ def test_pywbem_wrong_password_is_auth_error(tmp_path):
 def test_failed_logins_braked_per_address_and_logged(tmp_path, caplog):
     srv = sec.SecureServer(tmp_path, users=sec.USERS, burst=3, refill=3600.0)
     try:
-        caplog.set_level("WARNING", logger="cim_provider.wbem.auth")
+        caplog.set_level("WARNING", logger="cim_provider.server.auth")
         for _ in range(3):
             assert _status(srv, sec.basic("alice", "guess"))[0] == 401
         # the bucket is empty: even the right password is not checked any more

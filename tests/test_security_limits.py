@@ -19,7 +19,7 @@ except ImportError:
     from support import secure as sec  # type: ignore
     from support import wbem_server as ws  # type: ignore
 
-from cim_provider.wbem.http import HTTPLimits
+from cim_provider.server.http import HTTPLimits
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -210,8 +210,8 @@ def test_xml_depth_limit(server):
 
 
 def test_serve_options_set_every_limit():
-    from cim_provider import security
-    from cim_provider.server import add_arguments
+    from cim_provider.server import security
+    from cim_provider.server.main import add_arguments
     p = argparse.ArgumentParser()
     add_arguments(p)
     args = p.parse_args(["--max-body", "100", "--max-header-size", "200", "--max-headers", "7",

@@ -61,8 +61,8 @@ def test_start_server_on_a_busy_port_stops_the_sources(lt, busy_port, tmp_path, 
     import libvirt
 
     from cim_provider.busdaemon import PrivateBus
-    from cim_provider.wbem.tls import ensure_self_signed, server_context
-    from cim_provider.server import start_server, start_sources
+    from cim_provider.server.tls import ensure_self_signed, server_context
+    from cim_provider.server.main import start_server, start_sources
     from cim_provider.sources.libvirt import ensure_event_loop_impl
 
     bus = PrivateBus()              # no Manager on it: the client keeps watching for one
@@ -116,7 +116,7 @@ def test_start_demo_on_a_busy_port_stops_everything(lt, busy_port):
 
 
 def test_demo_asks_for_the_host_name_once(lt, monkeypatch):
-    from cim_provider import server
+    from cim_provider.server import main as server
     from cim_provider.demo import start_demo
     calls = []
 

@@ -199,7 +199,7 @@ class LibvirtServer:
     async def _start(self) -> None:
         import libvirt
 
-        from cim_provider.server import start_server, start_sources
+        from cim_provider.server.main import start_server, start_sources
         from cim_provider.sources.libvirt import ensure_event_loop_impl
         loop = asyncio.get_running_loop()
         ensure_event_loop_impl(loop)

@@ -21,7 +21,7 @@ try:
 except ImportError:  # tests/ itself on sys.path
     from support import wbem_server as ws  # type: ignore
 
-from cim_provider.wbem.auth import User, format_users, hash_password
+from cim_provider.server.auth import User, format_users, hash_password
 
 
 def write_users(path: Path, users: dict[str, tuple[str, str]]) -> Path:
@@ -47,8 +47,8 @@ class SecureServer:
                  burst: int = 5, refill: float = 2.0, providers_factory=None) -> None:
         import argparse
 
-        from cim_provider import security
-        from cim_provider.server import start_server
+        from cim_provider.server import security
+        from cim_provider.server.main import start_server
         self.workdir = Path(workdir)
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,

@@ -86,7 +86,7 @@ class InProcessServer:
     """`start_server(...)` on a private asyncio loop running in a daemon thread."""
 
     def __init__(self, providers_factory, *, limits=None, host: str = TEST_HOST):
-        from cim_provider.server import start_server
+        from cim_provider.server.main import start_server
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True,
                                        name="wbem-test-server")

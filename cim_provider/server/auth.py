@@ -36,7 +36,7 @@ from typing import Awaitable, Callable
 
 from aiohttp import web
 
-from .dispatch import OperationContext
+from ..wbem.dispatch import OperationContext
 
 log = logging.getLogger(__name__)
 

@@ -13,8 +13,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
-from .dispatch import Dispatcher, OperationContext
-from .request import RequestError, parse_request
+from ..wbem.dispatch import Dispatcher, OperationContext
+from ..wbem.request import RequestError, parse_request
 
 log = logging.getLogger(__name__)
 

@@ -16,29 +16,22 @@ from pathlib import Path
 
 from aiohttp import web
 
-from .indications.service import IndicationService
-from .indications.subscriptions import (Subscriptions, default_state_dir,
+from ..indications.service import IndicationService
+from ..indications.subscriptions import (Subscriptions, default_state_dir,
                                         subscription_providers)
-from .inventory.inventory import Inventory
-from .providers import Backend, virt_providers
-from .providers.interop import interop_providers
-from .wbem.connections import ConnectionGuard, GuardedSite
-from .wbem.dispatch import Dispatcher
-from .wbem.http import DEFAULT_MAX_BODY, HTTPLimits, make_app
-from .wbem.provider import Provider, Registry
-from .wbem.pull import PullContexts
-from .wbem.repository import Repository
+from ..inventory.inventory import Inventory
+from ..providers import Backend, virt_providers
+from ..providers.interop import interop_providers
+from . import security
+from .connections import ConnectionGuard, GuardedSite
+from ..wbem.dispatch import Dispatcher
+from .http import DEFAULT_MAX_BODY, HTTPLimits, make_app
+from .listen import parse_listen
+from ..wbem.provider import Provider, Registry
+from ..wbem.pull import PullContexts
+from ..wbem.repository import Repository
 
 log = logging.getLogger(__name__)
-
-
-def parse_listen(value: str) -> tuple[str, int]:
-    """HOST:PORT or [IPv6]:PORT."""
-    host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit():
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {value!r}")
-    host = host.strip("[]") or "127.0.0.1"
-    return host, int(port)
 
 
 def host_fqdn(timeout: float = 2.0) -> str:
@@ -76,8 +69,8 @@ async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
                         manager_timeout: float = 5.0, relist_interval: float = 5.0,
                         manager_start_timeout: float = 60.0) -> Sources:
     """Connect libvirt (events on this loop) and follow the Manager; neither has to be up."""
-    from .sources.libvirt import LibvirtSource
-    from .sources.manager import ManagerClient
+    from ..sources.libvirt import LibvirtSource
+    from ..sources.manager import ManagerClient
     inv = Inventory()
     lv = LibvirtSource(libvirt_uri, conn=libvirt_conn, call_timeout=call_timeout,
                        on_snapshot=inv.set_running, on_domain=inv.update_running)
@@ -151,7 +144,7 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     subs.load()
     indications = IndicationService(repo, host, subs, **(indication_options or {}))
     if sources is not None:
-        from .providers.computer_system import ComputerSystemProvider
+        from ..providers.computer_system import ComputerSystemProvider
         systems = next(p for p in model if isinstance(p, ComputerSystemProvider))
         indications.attach(sources.inventory, systems.instance)
     for prov in interop_providers(repo, host) + subscription_providers(subs) + model \
@@ -208,7 +201,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--libvirt-uri", default=None,
                    help="libvirt URI of the running domains (default LIBVIRT_DEFAULT_URI, "
                         "else libvirt's own default)")
-    from . import security
     security.add_arguments(p)
     p.add_argument("--manager-bus", default="system", metavar="system|session|ADDRESS",
                    help="bus of org.example.virt.Manager (default system; honours "
@@ -223,7 +215,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 async def _serve(args: argparse.Namespace) -> int:
-    from . import security
     t0 = time.monotonic()
     host = host_fqdn()
     state_dir = args.state_dir or default_state_dir()

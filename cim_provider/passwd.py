@@ -14,8 +14,8 @@ import logging
 import sys
 from pathlib import Path
 
-from ..statefile import write_private
-from .auth import (ROLES, User, UsersFileError, check_private, format_users, hash_password,
+from .statefile import write_private
+from .server.auth import (ROLES, User, UsersFileError, check_private, format_users, hash_password,
                    parse_users, valid_name)
 
 log = logging.getLogger(__name__)

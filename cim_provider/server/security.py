@@ -12,16 +12,16 @@ client is an operator (a local-only development set-up).
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import logging
 import ssl
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .wbem.auth import ROLES, Authenticator, FailureBrake, UsersFile, UsersFileError, pam_checker
-from .wbem.http import DEFAULT_MAX_BODY, HTTPLimits
-from .wbem.pull import MAX_CONTEXTS_PER_CLIENT
-from .wbem.tls import ensure_self_signed, server_context
+from .auth import ROLES, Authenticator, FailureBrake, UsersFile, UsersFileError, pam_checker
+from .http import DEFAULT_MAX_BODY, HTTPLimits
+from .listen import is_loopback, parse_listen
+from ..wbem.pull import MAX_CONTEXTS_PER_CLIENT
+from .tls import ensure_self_signed, server_context
 
 log = logging.getLogger(__name__)
 
@@ -30,17 +30,7 @@ class StartupError(Exception):
     """A configuration the server refuses to start with; the message says why."""
 
 
-def is_loopback(host: str) -> bool:
-    if host.lower() == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host.split("%", 1)[0]).is_loopback
-    except ValueError:
-        return False      # a name other than localhost, "", 0.0.0.0, :: : assume exposed
-
-
 def add_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
-    from .server import parse_listen
     default_https = "127.0.0.1:5989" if demo else "none"
     p.add_argument("--https-listen", action="append", type=parse_listen, metavar="HOST:PORT",
                    help=f"address to serve HTTPS on (repeatable; conventional port 5989; "
