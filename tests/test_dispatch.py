@@ -12,7 +12,8 @@ from pywbem import (CIMClassName, CIMDateTime, CIMError, CIMInstanceName, Char16
                     Real64, Sint8, Sint64, Uint8, Uint16, Uint64)
 from pywbem._tupleparse import TupleParser
 
-from cim_provider.wbem.dispatch import (Dispatcher, OperationContext, _convert_params,
+from cim_provider.wbem.dispatch import Dispatcher, OperationContext
+from cim_provider.wbem.params import (convert_params as _convert_params,
                                         convert_value)
 from cim_provider.wbem.provider import Provider, Registry
 from cim_provider.wbem.pull import PullContexts
