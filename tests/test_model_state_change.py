@@ -1,5 +1,5 @@
 """Acceptance (issue 4): VIRT_ComputerSystem.RequestStateChange, the whole table of
-DESIGN.md, against the in-process demo (reference Manager, shared test:///default).
+docs/architecture.md, against the in-process demo (reference Manager, shared test:///default).
 
 Every case gets its own domain, prepared up front in the state it starts from:
 "passive" (a persistent libvirt definition that is not running: the Manager's libvirt

@@ -2,7 +2,7 @@
 
 Converters: `system_path(uuid)` / Backend.record_for(path) between CIM paths and
 inventory keys, `system_values(record)` from a record to properties. The state
-mapping and RequestStateChange follow the tables in DESIGN.md ("States").
+mapping and RequestStateChange follow the tables in docs/architecture.md ("States", "RequestStateChange").
 """
 from __future__ import annotations
 
@@ -27,7 +27,7 @@ ENABLED, DISABLED, SHUTTING_DOWN, NOT_APPLICABLE, OFFLINE, QUIESCE = 2, 3, 4, 5,
 # RequestStateChange return codes (DSP1057 / CIM_EnabledLogicalElement)
 RC_OK, RC_NOT_SUPPORTED, RC_INVALID_TRANSITION, RC_TIMEOUT_NOT_SUPPORTED = 0, 1, 4097, 4098
 
-# DESIGN.md "States": libvirt state -> (EnabledState, OperationalStatus, HealthState)
+# docs/architecture.md "States": libvirt state -> (EnabledState, OperationalStatus, HealthState)
 _STATE_MAP: dict[RunState, tuple[int, list[int], int]] = {
     RunState.RUNNING: (ENABLED, [2], 5),
     RunState.BLOCKED: (ENABLED, [2], 5),
@@ -121,7 +121,7 @@ class ComputerSystemProvider(Provider):
 
     async def request_state_change(self, target: CIMInstanceName,
                                    params: Mapping[str, Any]) -> int:
-        """DESIGN.md RequestStateChange table."""
+        """docs/architecture.md, "RequestStateChange" table."""
         requested = params.get("RequestedState")
         # CIM_EnabledLogicalElement.RequestStateChange: ValueMap 2,3,4,6,7,8,9,10,11 and
         # the vendor range 32768..65535; anything else (or nothing) is not a valid value.
