@@ -8,8 +8,10 @@ See docs/architecture.md, "Sources".
 """
 from __future__ import annotations
 
+import time
 from collections.abc import Mapping
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 from .records import DomainConfig, RunningDomain
 
@@ -52,11 +54,34 @@ class Failed(SourceError):
     """The operation was attempted and failed for another reason."""
 
 
+@dataclass(frozen=True)
+class SourceStatus:
+    """How a source is doing, for the health the host and the management service show.
+
+    `state`: "ok"; "degraded" (some of what clients see may be missing or old); "down"
+    (the source shows nothing). `reason` says what clients miss, for StatusDescriptions;
+    `since` is the wall-clock time (time.time()) the present condition began.
+    """
+    state: Literal["ok", "degraded", "down"] = "ok"
+    reason: str = ""
+    since: float | None = None
+
+    @staticmethod
+    def stamp(when: float | None) -> str:
+        """`when` as a local ISO time without microseconds, for messages."""
+        if when is None:
+            return "start-up"
+        return time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime(when))
+
+
 class RunningSource(Protocol):
     """libvirt as the providers see it: the running domains and actions on them."""
 
     @property
     def connected(self) -> bool: ...
+
+    @property
+    def status(self) -> SourceStatus: ...
 
     async def refresh(self, uuid: str) -> RunningDomain | None: ...
 
@@ -81,9 +106,14 @@ class DefinitionSource(Protocol):
     @property
     def present(self) -> bool: ...
 
+    @property
+    def status(self) -> SourceStatus: ...
+
     def offers(self, member: str) -> bool: ...
 
-    async def refresh(self) -> None: ...
+    async def refresh(self, started: str | None = None) -> None:
+        """Re-read the definitions now. `started`: a UUID StartDomain just started, which
+        a Manager without ListDomains no longer lists (its twin is then unknown)."""
 
     async def start_domain(self, uuid: str) -> str: ...
 

@@ -119,10 +119,11 @@ class Backend:
                 raise CIMError(pywbem.CIM_ERR_FAILED, f"cannot read {uuid} back from "
                                f"libvirt to show the result: {exc.message}") from None
 
-    async def settle_defined(self) -> None:
-        """Re-read the Manager's list so a define/undefine/update shows at once."""
+    async def settle_defined(self, started: str | None = None) -> None:
+        """Re-read the Manager's list so a start/define/undefine/update shows at once.
+        `started`: the UUID just started through it (see DefinitionSource.refresh)."""
         if self.manager is not None:
-            await self.manager.refresh()
+            await self.manager.refresh(started)
 
 
 class RecordCache:

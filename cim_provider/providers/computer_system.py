@@ -161,6 +161,9 @@ class ComputerSystemProvider(Provider):
                 await self.b.settle_running(new_uuid or uuid)
                 if new_uuid and new_uuid != uuid:
                     await self.b.settle_running(uuid)
+                # The Manager's set just changed: running first (so the system never
+                # looks gone), then its list, so the next read shows the twin or not.
+                await self.b.settle_defined(started=uuid)
             else:
                 src = self.b.require_libvirt()
                 action, act = {ENABLED: ("resume", src.resume), DISABLED: ("destroy", src.destroy),

@@ -1,4 +1,8 @@
-"""VIRT_HostSystem: exactly one, the host that runs the virtual systems."""
+"""VIRT_HostSystem: exactly one, the host that runs the virtual systems.
+
+Its OperationalStatus, HealthState and StatusDescriptions are the sources' health
+(health.py): a client seeing no guests can tell whether a source is away.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -10,6 +14,7 @@ from pywbem import CIMError, CIMInstance, CIMInstanceName
 
 from ..wbem.provider import Provider, path_key
 from .backend import HOST_CLASS, VIRT_NS, Backend, make
+from .health import Health, health_of
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +27,7 @@ class HostSystemProvider(Provider):
         self.b = backend
         self._instance: CIMInstance | None = None
         self._shown: tuple | None = None          # the facts the instance shows
+        self._health: Health | None = None          # the health it shows
         self._refresh: asyncio.Task | None = None
 
     async def _read_facts(self) -> tuple:
@@ -38,19 +44,23 @@ class HostSystemProvider(Provider):
     async def _update(self) -> None:
         facts = await self._read_facts()
         if self._instance is None or facts != self._shown:
-            hostname, hv, uri = facts or (None, None, None)
-            desc = "Virtualization host"
-            if hv:
-                desc += f" ({hv} via libvirt {uri or ''})".rstrip()
-            self._shown = facts
-            self._instance = make(self.b, HOST_CLASS, {
-                "CreationClassName": HOST_CLASS, "Name": self.b.host,
-                "ElementName": hostname or self.b.host.split(".")[0],
-                "Caption": "Host system", "Description": desc,
-                "NameFormat": "IP", "Dedicated": [0],
-                "EnabledState": 2, "RequestedState": 12, "EnabledDefault": 2,
-                "OperationalStatus": [2], "HealthState": 5, "PrimaryStatus": 1,
-            }, self.b.host_path())
+            self._build(facts, health_of(self.b))
+
+    def _build(self, facts: tuple, health: Health) -> None:
+        hostname, hv, uri = facts or (None, None, None)
+        desc = "Virtualization host"
+        if hv:
+            desc += f" ({hv} via libvirt {uri or ''})".rstrip()
+        self._shown = facts
+        self._instance = make(self.b, HOST_CLASS, {
+            "CreationClassName": HOST_CLASS, "Name": self.b.host,
+            "ElementName": hostname or self.b.host.split(".")[0],
+            "Caption": "Host system", "Description": desc,
+            "NameFormat": "IP", "Dedicated": [0],
+            "EnabledState": 2, "RequestedState": 12, "EnabledDefault": 2,
+            **health.properties(),
+        }, self.b.host_path())
+        self._health = health
 
     async def instance(self) -> CIMInstance:
         """The first read waits for the facts; later reads are served at once and
@@ -59,6 +69,10 @@ class HostSystemProvider(Provider):
             await self._update()
         elif self._refresh is None or self._refresh.done():
             self._refresh = asyncio.get_running_loop().create_task(self._update())
+        health = health_of(self.b)
+        if health != self._health:      # health is read now, never a read behind
+            self._build(self._shown or (), health)
+        assert self._instance is not None
         return self._instance
 
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:

@@ -19,6 +19,7 @@ from ..domain.sources import NotFound, NotSupported, SourceError
 from ..wbem.provider import Provider, path_key
 from .backend import VIRT_NS, VSMS_CLASS, Backend, make
 from .computer_system import system_path
+from .health import Health, health_of
 from .settings import RASD_CLASS, RT_DISK, RT_DVD, RT_ETHERNET, RT_FLOPPY, RT_MEMORY, RT_PROCESSOR, split_iid
 
 log = logging.getLogger(__name__)
@@ -155,13 +156,14 @@ class ManagementServiceProvider(Provider):
 
     def __init__(self, backend: Backend):
         self.b = backend
-        self._service = make(backend, VSMS_CLASS, {
+        self._service_values = {
             **backend.vsms_path().keybindings,
             "ElementName": "Virtual system management", "Caption": "Virtual system management",
             "Description": "Defines, destroys and modifies virtual systems through the "
                            "org.example.virt.Manager",
-            "EnabledState": 2, "RequestedState": 12, "EnabledDefault": 2, "Started": True,
-            "OperationalStatus": [2], "HealthState": 5}, backend.vsms_path())
+            "EnabledState": 2, "RequestedState": 12, "EnabledDefault": 2, "Started": True}
+        self._service: CIMInstance | None = None
+        self._service_health: Health | None = None
         self._caps = make(backend, VSMC_CLASS, {
             "InstanceID": VSMC_IID, "ElementName": "Virtual system management capabilities",
             # DefineSystem 2, DestroySystem 3, ModifyResourceSettings 5, ModifySystemSettings 6
@@ -169,8 +171,18 @@ class ManagementServiceProvider(Provider):
             "VirtualSystemTypesSupported": ["KVM", "QEMU", "Xen", "LXC", "Test"],
         }, vsmc_path())
 
+    def service(self) -> CIMInstance:
+        """The service instance, showing the sources' health (rebuilt when it changes)."""
+        health = health_of(self.b)
+        if self._service is None or health != self._service_health:
+            self._service = make(self.b, VSMS_CLASS, {**self._service_values,
+                                                      **health.properties()},
+                                 self.b.vsms_path())
+            self._service_health = health
+        return self._service
+
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
-        return [self._service] if classname.lower() == VSMS_CLASS.lower() else [self._caps]
+        return [self.service()] if classname.lower() == VSMS_CLASS.lower() else [self._caps]
 
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
         for inst in await self.enumerate_instances(path.classname):
@@ -324,8 +336,9 @@ class ManagementServiceProvider(Provider):
                     ch["VCPUs"] = _at_least_one("the number of processors (VirtualQuantity)",
                                                 int(rasd["VirtualQuantity"]))
                 else:
-                    kib, limit = _memory_kib(rasd), _memory_kib_limit(rasd)
-                    _at_least_one("memory in KiB (VirtualQuantity)", kib)
+                    qty, limit = _memory_kib(rasd), _memory_kib_limit(rasd)
+                    assert qty is not None          # VirtualQuantity was checked above
+                    kib = _at_least_one("memory in KiB (VirtualQuantity)", qty)
             except ValueError as exc:
                 raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                                f"ResourceSettings[{i}]: {exc}") from None

@@ -11,8 +11,10 @@ import logging
 import signal
 import socket
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from aiohttp import web
 
@@ -30,6 +32,10 @@ from .listen import parse_listen
 from ..wbem.provider import Provider, Registry
 from ..wbem.pull import PullContexts
 from ..wbem.repository import Repository
+
+if TYPE_CHECKING:
+    from ..sources.libvirt import LibvirtSource
+    from ..sources.manager import ManagerClient
 
 log = logging.getLogger(__name__)
 
@@ -55,8 +61,8 @@ def host_fqdn(timeout: float = 2.0) -> str:
 class Sources:
     """The inventory and the two sources that keep it current."""
     inventory: Inventory
-    libvirt: object | None = None       # sources.libvirt.LibvirtSource
-    manager: object | None = None       # sources.manager.ManagerClient
+    libvirt: LibvirtSource | None = None
+    manager: ManagerClient | None = None
 
     async def close(self) -> None:
         for src in (self.manager, self.libvirt):
@@ -67,7 +73,8 @@ class Sources:
 async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
                         manager_bus: str | None = "system", call_timeout: float = 10.0,
                         manager_timeout: float = 5.0, relist_interval: float = 5.0,
-                        manager_start_timeout: float = 60.0) -> Sources:
+                        manager_start_timeout: float = 60.0,
+                        manager_list_timeout: float = 60.0) -> Sources:
     """Connect libvirt (events on this loop) and follow the Manager; neither has to be up."""
     from ..sources.libvirt import LibvirtSource
     from ..sources.manager import ManagerClient
@@ -79,6 +86,7 @@ async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
     if manager_bus:
         mgr = ManagerClient(manager_bus, call_timeout=manager_timeout,
                             start_timeout=manager_start_timeout,
+                            list_timeout=manager_list_timeout,
                             relist_interval=relist_interval, on_change=inv.set_defined)
         await mgr.start()
     return Sources(inv, lv, mgr)
@@ -119,7 +127,7 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
                        limits: HTTPLimits | None = None,
                        state_dir: str | Path | None = None,
                        indication_options: dict | None = None,
-                       https: list[tuple[str, int]] = (), ssl_context=None,
+                       https: Sequence[tuple[str, int]] = (), ssl_context=None,
                        authenticate=None, max_pull_per_client: int | None = None) -> ServerHandle:
     """Build the repository, registry and dispatcher, and listen on every address.
 
@@ -210,6 +218,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--manager-start-timeout", type=float, default=60.0,
                    help="seconds before a StartDomain call to the Manager fails: it answers "
                         "once the guest runs (default 60)")
+    p.add_argument("--manager-list-timeout", type=float, default=60.0, metavar="SECONDS",
+                   help="seconds before a listing call (ListDomains, ListInactiveDomains) "
+                        "fails; a listing carries every definition, so it gets longer than "
+                        "other calls, and one that times out is tried again at once "
+                        "(default 60)")
     p.add_argument("--manager-relist", type=float, default=5.0,
                    help="seconds between re-reads of a Manager without signals (default 5)")
 
@@ -228,6 +241,7 @@ async def _serve(args: argparse.Namespace) -> int:
     sources = await start_sources(libvirt_uri=args.libvirt_uri, manager_bus=args.manager_bus,
                                   manager_timeout=args.manager_timeout,
                                   manager_start_timeout=args.manager_start_timeout,
+                                  manager_list_timeout=args.manager_list_timeout,
                                   relist_interval=args.manager_relist)
     handle = await start_server(sec.listen, sources=sources, host=host, state_dir=state_dir,
                                 limits=security.limits_from_args(args), https=sec.https,

@@ -19,6 +19,7 @@ from typing import Any, Callable, TypeVar
 import libvirt
 
 from ..domain.records import RunningDomain, canonical_uuid
+from ..domain.sources import SourceStatus
 from .libvirt_calls import (DomainNotFound, LibvirtError, LibvirtTimeout, LibvirtUnavailable,
                             guarded, quietly, read_all, read_one)
 from .libvirt_events import ensure_event_loop_impl
@@ -67,7 +68,9 @@ class LibvirtSource:
         self.on_snapshot = on_snapshot
         self.on_domain = on_domain
         self.running: dict[str, RunningDomain] = {}
-        self.connected = False
+        self._connected = False
+        self._status_since = time.time()      # when `connected` last changed
+        self._last_error = "not connected yet"
         self._shared = conn
         self._conn: libvirt.virConnect | None = None
         self._conn_uri: str | None = None
@@ -97,6 +100,25 @@ class LibvirtSource:
     @property
     def conn(self) -> libvirt.virConnect | None:
         return self._conn if self.connected else None
+
+    @property
+    def connected(self) -> bool:
+        return self._connected
+
+    @connected.setter
+    def connected(self, value: bool) -> None:
+        if value != self._connected:
+            self._status_since = time.time()
+        self._connected = value
+
+    @property
+    def status(self) -> SourceStatus:
+        """Down while there is no connection: no running domain can be seen then."""
+        if self.connected:
+            return SourceStatus()
+        return SourceStatus("down", f"libvirt {self._describe()} unreachable since "
+                            f"{SourceStatus.stamp(self._status_since)}: {self._last_error}",
+                            self._status_since)
 
     # ---- life cycle -----------------------------------------------------------------
 
@@ -149,6 +171,7 @@ class LibvirtSource:
                 await self._connect()
             except LibvirtError as exc:
                 failures += 1
+                self._last_error = exc.message
                 level = logging.WARNING if failures == 1 else logging.DEBUG
                 log.log(level, "libvirt: cannot connect to %s: %s (retrying every <= %g s)",
                         self._describe(), exc.message, BACKOFF_MAX)
@@ -369,6 +392,7 @@ class LibvirtSource:
     def _drop(self, gen: int, why: str) -> None:
         if gen == self._gen and self._dropped is not None and not self._dropped.is_set():
             log.debug("libvirt: connection to %s dropped: %s", self._describe(), why)
+            self._last_error = f"connection dropped: {why}"
             self._dropped.set()
 
     def _kick(self, uuid: str) -> asyncio.Task[LibvirtError | None]:

@@ -5,17 +5,22 @@ possibly written by someone else. So this client follows its presence on the bus
 (NameOwnerChanged), learns what it offers by introspection (only ListInactiveDomains
 and StartDomain are required), treats every entry it returns as untrusted input, and
 puts a timeout on every call so that no caller can hang on it.
+
+The module is longer than most (about 600 lines) because it is one state machine:
+presence, introspection, listing and calls share one lock and one epoch counter, and
+their invariants are easier to check in one place. Its errors live in manager_errors.py.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..contract import (BUS_NAME, CHANGE_SIGNALS, ERROR_ALREADY_RUNNING, ERROR_INVALID_ARGUMENT,
-                        ERROR_NOT_FOUND, ERROR_NOT_SUPPORTED, ERROR_REFUSED, INTERFACE,
+from ..contract import (BUS_NAME, CHANGE_SIGNALS, ERROR_INVALID_ARGUMENT,
+                        ERROR_NOT_SUPPORTED, INTERFACE,
                         OBJECT_PATH, REQUIRED_METHODS, InvalidEntry, Member,
                         active_from_dbus, config_from_dbus, interface_members, members,
                         values_to_dbus)
@@ -23,8 +28,10 @@ from ..contract.bus import (DBUS_INTERFACE, DBUS_NAME, DBUS_PATH, DBusError, Mes
                             MessageBus, MessageType, bus_description, connect, intr)
 from ..domain.records import DomainConfig
 from ..domain.records import canonical_uuid
-from ..domain.sources import (Failed, NotFound, NotSupported, Refused, SourceError, Timeout,
-                              Unavailable)
+from ..domain.sources import SourceStatus
+from .manager_errors import (ABSENT_MEMBER_ERRORS, ERR_BAD_REPLY, ERR_TIMEOUT, ERR_UNAVAILABLE,
+                             ManagerError, ManagerFailed, ManagerNotSupported, ManagerRefused,
+                             ManagerTimeout, ManagerUnavailable, error_from_dbus)
 
 log = logging.getLogger(__name__)
 
@@ -39,78 +46,11 @@ SAFETY_RELIST = 60.0
 # StartDomain returns once the domain runs, and starting a real guest (qemu allocating
 # memory, attaching disks, the Manager's own policy) can take much longer than a list.
 START_TIMEOUT = 60.0
+# A listing carries every definition: with thousands of them (or a Manager that reads
+# them from libvirt or a database first) it takes far longer than a simple call.
+LIST_TIMEOUT = 60.0
 
 OnChange = Callable[[dict[str, DomainConfig] | None], None]
-
-# Our own error names, for failures that are not a D-Bus error reply.
-ERR_UNAVAILABLE = "cim_provider.Manager.Unavailable"
-ERR_TIMEOUT = "cim_provider.Manager.Timeout"
-ERR_BAD_REPLY = "cim_provider.Manager.BadReply"
-
-_ABSENT_ERRORS = {"org.freedesktop.DBus.Error.ServiceUnknown",
-                  "org.freedesktop.DBus.Error.NameHasNoOwner",
-                  "org.freedesktop.DBus.Error.NoReply",
-                  "org.freedesktop.DBus.Error.Disconnected"}
-_UNSUPPORTED_ERRORS = {"org.freedesktop.DBus.Error.UnknownMethod",
-                       "org.freedesktop.DBus.Error.UnknownInterface",
-                       "org.freedesktop.DBus.Error.UnknownObject",
-                       "org.freedesktop.DBus.Error.UnknownProperty",
-                       ERROR_NOT_SUPPORTED}
-# Only these say "this Manager does not have the member at all", so that the client may
-# stop using it for as long as this Manager runs. A contract Error.NotSupported (or any
-# other reply) is a failure of this one call, never a reason to stop asking.
-_ABSENT_MEMBER_ERRORS = {"org.freedesktop.DBus.Error.UnknownMethod",
-                         "org.freedesktop.DBus.Error.UnknownInterface",
-                         "org.freedesktop.DBus.Error.UnknownProperty"}
-
-
-class ManagerError(SourceError):
-    """A Manager call failed; `name` is the D-Bus error name (or one of ours)."""
-
-    def __init__(self, name: str, message: str) -> None:
-        super().__init__(message, name=name)
-
-
-class ManagerUnavailable(ManagerError, Unavailable):
-    """No Manager owns org.example.virt (or the bus itself is unreachable)."""
-
-
-class ManagerTimeout(ManagerError, Timeout):
-    """The Manager did not answer within the call timeout."""
-
-
-class ManagerNotSupported(ManagerError, NotSupported):
-    """The Manager does not offer this (optional) member."""
-
-
-class ManagerNotFound(ManagerError, NotFound):
-    """The Manager has no definition with that UUID."""
-
-
-class ManagerRefused(ManagerError, Refused):
-    """The Manager said no: its policy, already running, or a bad argument."""
-
-
-class ManagerFailed(ManagerError, Failed):
-    """Any other error reply, or a reply that breaks the contract."""
-
-
-_REFUSED_ERRORS = {ERROR_REFUSED, ERROR_ALREADY_RUNNING, ERROR_INVALID_ARGUMENT}
-
-
-def error_from_dbus(name: str, text: str, member: str) -> ManagerError:
-    """The one mapping from a D-Bus error reply to our exceptions."""
-    message = text or f"{member} failed with {name}"
-    if name in _ABSENT_ERRORS:
-        return ManagerUnavailable(name, f"no Manager on the bus ({message})")
-    if name in _UNSUPPORTED_ERRORS:
-        return ManagerNotSupported(name, f"the Manager does not offer {member}: {message}")
-    if name == ERROR_NOT_FOUND:
-        return ManagerNotFound(name, message)
-    if name in _REFUSED_ERRORS:
-        return ManagerRefused(name, message)
-    return ManagerFailed(name, message)
-
 
 def _ident(entry: Any) -> str:
     """A short way to name an entry in a warning, from whatever it carries."""
@@ -134,16 +74,20 @@ class ManagerClient:
     succeeds, and every `safety_relist` seconds in case a signal was lost (None: never).
 
     Every call gives up after `call_timeout` seconds, except StartDomain, which gets
-    `start_timeout`.
+    `start_timeout`, and the listings, which get `list_timeout`. A listing that times
+    out is tried again at once; until the first one succeeds, `status` says the
+    passive domains are not listed yet.
     """
 
     def __init__(self, bus: str = "system", *, call_timeout: float = 5.0,
                  relist_interval: float = 5.0, on_change: OnChange | None = None,
                  safety_relist: float | None = SAFETY_RELIST,
-                 start_timeout: float = START_TIMEOUT) -> None:
+                 start_timeout: float = START_TIMEOUT,
+                 list_timeout: float = LIST_TIMEOUT) -> None:
         self.bus_spec = bus
         self.call_timeout = call_timeout
         self.start_timeout = start_timeout
+        self.list_timeout = list_timeout
         self.relist_interval = relist_interval
         self.safety_relist = safety_relist
         self.on_change = on_change
@@ -165,6 +109,12 @@ class ManagerClient:
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
+        self._first_attempt = asyncio.Event()    # the first listing returned or failed
+        # When the present condition began (time.time()), for `status`.
+        self._absent_since: float | None = time.time()
+        self._waiting_since: float | None = None
+        self._failing_since: float | None = None
+        self._last_failure = ""
 
     # ------------------------------------------------------------ public state
 
@@ -180,10 +130,39 @@ class ManagerClient:
         """Whether the Manager now on the bus offers `member` (method, signal, property)."""
         return self._owner is not None and member in self._offered
 
+    @property
+    def listed(self) -> bool:
+        """Whether the passive domains shown come from a listing of the present Manager."""
+        return self._owner is not None and self.definitions is not None
+
+    @property
+    def status(self) -> SourceStatus:
+        """What clients miss because of this Manager, if anything."""
+        where = bus_description(self.bus_spec)
+        if self._owner is None:
+            return SourceStatus("degraded", f"no org.example.virt.Manager on {where}: passive "
+                                "domains are not listed", self._absent_since)
+        if self.definitions is None:
+            since = SourceStatus.stamp(self._waiting_since)
+            why = f" (last attempt: {self._last_failure})" if self._last_failure else ""
+            return SourceStatus("degraded", f"passive domains not listed yet: waiting for the "
+                                f"Manager since {since}{why}", self._waiting_since)
+        if self._failing_since is not None:
+            since = SourceStatus.stamp(self._failing_since)
+            return SourceStatus("degraded", f"the Manager's list could not be read again since "
+                                f"{since} ({self._last_failure}); passive domains shown as "
+                                "last listed", self._failing_since)
+        return SourceStatus()
+
     # ------------------------------------------------------------ life cycle
 
     async def start(self) -> None:
-        """Connect and read the list if a Manager is there; absence is not an error."""
+        """Connect and start following the Manager; absence is not an error.
+
+        The first listing runs in the background loop; start() waits for it at most
+        `call_timeout` seconds, so a slow Manager delays nobody: until it answers,
+        `status` says so and the passive domains appear the moment it does.
+        """
         if self._task is not None:
             return
         self._stopping = False
@@ -192,9 +171,12 @@ class ManagerClient:
         except Exception as exc:  # the bus may come later (system bus restart)
             log.warning("cannot connect to %s: %s; will retry",
                         bus_description(self.bus_spec), exc)
-        if self._owner is not None:
-            await self._refresh()
         self._task = asyncio.create_task(self._run(), name="manager-client")
+        if self._owner is not None:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._first_attempt.wait(), self.call_timeout)
+            if self.definitions is None and self._owner is not None:
+                log.warning("%s", self.status.reason)
 
     async def stop(self) -> None:
         self._stopping = True
@@ -329,6 +311,9 @@ class ManagerClient:
             return
         log.info("Manager %s appeared as %s", BUS_NAME, owner)
         self._owner = owner
+        self._waiting_since = time.time()
+        self._failing_since = None
+        self._last_failure = ""
         self._epoch += 1
         self._offered = set(REQUIRED_METHODS)
         self._need_introspect = True
@@ -346,11 +331,13 @@ class ManagerClient:
     def _vanished(self) -> None:
         if self._owner is not None:
             log.info("Manager %s left the bus", BUS_NAME)
+            self._absent_since = time.time()
         self._owner = None
         self._epoch += 1
         self._offered = set()
         self.generation = None
         self._refresh_failed = False
+        self._first_attempt.set()
         if self.definitions is not None or self.active:
             self.definitions = None
             self.active = set()
@@ -400,9 +387,18 @@ class ManagerClient:
         self._offered = offered
         log.info("Manager offers: %s", ", ".join(sorted(offered)))
 
-    async def refresh(self) -> None:
+    async def refresh(self, started: str | None = None) -> None:
         """Re-read the list now and wait for it (after a change made through this
-        client, so the next read sees it). Failures are logged, not raised."""
+        client, so the next read sees it). Failures are logged, not raised.
+
+        `started`: the UUID StartDomain just started. A Manager without ListDomains
+        lists only what is not running, so that definition is gone from its list: it is
+        dropped at once, whether or not the re-list then succeeds.
+        """
+        if (started is not None and not self.knows_twins and self.definitions is not None
+                and started in self.definitions):
+            self.definitions = {k: v for k, v in self.definitions.items() if k != started}
+            self._notify(self.definitions)
         await self._refresh(force=True)
 
     async def _refresh(self, force: bool = False, periodic: bool = False) -> None:
@@ -433,18 +429,32 @@ class ManagerClient:
                     if (generation is not None and generation == self.generation
                             and self.definitions is not None):
                         self._refresh_failed = False
+                        self._failing_since = None
                         return
                 entries, with_active = await self._list()
             except ManagerError as exc:
                 if epoch == self._epoch:
                     # Retried every relist_interval (see _wait_timeout) until a read
-                    # works: the change that made us read must not be lost.
+                    # works: the change that made us read must not be lost. A listing
+                    # that timed out is tried again at once: it is slow, not refused.
                     self._refresh_failed = True
+                    self._last_failure = str(exc)
+                    if self.definitions is not None and self._failing_since is None:
+                        self._failing_since = time.time()
                     log.warning("cannot read the Manager's domains: %s", exc)
+                    if isinstance(exc, ManagerTimeout):
+                        self._poke()
+                    self._first_attempt.set()
                 return
             if epoch != self._epoch:
                 return       # the Manager changed while we listened to the old one
             self._refresh_failed = False
+            self._failing_since = None
+            self._last_failure = ""
+            self._first_attempt.set()
+            if self.definitions is None and self._waiting_since is not None:
+                log.info("the Manager listed its domains after %.1f s",
+                         time.time() - self._waiting_since)
             self.generation = generation
             if wakes == self._wakes:
                 self._wake.clear()     # nothing new arrived while we listed
@@ -461,7 +471,7 @@ class ManagerClient:
                                          "Get", "ss", [INTERFACE, "Generation"],
                                          member_for_errors="Generation")
         except ManagerNotSupported as exc:
-            if exc.name in _ABSENT_MEMBER_ERRORS:
+            if exc.name in ABSENT_MEMBER_ERRORS:
                 self._offered.discard("Generation")
             else:                    # not now (Error.NotSupported): list, ask again later
                 log.debug("Generation not available now: %s", exc)
@@ -472,14 +482,14 @@ class ManagerClient:
     async def _list(self) -> tuple[list[Any], bool]:
         if self.offers("ListDomains"):
             try:
-                return await self._call("ListDomains"), True
+                return await self._call("ListDomains", timeout=self.list_timeout), True
             except ManagerNotSupported as exc:
-                if exc.name not in _ABSENT_MEMBER_ERRORS:
+                if exc.name not in ABSENT_MEMBER_ERRORS:
                     raise    # a failure of this read (retried), not a missing method
                 log.info("the Manager does not have ListDomains after all (%s); "
                          "using ListInactiveDomains", exc.name)
                 self._offered.discard("ListDomains")
-        return await self._call("ListInactiveDomains"), False
+        return await self._call("ListInactiveDomains", timeout=self.list_timeout), False
 
     def _parse(self, entries: list[Any], with_active: bool
                ) -> tuple[dict[str, DomainConfig], set[str]]:
