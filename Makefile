@@ -6,7 +6,7 @@ PY         := $(VENV)/bin/python
 SCHEMA_ZIP := build/schema/cim_schema_2.49.0Final-MOFs.zip
 PYTEST     := $(VENV)/bin/pytest
 
-.PHONY: setup sysdeps demo test test-dbus-next bench fuzz clean
+.PHONY: setup sysdeps demo lint test test-dbus-next bench fuzz clean
 
 setup: sysdeps $(VENV)/.installed $(SCHEMA_ZIP) build/cache/.compiled
 
@@ -30,8 +30,13 @@ build/cache/.compiled: $(SCHEMA_ZIP) $(wildcard mof/*.mof) cim_provider/wbem/rep
 demo: setup
 	$(VENV)/bin/cim-provider demo
 
+# Settings in pyproject.toml ([tool.ruff], [tool.mypy]).
+lint: $(VENV)/.installed
+	$(VENV)/bin/ruff check cim_provider tests bench
+	$(VENV)/bin/mypy cim_provider
+
 # The D-Bus tests run twice: with dbus-fast (the default) and with dbus-next.
-test: setup
+test: setup lint
 	$(PYTEST) -q
 	CIM_PROVIDER_DBUS=dbus_next $(PYTEST) -q -m dbus
 

@@ -19,10 +19,20 @@ import shutil
 import signal
 import tempfile
 import uuid as uuidlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .domain.records import Disk, DomainConfig, Nic
+
+if TYPE_CHECKING:
+    import libvirt
+
+    from .busdaemon import PrivateBus
+    from .manager.service import ManagerHandle
+    from .manager.store import Store
+    from .server.main import ServerHandle, Sources
 
 log = logging.getLogger(__name__)
 
@@ -51,12 +61,12 @@ TRANSIENT = DomainConfig(uuid=str(uuidlib.uuid4()), name="transient-demo",
 class Demo:
     """Everything the demo started, so it can be stopped in reverse order."""
     workdir: Path
-    bus: object = None
-    conn: object = None
-    manager: object = None
-    server: object = None
-    sources: object = None
-    stores: list = field(default_factory=list)
+    bus: PrivateBus | None = None
+    conn: libvirt.virConnect | None = None
+    manager: ManagerHandle | None = None
+    server: ServerHandle | None = None
+    sources: Sources | None = None
+    stores: list[Store] = field(default_factory=list)
 
     async def close(self) -> None:
         if self.server is not None:
@@ -77,7 +87,7 @@ class Demo:
 
 
 async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
-                     state_dir: Path | None = None, https: list[tuple[str, int]] = (),
+                     state_dir: Path | None = None, https: Sequence[tuple[str, int]] = (),
                      options: argparse.Namespace | None = None) -> Demo:
     """Start everything; subscriptions (and the self-signed HTTPS pair) live in
     `state_dir` (default: the demo's folder). `options`: the security options of
@@ -101,8 +111,8 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
                                state_dir=state_dir, host=host)
         demo.bus = PrivateBus()
         ensure_event_loop_impl(loop)          # before the connection is opened
-        demo.conn = await loop.run_in_executor(None, libvirt.open, "test:///default")
-        await loop.run_in_executor(None, demo.conn.createXML,
+        demo.conn = conn = await loop.run_in_executor(None, libvirt.open, "test:///default")
+        await loop.run_in_executor(None, conn.createXML,
                                    config_to_domain_xml(TRANSIENT), 0)
         sqlite = SqliteStore(demo.workdir / "definitions.db")
         for cfg in SEED:
@@ -130,7 +140,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     security.add_arguments(p, demo=True)
 
 
-def _banner(addr: tuple[str, int], bus: str, https: list[tuple[str, int]] = ()) -> str:
+def _banner(addr: tuple[str, int], bus: str, https: Sequence[tuple[str, int]] = ()) -> str:
     url = f"http://{addr[0]}:{addr[1]}"
     tls = "".join(f"\nHTTPS (self-signed unless --cert): https://{h}:{p}  "
                   f"(wbemcli -noverify, pywbemcli --no-verify)" for h, p in https)
@@ -145,7 +155,7 @@ Try:
   .venv/bin/pywbemcli -s {url} -d root/virt instance associators VIRT_HostSystem.?
   .venv/bin/pywbemcli -s {url} -d interop profile list
 See README.md for starting "gnome-test" through the Manager, pausing it and a refusal.
-"""
+"""  # noqa: E501 - commands to copy, one per line
 
 
 async def _run(args: argparse.Namespace) -> int:
@@ -156,6 +166,7 @@ async def _run(args: argparse.Namespace) -> int:
     except StartupError as exc:
         log.error("not starting: %s", exc)
         return 2
+    assert demo.server is not None and demo.bus is not None      # start_demo started both
     print(_banner(demo.server.addresses[0], demo.bus.address, demo.server.https_addresses),
           flush=True)
     stop = asyncio.Event()

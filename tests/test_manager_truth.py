@@ -14,7 +14,7 @@ RecordingManager and the subclasses below), not the reference Manager.
 """
 import asyncio
 import threading
-from typing import Dict, Set
+from typing import Set
 
 import pytest
 

@@ -15,7 +15,7 @@ try:
                                       pywbemcli, vsms_path, vssd_path, wbem_cs, wbem_url,
                                       wbemcli)
 except ImportError:
-    from support.model import (demo, CS, EPASD, GNOME_UUID, HOST, INTEROP, KDE_UUID,  # type: ignore
+    from support.model import (demo, CS, EPASD, GNOME_UUID, HOST, INTEROP, KDE_UUID,  # type: ignore  # noqa: F401 (demo: a fixture)
                                RASD, SASD, TEST_UUID, VIRT, VSSD, cim_error,
                                cs_path, host_path, iid_path, key, keys, profile_path,
                                pywbemcli, vsms_path, vssd_path, wbem_cs, wbem_url, wbemcli)
@@ -323,8 +323,8 @@ def test_conforms_to_profile_crosses_namespaces(demo):
         # the association itself, enumerated on either side, is the same set of links
         links_i = interop.EnumerateInstances("CIM_ElementConformsToProfile")
         links_v = virt.EnumerateInstances("VIRT_ElementConformsToProfile")
-        as_pairs = lambda links: {(key(a["ConformantStandard"]), key(a["ManagedElement"]))
-                                  for a in links}
+        def as_pairs(links):
+            return {(key(a["ConformantStandard"]), key(a["ManagedElement"])) for a in links}
         assert as_pairs(links_i) == as_pairs(links_v)
         assert len(links_i) == 4 + 2       # 4 guests, the host, the object manager
     finally:

@@ -15,7 +15,7 @@ try:
                                       domain_config, iid_path, keys, poll_until, vssd_path,
                                       wbem_cs, wbem_url, wbemcli)
 except ImportError:
-    from support.model import (demo, CS, EPASD, GNOME_UUID, HOST, KDE_UUID, RASD, SASD,  # type: ignore
+    from support.model import (demo, CS, EPASD, GNOME_UUID, HOST, KDE_UUID, RASD, SASD,  # type: ignore  # noqa: F401 (demo: a fixture)
                                TEST_UUID, VIRT, VSSD, cim_error, cs_path,
                                domain_config, iid_path, keys, poll_until, vssd_path,
                                wbem_cs, wbem_url, wbemcli)

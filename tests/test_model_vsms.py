@@ -18,7 +18,7 @@ try:
                                       iid_path, manager_get_domain, poll_until, rsc, vsms_path,
                                       vssd_path, wbem_cs, wbem_vsms, wbemcli)
 except ImportError:
-    from support.model import (demo, CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID,  # type: ignore
+    from support.model import (demo, CS, EPASD, GNOME_UUID, RASD, SASD, TEST_UUID,  # type: ignore  # noqa: F401 (demo: a fixture)
                                VSSD, cim_error, cs_path, domain_config,
                                iid_path, manager_get_domain, poll_until, rsc, vsms_path, vssd_path,
                                wbem_cs, wbem_vsms, wbemcli)

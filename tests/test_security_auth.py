@@ -347,7 +347,7 @@ def test_passwd_creates_private_hashed_file(tmp_path):
     line2 = users.read_text().strip()
     assert line2 != line and line2.startswith("carol:operator:")    # role kept
     assert passwd(users, "dave").returncode == 0
-    assert [l.split(":")[:2] for l in users.read_text().splitlines()] == \
+    assert [row.split(":")[:2] for row in users.read_text().splitlines()] == \
         [["carol", "operator"], ["dave", "reader"]]
     assert sorted(os.listdir(tmp_path)) == ["users"]     # no temporary files left
 
@@ -379,7 +379,7 @@ def test_passwd_delete(tmp_path):
     passwd(users, "carol")
     passwd(users, "dave")
     assert passwd(users, "carol", "--delete", stdin="").returncode == 0
-    assert [l.split(":")[0] for l in users.read_text().splitlines()] == ["dave"]
+    assert [row.split(":")[0] for row in users.read_text().splitlines()] == ["dave"]
 
 
 def test_users_file_reread_when_changed(tmp_path):

@@ -61,25 +61,27 @@ def parse_domain_xml(xml: str, autostart: bool | None = None) -> DomainConfig:
     disks = []
     for d in root.findall("devices/disk"):
         target = d.find("target")
-        if target is None or not target.get("dev"):
+        dev = target.get("dev") if target is not None else None
+        if target is None or not dev:
             continue
         src = d.find("source")
         source = None
         if src is not None:
             source = src.get("file") or src.get("dev") or src.get("volume") or src.get("name")
-        disks.append(Disk(target=target.get("dev"), source=source,
+        disks.append(Disk(target=dev, source=source,
                           device=d.get("device") or "disk", bus=target.get("bus")))
     nics = []
     for n in root.findall("devices/interface"):
         mac = n.find("mac")
-        if mac is None or not mac.get("address"):
+        address = mac.get("address") if mac is not None else None
+        if mac is None or not address:
             continue
         src = n.find("source")
         source = None
         if src is not None:
             source = src.get("network") or src.get("bridge") or src.get("dev")
         model = n.find("model")
-        nics.append(Nic(mac=mac.get("address").lower(), type=n.get("type"), source=source,
+        nics.append(Nic(mac=address.lower(), type=n.get("type"), source=source,
                         model=model.get("type") if model is not None else None))
     vcpu = root.find("vcpu")
     vcpus = _int(vcpu.get("current")) if vcpu is not None and vcpu.get("current") else None

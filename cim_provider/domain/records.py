@@ -109,9 +109,9 @@ class DomainRecord:
 
     @property
     def name(self) -> str:
-        return self.running.config.name if self.running else self.defined.name  # type: ignore[union-attr]
+        return self.running.config.name if self.running else self.defined.name  # type: ignore[union-attr]  # reason: a record is running, defined or both
 
     @property
     def current(self) -> DomainConfig:
         """The configuration in force now: live if running, else the definition."""
-        return self.running.config if self.running else self.defined  # type: ignore[return-value]
+        return self.running.config if self.running else self.defined  # type: ignore[return-value]  # reason: a record is running, defined or both

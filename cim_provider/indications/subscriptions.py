@@ -89,7 +89,7 @@ def _ref_from_json(d: dict) -> CIMInstanceName:
 
 def _typed(ns: Namespace, classname: str, values: dict[str, Any]) -> CIMInstance:
     """An instance from JSON values, typed by the class (unknown names are dropped)."""
-    cls = ns.get(classname)
+    cls = ns.require(classname)
     props = {}
     for name, value in values.items():
         decl = cls.properties.get(name)
@@ -157,7 +157,7 @@ class Subscriptions:
     def keys_of(self, classname: str) -> list[str]:
         keys = self._keys.get(classname)
         if keys is None:
-            cls = self.ns.get(classname)
+            cls = self.ns.require(classname)
             keys = [p.name for p in cls.properties.values()
                     if p.qualifiers.get("Key") is not None and p.qualifiers["Key"].value]
             self._keys[classname] = keys
@@ -230,7 +230,7 @@ class Subscriptions:
         defaults = {"CreationClassName": inst.classname, "SystemCreationClassName": SYSTEM_CCN,
                     "SystemName": self.host,
                     "Name": f"cim-provider:{kind}:{uuidlib.uuid4()}"}
-        cls = self.ns.get(inst.classname)
+        cls = self.ns.require(inst.classname)
         for name, value in defaults.items():
             if inst.get(name) is None:
                 decl = cls.properties[name]

@@ -320,19 +320,19 @@ class ManagerService(ServiceInterface):
 
     @method()
     @_contract_errors
-    async def ListInactiveDomains(self) -> "aa{sv}":
+    async def ListInactiveDomains(self) -> "aa{sv}":  # type: ignore[valid-type]  # reason: D-Bus signature annotation
         snap = await self._sync()
         return [config_to_dbus(e.config) for e in snap.values() if not e.active]
 
     @method()
     @_contract_errors
-    async def ListDomains(self) -> "aa{sv}":
+    async def ListDomains(self) -> "aa{sv}":  # type: ignore[valid-type]  # reason: D-Bus signature annotation
         snap = await self._sync()
         return [config_to_dbus(e.config, active=e.active) for e in snap.values()]
 
     @method()
     @_contract_errors
-    async def StartDomain(self, uuid: "s") -> "s":
+    async def StartDomain(self, uuid: "s") -> "s":  # type: ignore[name-defined]  # reason: D-Bus signature annotation
         async with self._change_lock:
             entry = await self._entry(uuid)
             if entry.active:
@@ -344,7 +344,7 @@ class ManagerService(ServiceInterface):
 
     @method()
     @_contract_errors
-    async def DefineDomain(self, properties: "a{sv}") -> "s":
+    async def DefineDomain(self, properties: "a{sv}") -> "s":  # type: ignore[valid-type,name-defined]  # reason: D-Bus signature annotation
         props = dict(properties)
         if "UUID" not in props:
             props["UUID"] = Variant("s", str(uuidlib.uuid4()))
@@ -362,7 +362,7 @@ class ManagerService(ServiceInterface):
 
     @method()
     @_contract_errors
-    async def UndefineDomain(self, uuid: "s"):
+    async def UndefineDomain(self, uuid: "s"):  # type: ignore[name-defined]  # reason: D-Bus signature annotation
         async with self._change_lock:
             entry = await self._entry(uuid)
             await self._blocking(entry.store.undefine, entry.config.uuid)
@@ -371,13 +371,13 @@ class ManagerService(ServiceInterface):
 
     @method()
     @_contract_errors
-    async def GetDomain(self, uuid: "s") -> "a{sv}":
+    async def GetDomain(self, uuid: "s") -> "a{sv}":  # type: ignore[name-defined,valid-type]  # reason: D-Bus signature annotation
         entry = await self._entry(uuid)
         return config_to_dbus(entry.config, active=entry.active)
 
     @method()
     @_contract_errors
-    async def UpdateDomain(self, uuid: "s", changes: "a{sv}"):
+    async def UpdateDomain(self, uuid: "s", changes: "a{sv}"):  # type: ignore[name-defined,valid-type]  # reason: D-Bus signature annotation
         async with self._change_lock:
             entry = await self._entry(uuid)
             old = entry.config
@@ -394,19 +394,19 @@ class ManagerService(ServiceInterface):
             await self._sync()
 
     @signal()
-    def DomainDefined(self, uuid) -> "s":
+    def DomainDefined(self, uuid) -> "s":  # type: ignore[name-defined]  # reason: D-Bus signature annotation
         return uuid
 
     @signal()
-    def DomainUndefined(self, uuid) -> "s":
+    def DomainUndefined(self, uuid) -> "s":  # type: ignore[name-defined]  # reason: D-Bus signature annotation
         return uuid
 
     @signal()
-    def DomainChanged(self, uuid) -> "s":
+    def DomainChanged(self, uuid) -> "s":  # type: ignore[name-defined]  # reason: D-Bus signature annotation
         return uuid
 
     @dbus_property(access=PropertyAccess.READ)
-    def Generation(self) -> "t":
+    def Generation(self) -> "t":  # type: ignore[name-defined]  # reason: D-Bus signature annotation
         return self._generation
 
 
@@ -466,12 +466,12 @@ async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Stor
     if not isinstance(libvirt_conn, LibvirtConnection):
         libvirt_conn = LibvirtConnection(None, libvirt_conn)
         made.append(libvirt_conn)
-    connections = {None: libvirt_conn}
+    connections: dict[str | None, LibvirtConnection] = {None: libvirt_conn}
     specs = list(stores)
-    stores = [open_store(s, connections) if isinstance(s, str) else s for s in specs]
-    opened = [s for s, spec in zip(stores, specs) if isinstance(spec, str)]
+    resolved = [open_store(s, connections) if isinstance(s, str) else s for s in specs]
+    opened = [s for s, spec in zip(resolved, specs) if isinstance(spec, str)]
     made += [c for uri, c in connections.items() if uri is not None]
-    service = ManagerService(stores, libvirt_conn, poll_interval=poll_interval)
+    service = ManagerService(resolved, libvirt_conn, poll_interval=poll_interval)
     service.verify_contract()
     own_bus = isinstance(bus, str)
     mb = await connect(bus) if isinstance(bus, str) else bus
@@ -493,5 +493,5 @@ async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Stor
             conn.close()
         raise
     log.info("serving %s on %s with %s", BUS_NAME, mb.unique_name,
-             ", ".join(s.spec for s in stores))
+             ", ".join(s.spec for s in resolved))
     return ManagerHandle(mb, service, own_bus, made)

@@ -14,7 +14,7 @@ import logging
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -199,7 +199,7 @@ class SqliteStore(Store):
                                  f"UUID {cfg.uuid} is already defined") from None
             raise
 
-    def define_many(self, cfgs: list[DomainConfig]) -> None:
+    def define_many(self, cfgs: Sequence[DomainConfig]) -> None:
         """Seed many definitions in one transaction (the demo and the benchmark)."""
         rows = [(c.uuid, c.name, json.dumps(config_to_values(c))) for c in cfgs]
         try:

@@ -16,6 +16,7 @@ import asyncio
 import logging
 import ssl
 from dataclasses import dataclass
+from typing import cast
 
 from aiohttp import web
 from yarl import URL
@@ -67,7 +68,8 @@ class _GuardedProtocol(asyncio.Protocol):
                             g.max_connections)
                 g._warned = True
             try:
-                transport.write(_BUSY)        # type: ignore[attr-defined]
+                # a stream server's transports (asyncio's, uvloop's) are write transports
+                cast(asyncio.WriteTransport, transport).write(_BUSY)
             finally:
                 transport.close()
             return
@@ -85,7 +87,13 @@ class _GuardedProtocol(asyncio.Protocol):
             self._inner.connection_lost(exc)
 
     def _busy(self) -> bool:
-        # A parsed request is queued or being handled (aiohttp internals, 3.9 to 3.14).
+        # A parsed request is queued or being handled. aiohttp has no public "request
+        # head complete" hook, so this reads RequestHandler internals: `_messages` (the
+        # deque of parsed, not yet handled requests) and `_current_request` (the one
+        # being handled), both present in aiohttp 3.9 to 3.14 (pyproject.toml pins
+        # <3.15). If either is renamed, getattr returns None and no request ever looks
+        # parsed: every connection is then closed header_timeout after its first bytes,
+        # even in the middle of a request or a response.
         inner = self._inner
         return bool(getattr(inner, "_messages", None)) or \
             getattr(inner, "_current_request", None) is not None
@@ -144,14 +152,23 @@ class GuardedSite(web.BaseSite):
         scheme = "https" if self._ssl_context else "http"
         return str(URL.build(scheme=scheme, host=self._host, port=self._port))
 
+    # BaseSite's `_runner`, `_ssl_context`, `_backlog` and `_server` are aiohttp's own
+    # interface for its sites (TCPSite uses them; same names in aiohttp 3.9 to 3.14).
+    # If they are renamed, start() fails with AttributeError (every server test fails),
+    # or, for `_server`, runner.cleanup() no longer closes this listener.
+
     @property
     def sockets(self) -> list:
-        return list(self._server.sockets) if self._server is not None else []
+        # BaseSite declares `_server` as AbstractServer; start() stores an asyncio.Server
+        server = cast("asyncio.Server | None", self._server)
+        return list(server.sockets) if server is not None else []
 
     async def start(self) -> None:
         await super().start()
         loop = asyncio.get_running_loop()
-        extra = {"ssl_handshake_timeout": self._handshake_timeout} if self._ssl_context else {}
+        server = self._runner.server
+        assert server is not None        # BaseSite.__init__ refuses a runner not set up
         self._server = await loop.create_server(
-            self._guard.factory(self._runner.server), self._host, self._port,
-            ssl=self._ssl_context, backlog=self._backlog, reuse_address=True, **extra)
+            self._guard.factory(server), self._host, self._port,
+            ssl=self._ssl_context, backlog=self._backlog, reuse_address=True,
+            ssl_handshake_timeout=self._handshake_timeout if self._ssl_context else None)

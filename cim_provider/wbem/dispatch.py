@@ -169,12 +169,12 @@ class Dispatcher:
 
     def _providers_for(self, ns: Namespace, classname: str) -> list[tuple[str, Provider]]:
         """(leaf class, provider) for every registered class at or under `classname`."""
-        out = []
+        out: list[tuple[str, Provider]] = []
         for leaf in self.registry.classes(ns.name):
             if ns.is_subclass(leaf, classname):
-                cls = ns.get(leaf)
-                if cls is not None:
-                    out.append((cls.classname, self.registry.provider(ns.name, leaf)))
+                cls, prov = ns.get(leaf), self.registry.provider(ns.name, leaf)
+                if cls is not None and prov is not None:   # prov: leaf is registered
+                    out.append((cls.classname, prov))
         return out
 
     async def _enumerate(self, ns: Namespace, classname: str) -> list[CIMInstance]:
@@ -227,16 +227,17 @@ class Dispatcher:
 
     # -- associations ---------------------------------------------------------------
 
-    def _assoc_classes(self, ns: Namespace, filter_class: str | None) -> list[tuple[str, AssociationProvider]]:
+    def _assoc_classes(self, ns: Namespace,
+                       filter_class: str | None) -> list[tuple[str, AssociationProvider]]:
         if filter_class is not None and ns.get(filter_class) is None:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                            f"class {filter_class[:128]!r} does not exist in {ns.name}")
         out = []
         for leaf in self.registry.classes(ns.name):
-            prov = self.registry.provider(ns.name, leaf)
-            if isinstance(prov, AssociationProvider) and (
+            prov, cls = self.registry.provider(ns.name, leaf), ns.get(leaf)
+            if isinstance(prov, AssociationProvider) and cls is not None and (
                     filter_class is None or ns.is_subclass(leaf, filter_class)):
-                out.append((ns.get(leaf).classname, prov))
+                out.append((cls.classname, prov))
         return out
 
     async def _references(self, ns: Namespace, source: CIMInstanceName,
@@ -256,7 +257,8 @@ class Dispatcher:
                         break
         return out
 
-    async def _associator_paths(self, ns: Namespace, source: CIMInstanceName, p: dict) -> list[CIMInstanceName]:
+    async def _associator_paths(self, ns: Namespace, source: CIMInstanceName,
+                                p: dict) -> list[CIMInstanceName]:
         # Associated objects may live in another namespace (ElementConformsToProfile
         # links root/virt and interop): ResultClass must exist in some served namespace.
         rc = p["ResultClass"]
@@ -322,7 +324,8 @@ class Dispatcher:
         co = p["IncludeClassOrigin"]
         out = []
         for inst in await self._reference_instances(ns, p["ObjectName"], p):
-            view = instance_view(ns, inst, allowed_properties(ns, inst.classname, True, p["PropertyList"]), co)
+            allowed = allowed_properties(ns, inst.classname, True, p["PropertyList"])
+            view = instance_view(ns, inst, allowed, co)
             out.append(self._with_path(inst, view, co, w.value_objectwithpath_xml))
         return Result(out)
 
@@ -332,7 +335,7 @@ class Dispatcher:
 
     # -- pull operations --------------------------------------------------------------
 
-    def _check_open(self, p: dict) -> float | None:
+    def _check_open(self, p: dict) -> float:
         if p["FilterQueryLanguage"] is not None or p["FilterQuery"] is not None:
             raise CIMError(pywbem.CIM_ERR_FILTERED_ENUMERATION_NOT_SUPPORTED,
                            "filtered enumerations are not supported")
@@ -461,6 +464,7 @@ class Dispatcher:
         if p["ReturnQueryResultClass"]:
             view = class_view(cls, False, None if query.select is None
                                     else list(query.select))
+            assert res.params is not None        # _pull_result always sets them
             res.params.insert(0, w.paramvalue_class_xml("QueryResultClass", view))
         return res
 
@@ -488,11 +492,14 @@ OPERATIONS: dict[str, tuple[Signature, Handler]] = {
     "References": (SIGNATURES["References"], Dispatcher.op_References),
     "ReferenceNames": (SIGNATURES["ReferenceNames"], Dispatcher.op_ReferenceNames),
     "OpenEnumerateInstances": (SIGNATURES["OpenEnumerateInstances"], Dispatcher.op_OpenEnumerateInstances),
-    "OpenEnumerateInstancePaths": (SIGNATURES["OpenEnumerateInstancePaths"], Dispatcher.op_OpenEnumerateInstancePaths),
+    "OpenEnumerateInstancePaths": (SIGNATURES["OpenEnumerateInstancePaths"],
+                                   Dispatcher.op_OpenEnumerateInstancePaths),
     "OpenAssociatorInstances": (SIGNATURES["OpenAssociatorInstances"], Dispatcher.op_OpenAssociatorInstances),
-    "OpenAssociatorInstancePaths": (SIGNATURES["OpenAssociatorInstancePaths"], Dispatcher.op_OpenAssociatorInstancePaths),
+    "OpenAssociatorInstancePaths": (SIGNATURES["OpenAssociatorInstancePaths"],
+                                    Dispatcher.op_OpenAssociatorInstancePaths),
     "OpenReferenceInstances": (SIGNATURES["OpenReferenceInstances"], Dispatcher.op_OpenReferenceInstances),
-    "OpenReferenceInstancePaths": (SIGNATURES["OpenReferenceInstancePaths"], Dispatcher.op_OpenReferenceInstancePaths),
+    "OpenReferenceInstancePaths": (SIGNATURES["OpenReferenceInstancePaths"],
+                                   Dispatcher.op_OpenReferenceInstancePaths),
     "PullInstancesWithPath": (SIGNATURES["PullInstancesWithPath"], Dispatcher.op_PullInstancesWithPath),
     "PullInstancePaths": (SIGNATURES["PullInstancePaths"], Dispatcher.op_PullInstancePaths),
     "CloseEnumeration": (SIGNATURES["CloseEnumeration"], Dispatcher.op_CloseEnumeration),

@@ -32,6 +32,7 @@ async def invoke_method(d: Dispatcher, req: CIMRequest, ctx: OperationContext) -
                        f"user {ctx.user!r} may not invoke methods (role {ctx.role})")
     ns = d.repo.namespace(req.namespace)
     target = req.target
+    assert target is not None            # parse_request sets it on every extrinsic call
     if isinstance(target, CIMInstanceName):
         cls = d.get_class(ns, target.classname, pywbem.CIM_ERR_INVALID_CLASS)
         target = d.normalize_path(ns, target)

@@ -62,6 +62,13 @@ class Namespace:
     def get(self, name: str) -> CIMClass | None:
         return self.classes.get(name.lower())
 
+    def require(self, name: str) -> CIMClass:
+        """The class `name`, which the caller knows exists: KeyError if it does not."""
+        cls = self.classes.get(name.lower())
+        if cls is None:
+            raise KeyError(f"class {name!r} does not exist in {self.name}")
+        return cls
+
     def is_subclass(self, name: str, base: str) -> bool:
         """True if `name` is `base` or derives from it (case-insensitive)."""
         n, b = name.lower(), base.lower()
@@ -73,12 +80,12 @@ class Namespace:
             top = [c.classname for c in self.classes.values() if not c.superclass]
             if not deep:
                 return top
-            out = []
+            out: list[str] = []
             for t in top:
                 out.append(t)
                 out.extend(self.subclasses(t, True))
             return out
-        out: list[str] = []
+        out = []
         for child in self.children.get(name.lower(), ()):
             out.append(child)
             if deep:
@@ -121,9 +128,9 @@ class Repository:
         if cache is not None:
             try:
                 cache.parent.mkdir(parents=True, exist_ok=True)
-                with tempfile.NamedTemporaryFile(dir=cache.parent, delete=False) as f:
-                    pickle.dump(data, f, protocol=pickle.HIGHEST_PROTOCOL)
-                os.replace(f.name, cache)
+                with tempfile.NamedTemporaryFile(dir=cache.parent, delete=False) as tmp:
+                    pickle.dump(data, tmp, protocol=pickle.HIGHEST_PROTOCOL)
+                os.replace(tmp.name, cache)
                 for stale in cache.parent.glob("classes-*.pickle"):   # older inputs
                     if stale != cache:
                         stale.unlink(missing_ok=True)

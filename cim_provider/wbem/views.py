@@ -33,7 +33,7 @@ def allowed_properties(ns: Namespace, classname: str, deep: bool,
              property_list: list[str] | None) -> set[str] | None:
     allowed = None if property_list is None else {p.lower() for p in property_list}
     if not deep:
-        own = {n.lower() for n in ns.get(classname).properties}
+        own = {n.lower() for n in ns.require(classname).properties}
         allowed = own if allowed is None else allowed & own
     return allowed
 

@@ -212,7 +212,7 @@ def _tokens(text: str) -> Iterator[_Tok]:
 
 # --- parser (recursive descent) --------------------------------------------------------
 
-def _extend(items: list[Node], node: Node, kind: type) -> None:
+def _extend(items: list[Node], node: Node, kind: type[And] | type[Or]) -> None:
     items.extend(node.operands if isinstance(node, kind) else (node,))
 
 

@@ -10,6 +10,7 @@ The tree has pywbem's shape: (name, attrs, children) with text as str children.
 from __future__ import annotations
 
 import xml.parsers.expat
+from typing import NoReturn
 
 DEFAULT_MAX_DEPTH = 64
 
@@ -22,7 +23,7 @@ class XMLRequestError(ValueError):
         self.reason = reason
 
 
-def _refuse_dtd(*_args) -> None:
+def _refuse_dtd(*_args: object) -> NoReturn:
     raise XMLRequestError("DOCTYPE and entity declarations are not allowed")
 
 
@@ -40,7 +41,7 @@ def parse_tupletree(body: bytes, max_depth: int = DEFAULT_MAX_DEPTH) -> tuple:
     def start(name: str, attrs: dict) -> None:
         if len(stack) >= max_depth:
             raise XMLRequestError(f"XML nesting deeper than {max_depth} levels")
-        node = (name, attrs, [])
+        node: tuple[str, dict, list] = (name, attrs, [])
         if stack:
             _flush(stack[-1], texts[-1])
             stack[-1][2].append(node)

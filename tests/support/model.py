@@ -255,6 +255,9 @@ class RecordingManager(ServiceInterface):
         self.refuse: Dict[str, str] = {}
         self.hang = 0.0               # StartDomain sleeps this long first (a stuck Manager)
         self.vanish = None            # a callable: StartDomain leaves the bus mid-call
+        # A threading.Event: StartDomain waits until the test sets it (a Manager still at
+        # work, for as long as the test needs), then goes on as usual.
+        self.gate: Optional[threading.Event] = None
 
     @method()
     async def ListInactiveDomains(self) -> "aa{sv}":
@@ -269,6 +272,8 @@ class RecordingManager(ServiceInterface):
             raise DBusError(ERROR_NOT_FOUND, "gone")     # never reaches the caller
         if self.hang:
             await asyncio.sleep(self.hang)
+        while self.gate is not None and not self.gate.is_set():
+            await asyncio.sleep(0.01)
         if uuid in self.refuse:
             raise DBusError(ERROR_REFUSED, self.refuse[uuid])
         cfg = self.entries.get(uuid)
@@ -288,16 +293,37 @@ class RecordingManager(ServiceInterface):
         return [c[1] for c in self.calls if c[0] == "StartDomain"]
 
 
+class UndefiningManager(RecordingManager):
+    """A RecordingManager that also offers UndefineDomain, recorded like the others:
+    `refuse_undefine` (uuid -> reason) is answered with Error.Refused and changes
+    nothing; any other known definition is forgotten."""
+
+    def __init__(self, conn, configs=()) -> None:
+        super().__init__(conn, configs)
+        self.refuse_undefine: Dict[str, str] = {}
+
+    @method()
+    async def UndefineDomain(self, uuid: "s"):
+        self.calls.append(("UndefineDomain", uuid))
+        if uuid in self.refuse_undefine:
+            raise DBusError(ERROR_REFUSED, self.refuse_undefine[uuid])
+        if self.entries.pop(uuid, None) is None:
+            raise DBusError(ERROR_NOT_FOUND, f"no definition with UUID {uuid}")
+
+
 class MinimalModel:
-    """A private bus, one shared test:///default, a RecordingManager and the server."""
+    """A private bus, one shared test:///default, a RecordingManager (or the
+    `manager_class` given, a subclass) and the server."""
 
     def __init__(self, configs=(), relist: float = 0.5, manager_timeout: float = 5.0,
-                 manager_start_timeout: float = 60.0) -> None:
+                 manager_start_timeout: float = 60.0,
+                 manager_class: type = RecordingManager) -> None:
         from cim_provider.busdaemon import PrivateBus
         reset_test_default()
         self.lt = LoopThread()
         self.bus = PrivateBus()
         self.configs = list(configs)
+        self.manager_class = manager_class
         self.relist = relist
         self.manager_timeout = manager_timeout
         self.manager_start_timeout = manager_start_timeout
@@ -328,7 +354,7 @@ class MinimalModel:
 
     async def start_manager(self, configs=()) -> RecordingManager:
         self._mbus = await connect(self.bus.address)
-        self.manager = RecordingManager(self.libvirt, configs)
+        self.manager = self.manager_class(self.libvirt, configs)
         self.manager.vanish_now = self._mbus.disconnect
         self._mbus.export(OBJECT_PATH, self.manager)
         await self._mbus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
