@@ -130,22 +130,37 @@ def test_unreadable_state_file_is_kept_aside(tmp_path, caplog):
 
 
 def test_disabled_subscription_delivers_nothing(tmp_path, listener):
+    """A disabled subscription (SubscriptionState 4) next to an enabled one, both with the
+    same filter query and the same destination: each event reaches the listener once,
+    through the enabled one.
+
+    No waiting for nothing to happen: the two subscriptions share one destination, whose
+    indications are delivered in queueing order and numbered per destination (DSP1054
+    SequenceNumber, from 0). So once the enabled subscription's indication of the second
+    event (resume) has arrived, anything the disabled one had queued for the first event
+    (suspend) has arrived before it and shows, and would have taken a SequenceNumber."""
     quiet_pywbem_logs()
     srv = LibvirtServer(tmp_path / "state").start()
     try:
         console = Console(srv.url)
         d = console.sm.add_destination(console.sid, listener.url, destination_id="d")
-        f = console.sm.add_filter(console.sid, ["root/virt"], "SELECT * FROM CIM_InstIndication",
-                                  filter_id="f")
+        off = console.sm.add_filter(console.sid, ["root/virt"], ALL_CS, filter_id="off")
+        on = console.sm.add_filter(console.sid, ["root/virt"], ALL_CS, filter_id="on")
         sub = pywbem.CIMInstance("CIM_IndicationSubscription", properties={
-            "Filter": f.path, "Handler": d.path,
+            "Filter": off.path, "Handler": d.path,
             "SubscriptionState": pywbem.Uint16(4)})
         path = console.conn.CreateInstance(sub)
         assert console.conn.GetInstance(path)["SubscriptionState"] == 4
-        srv.conn.lookupByUUIDString(TEST_UUID).suspend()
-        time.sleep(0.5)
-        assert listener.take() == []
-        srv.conn.lookupByUUIDString(TEST_UUID).resume()
+        console.sm.add_subscriptions(console.sid, on.path, d.path)
+
+        dom = srv.conn.lookupByUUIDString(TEST_UUID)
+        for action, state in ((dom.suspend, 9), (dom.resume, 2)):
+            action()    # one at a time: the server re-reads the domain on each event
+            poll(lambda: any(r.state == state for r in list(listener.received)), 30,
+                 f"the enabled subscription's indication of EnabledState {state}")
+        got = [(r.filter, r.state, int(r.indication["SequenceNumber"]))
+               for r in listener.take()]
+        assert got == [("pywbemfilter:test:on", 9, 0), ("pywbemfilter:test:on", 2, 1)]
         console.conn.DeleteInstance(path)
         console.close()
     finally:

@@ -5,10 +5,12 @@ import asyncio
 import logging
 import signal
 import subprocess
+import time
 
 import pytest
 
-from cim_provider.contract import BUS_NAME, ERROR_FAILED, ERROR_NOT_SUPPORTED, OBJECT_PATH
+from cim_provider.contract import (BUS_NAME, CHANGE_SIGNALS, ERROR_FAILED, ERROR_NOT_SUPPORTED,
+                                   INTERFACE, OBJECT_PATH)
 from cim_provider.contract.bus import (DBusError, NameFlag, PropertyAccess, Variant, connect,
                                        dbus_property, method)
 from cim_provider.manager.service import serve_manager
@@ -17,11 +19,13 @@ from cim_provider.sources.manager import (ManagerClient, ManagerError, ManagerNo
                                           ManagerTimeout, ManagerUnavailable)
 try:
     from tests.support import eventually, manager_command, run, wait_for_owner
+    from tests.support.bus_monitor import BusMonitor
     from tests.support.dbus_daemon import (DBusDaemon, dbus_address,  # noqa: F401 (fixture)
                                            subprocess_env)
     from tests.support.minimal_manager import MinimalManager, SignalingManager, serve_minimal
 except ImportError:          # tests/ itself is on sys.path (rootdir-less layout)
     from support import eventually, manager_command, run, wait_for_owner
+    from support.bus_monitor import BusMonitor
     from support.dbus_daemon import (DBusDaemon, dbus_address,  # noqa: F401 (fixture)
                                      subprocess_env)
     from support.minimal_manager import MinimalManager, SignalingManager, serve_minimal
@@ -129,18 +133,13 @@ def test_warnings_are_not_repeated_on_every_relist(dbus_address, caplog):
     async def scenario():
         bad = with_c(VCPUs=Variant("u", 99999))
         manager = await serve_minimal(dbus_address, [GOOD_A, bad])
-        relists = []
         client = ManagerClient(dbus_address, relist_interval=0.05)
-        original = client._list
-
-        async def counting_list():
-            relists.append(1)
-            return await original()
-        client._list = counting_list
         try:
             with caplog.at_level(logging.WARNING, logger=LOGGER):
                 await client.start()
-                await eventually(lambda: len(relists) >= 4, within=2.0, what="polling")
+                # the Manager counts the lists it answered: four reads of the same bad entry
+                await eventually(lambda: manager.manager.list_calls >= 4, within=30.0,
+                                 what="four lists")
             assert len(skip_warnings(caplog)) == 1
         finally:
             await client.stop()
@@ -188,19 +187,38 @@ def test_minimal_manager(dbus_address):
     run(scenario())
 
 
+class GetDomainManager(MinimalManager):
+    """The minimal Manager plus GetDomain, which introspection shows."""
+
+    @method()
+    async def GetDomain(self, uuid: "s") -> "a{sv}":
+        for e in self.entries:
+            if getattr(e.get("UUID"), "value", None) == uuid:
+                return e
+        raise DBusError("org.example.virt.Error.NotFound", f"no definition with UUID {uuid}")
+
+
 def test_optional_method_called_anyway_maps_unknown_method(dbus_address):
+    """A Manager that offered GetDomain when introspected, then lost it without leaving
+    the bus (it exports another object at the same path, still owning the name): the
+    client still believes the introspection, calls it, and the bus library's own
+    UnknownMethod reply becomes ManagerNotSupported."""
     async def scenario():
-        manager = await serve_minimal(dbus_address, [GOOD_A])
-        client = ManagerClient(dbus_address)
+        running = await serve_minimal(dbus_address, manager=GetDomainManager([GOOD_A]))
+        client = ManagerClient(dbus_address, relist_interval=60)
         try:
             await client.start()
-            client._offered.add("GetDomain")      # pretend introspection said so
+            assert client.offers("GetDomain")
+            assert (await client.get_domain(UUID_A)).name == "good-a"
+            running.bus.unexport(OBJECT_PATH, running.manager)
+            running.bus.export(OBJECT_PATH, MinimalManager([GOOD_A]))
+            assert client.offers("GetDomain")     # nothing told the client
             with pytest.raises(ManagerNotSupported) as err:
                 await client.get_domain(UUID_A)
             assert err.value.name == "org.freedesktop.DBus.Error.UnknownMethod"
         finally:
             await client.stop()
-            await manager.stop()
+            await running.stop()
     run(scenario())
 
 
@@ -264,32 +282,66 @@ def test_slow_manager_times_out_cleanly(dbus_address, caplog):
     run(scenario())
 
 
+def _generation_read(seen):
+    return seen.property_read == "Generation" and seen.body[0] == INTERFACE
+
+
 def test_signals_replace_polling(dbus_address, tmp_path):
-    """With the signals offered, the client re-lists on change only (debounced)."""
+    """With the signals offered, the client re-lists on change only (debounced), and
+    otherwise reads only every safety_relist, never every relist_interval.
+
+    Watched with a bus monitor: every call anyone makes to the reference Manager (the
+    client is the only caller) and its change signals. No sleeping: the test waits for
+    the client's first safety read, which cannot come sooner than safety_relist after
+    its first listing (so after start() was called); polling would come one
+    relist_interval (0.05 s) after it."""
+    safety = 1.0
+
     async def scenario():
         handle = await serve_manager(dbus_address, [SqliteStore(tmp_path / "m.db")], None,
                                      poll_interval=60)
-        lists = []
-        client = ManagerClient(dbus_address, relist_interval=0.05)
-        original = client._list
-
-        async def counting_list():
-            lists.append(1)
-            return await original()
-        client._list = counting_list
+        monitor = BusMonitor(dbus_address, [f"type='method_call',destination='{BUS_NAME}'",
+                                            f"type='signal',interface='{INTERFACE}'"]).start()
+        client = ManagerClient(dbus_address, relist_interval=0.05, safety_relist=safety)
         try:
+            called = time.monotonic()
             await client.start()
+            await eventually(lambda: client.definitions is not None, within=30.0,
+                             what="the first listing")
             assert client.knows_twins and client.offers("DomainChanged")
-            assert client.definitions == {}
-            await asyncio.sleep(0.4)          # 8 intervals: polling would show here
-            assert len(lists) == 1
+            assert client.offers("Generation") and client.definitions == {}
+
+            def calls(seen, member=None):
+                return [s for s in seen if s.kind == "call" and member in (None, s.member)]
+            reads = await monitor.until(lambda seen: [c for c in seen if _generation_read(c)],
+                                        within=30.0, what="the safety read of Generation")
+            before = [c.member for c in calls(monitor.seen()) if c.at < reads[0].at]
+            assert before == ["Introspect", "ListDomains"], before
+            assert reads[0].at - called >= safety, \
+                f"Generation read {reads[0].at - called:.3f} s after start(), not after {safety}"
+
+            mark = len(monitor.seen())
             uuids = await asyncio.gather(*(client.define_domain({"Name": f"d{i}"})
                                            for i in range(5)))
-            await eventually(lambda: set(client.definitions) == set(uuids), within=1.0,
+            await eventually(lambda: set(client.definitions or {}) == set(uuids), within=30.0,
                              what="definitions after DefineDomain")
-            assert 2 <= len(lists) < 7
+
+            def listed_after_defines(seen):
+                defines = [i for i, s in enumerate(seen) if s.member == "DefineDomain"]
+                return len(defines) == 5 and calls(seen[defines[-1]:], "ListDomains") and seen
+            after = (await monitor.until(lambda seen: listed_after_defines(seen[mark:]),
+                                         within=30.0, what="a listing after the five defines"))
+            lists = calls(after, "ListDomains")
+            signals = [s for s in after if s.kind == "signal" and s.member in CHANGE_SIGNALS]
+            reads = [c for c in after if _generation_read(c)]
+            # Each listing has a cause the monitor saw before it: a change signal, or a
+            # safety read that found Generation moved. So at least one listing, and never
+            # more than one per cause (a burst of signals may share one: debounced).
+            assert signals and 1 <= len(lists) <= len(signals) + len(reads), \
+                (len(lists), len(signals), len(reads))
         finally:
             await client.stop()
+            monitor.stop()
             await handle.stop()
     run(scenario())
 
@@ -386,17 +438,21 @@ class PollingManager(MinimalManager):
         self.generation = 1
         self.list_calls = 0
         self.generation_failures = []    # error names the next Generation reads reply with
+        self.calls = []                  # "list", "generation" or "generation failed"
 
     @method()
     async def ListDomains(self) -> "aa{sv}":
         self.list_calls += 1
+        self.calls.append("list")
         return [dict(e, Active=Variant("b", i == 0)) for i, e in enumerate(self.entries)]
 
     @dbus_property(access=PropertyAccess.READ)
     def Generation(self) -> "t":
         if self.generation_failures:
+            self.calls.append("generation failed")
             name = self.generation_failures.pop(0)
             raise DBusError(name, f"Generation fails this once with {name} (a test)")
+        self.calls.append("generation")
         return self.generation
 
 
@@ -412,12 +468,14 @@ def test_generation_spares_relists_without_signals(dbus_address):
             assert client.knows_twins and client.offers("Generation")
             assert not client.offers("DomainChanged")
             assert set(client.definitions) == {UUID_A, UUID_B} and client.active == {UUID_A}
-            calls = manager.list_calls
-            await asyncio.sleep(0.3)                     # ~6 polls of an unchanged Generation
-            assert manager.list_calls == calls
+            # six polls of an unchanged Generation (counted by the Manager), and no list
+            mark = len(manager.calls)
+            await eventually(lambda: manager.calls[mark:].count("generation") >= 6,
+                             within=30.0, what="six polls of Generation")
+            assert "list" not in manager.calls[mark:], manager.calls[mark:]
             manager.entries = [GOOD_B]
             manager.generation += 1
-            await eventually(lambda: set(client.definitions) == {UUID_B}, within=1.0,
+            await eventually(lambda: set(client.definitions) == {UUID_B}, within=30.0,
                              what="re-list after Generation moved")
             assert client.active == {UUID_B}
             # refresh() re-lists now, even when Generation did not move.
@@ -430,15 +488,29 @@ def test_generation_spares_relists_without_signals(dbus_address):
     run(scenario())
 
 
+class TimedSignalingManager(SignalingManager):
+    """Also notes when each list call arrived (time.monotonic())."""
+
+    def __init__(self, entries):
+        super().__init__(entries)
+        self.list_started = []
+
+    async def _listing(self) -> None:
+        self.list_started.append(time.monotonic())
+        await super()._listing()
+
+
 @pytest.mark.parametrize("failure", [ERROR_FAILED, 1.0], ids=["Error.Failed", "timeout"])
 def test_failed_relist_after_a_signal_is_retried(dbus_address, caplog, failure):
     """With signals, a re-list that fails is retried every relist_interval until one
     works: the change the signal announced is not lost until the next signal."""
+    safety = 1.0
+
     async def scenario():
-        running = await serve_minimal(dbus_address, manager=SignalingManager([GOOD_A]))
+        running = await serve_minimal(dbus_address, manager=TimedSignalingManager([GOOD_A]))
         manager = running.manager
         client = ManagerClient(dbus_address, call_timeout=0.2, list_timeout=0.2,
-                               relist_interval=0.05)
+                               relist_interval=0.05, safety_relist=safety)
         try:
             await client.start()
             assert client.offers("DomainDefined") and client.knows_twins
@@ -449,13 +521,18 @@ def test_failed_relist_after_a_signal_is_retried(dbus_address, caplog, failure):
             with caplog.at_level(logging.WARNING, logger=LOGGER):
                 manager.DomainDefined(UUID_B)
                 await eventually(lambda: set(client.definitions) == {UUID_A, UUID_B},
-                                 within=3.0, what="the failed re-list retried")
+                                 within=30.0, what="the failed re-list retried")
             assert manager.failures == [] and client.active == {UUID_B}
             assert any("cannot read" in r.getMessage() for r in caplog.records)
-            # Once a read worked, signals alone drive the re-lists again.
-            calls = manager.list_calls
-            await asyncio.sleep(0.3)          # 6 intervals: polling would show here
-            assert manager.list_calls == calls
+            # Once a read worked, signals alone drive the re-lists again: the next list
+            # is the safety re-list, which cannot start sooner than safety_relist after
+            # the read that worked (the last list started so far) did; polling would
+            # have come one relist_interval (0.05 s) after it.
+            worked = len(manager.list_started)
+            await eventually(lambda: len(manager.list_started) > worked, within=30.0,
+                             what="the safety re-list")
+            gap = manager.list_started[worked] - manager.list_started[worked - 1]
+            assert gap >= safety, f"listed again after {gap:.3f} s: polling"
         finally:
             await client.stop()
             await running.stop()
@@ -517,19 +594,21 @@ def test_contract_not_supported_does_not_demote_generation(dbus_address):
             await client.start()
             assert client.offers("Generation")
             manager.generation_failures.append(ERROR_NOT_SUPPORTED)
-            await eventually(lambda: not manager.generation_failures, within=2.0,
+            await eventually(lambda: not manager.generation_failures, within=30.0,
                              what="Generation read failing")
-            calls = manager.list_calls
-            await eventually(lambda: manager.list_calls > calls, within=2.0,
-                             what="a re-list instead of the Generation shortcut")
+            failed = manager.calls.index("generation failed")
+            # Still used: once a re-list has replaced the failed shortcut, unchanged
+            # Generation reads spare the re-lists again. Wait for eight polls after the
+            # failure, then the last five must be Generation reads alone.
+            await eventually(lambda: manager.calls[failed + 1:].count("generation") >= 8,
+                             within=30.0, what="eight polls after the failed Generation read")
+            after = manager.calls[failed + 1:]
+            assert after[0] == "list", after          # a re-list instead of the shortcut
+            assert after[-5:] == ["generation"] * 5, after
             assert client.offers("Generation")
-            # Still used: an unchanged Generation spares the re-lists again.
-            calls = manager.list_calls
-            await asyncio.sleep(0.3)
-            assert manager.list_calls == calls
 
             manager.generation_failures.append("org.freedesktop.DBus.Error.UnknownProperty")
-            await eventually(lambda: not client.offers("Generation"), within=2.0,
+            await eventually(lambda: not client.offers("Generation"), within=30.0,
                              what="demoted after UnknownProperty")
         finally:
             await client.stop()

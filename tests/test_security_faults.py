@@ -32,6 +32,7 @@ import pywbem
 
 try:
     from tests.support import manager_command, stop_process, wait_for_owner
+    from tests.support.bus_monitor import BusMonitor
     from tests.support.dbus_daemon import DBusDaemon, subprocess_env
     from tests.support.libvirtd import Libvirtd
     from tests.support.minimal_manager import serve_minimal
@@ -40,6 +41,7 @@ try:
     from tests.support.wbem_server import CIM_PROVIDER, ROOT, free_port, wait_accepting
 except ImportError:
     from support import manager_command, stop_process, wait_for_owner  # type: ignore
+    from support.bus_monitor import BusMonitor  # type: ignore
     from support.dbus_daemon import DBusDaemon, subprocess_env  # type: ignore
     from support.libvirtd import Libvirtd  # type: ignore
     from support.minimal_manager import serve_minimal  # type: ignore
@@ -173,10 +175,16 @@ def test_manager_killed_during_start_domain(stack):
             outcome["rv"] = start(stack.conn(), target)
         except Exception as exc:             # noqa: BLE001 - recorded and checked below
             outcome["exc"] = exc
-    t = threading.Thread(target=call)
-    t.start()
-    time.sleep(0.5)                           # the request reaches the stopped Manager
-    stack.kill_manager()                      # kill -9 while StartDomain is pending
+    # A bus monitor sees the server's StartDomain when the daemon hands it to the
+    # stopped Manager: only then is the call pending there, and then it is killed.
+    with BusMonitor(stack.bus.address, [f"type='method_call',destination='{BUS_NAME}',"
+                                        f"interface='{INTERFACE}',member='StartDomain'"]) as bus:
+        t = threading.Thread(target=call)
+        t.start()
+        bus.wait(lambda seen: [s for s in seen if s.member == "StartDomain"
+                               and [str(b).lower() for b in s.body] == [target.lower()]],
+                 within=30, what=f"StartDomain({target}) sent to the stopped Manager")
+        stack.kill_manager()                  # kill -9 while StartDomain is pending
     t.join(30)
     assert not t.is_alive(), "the client hung"
     exc = outcome.get("exc")
@@ -391,7 +399,7 @@ def _load(stack, own, proc):
                 rv, _ = conn.InvokeMethod("RequestStateChange", cs(uuid),
                                           RequestedState=pywbem.Uint16(want))
                 assert int(rv) == 0, f"{uuid}: {want} returned {rv}"
-                # the next read shows the new state (DESIGN.md)
+                # the next read shows the new state (docs/architecture.md)
                 assert enabled_state(conn, uuid) == want
                 state = want
                 with lock:

@@ -49,6 +49,10 @@ class Dispatcher:
     async def handle(self, req: CIMRequest, ctx: OperationContext) -> list[str]:
         """Response body pieces for a parsed request; CIM errors become ERROR."""
         try:
+            if req.duplicate is not None:
+                # DSP0200: each parameter at most once; names are case-insensitive
+                raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
+                               f"parameter {req.duplicate[:64]!r} given twice")
             if req.intrinsic:
                 res = await self._intrinsic(req, ctx)
                 inner = []
