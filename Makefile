@@ -3,12 +3,16 @@
 # are quick when already set up.
 VENV       := .venv
 PY         := $(VENV)/bin/python
-SCHEMA_ZIP := build/schema/cim_schema_2.49.0Final-MOFs.zip
+# The checkout keeps the DMTF schema and the compiled classes in build/ (the default
+# cache directory when running from a checkout; an installed cim-provider uses
+# /var/cache/cim-provider or ~/.cache/cim-provider, see `cim-provider setup-schema`).
+CACHE_DIR  := build
+SCHEMA_ZIP := $(CACHE_DIR)/schema/cim_schema_2.49.0Final-MOFs.zip
 PYTEST     := $(VENV)/bin/pytest
 
 .PHONY: setup sysdeps demo lint test test-dbus-next bench fuzz clean
 
-setup: sysdeps $(VENV)/.installed $(SCHEMA_ZIP) build/cache/.compiled
+setup: sysdeps $(VENV)/.installed $(SCHEMA_ZIP) $(CACHE_DIR)/classes/.compiled
 
 sysdeps:
 	@bash scripts/sysdeps.sh
@@ -19,12 +23,14 @@ $(VENV)/.installed: pyproject.toml
 	@$(PY) -c 'import pywbem, aiohttp, libvirt, dbus_fast, dbus_next, pytest, uvloop, pam, psutil'
 	@touch $@
 
+# Fetched once from pywbem's source distribution on the package index (never committed),
+# by the same command an installed cim-provider offers.
 $(SCHEMA_ZIP): | $(VENV)/.installed
-	@bash scripts/fetch_schema.sh $@ $(VENV)/bin/pip
+	@$(VENV)/bin/cim-provider setup-schema --cache-dir $(CACHE_DIR)
 
 # Compile the DMTF classes the project needs once, so every start-up reads the cache.
-build/cache/.compiled: $(SCHEMA_ZIP) $(wildcard mof/*.mof) cim_provider/wbem/repository.py
-	@$(PY) -c 'from cim_provider.wbem.repository import Repository; Repository.load()'
+$(CACHE_DIR)/classes/.compiled: $(SCHEMA_ZIP) $(wildcard mof/*.mof) cim_provider/wbem/repository.py
+	@$(VENV)/bin/cim-provider setup-schema --cache-dir $(CACHE_DIR)
 	@touch $@
 
 demo: setup

@@ -9,13 +9,15 @@ import argparse
 import importlib
 import logging
 import sys
-from pathlib import Path
+
+from . import __version__
 
 SUBCOMMANDS = {
     "serve": ("cim_provider.server.main", "run the WBEM server"),
     "manager": ("cim_provider.manager.cli", "run the reference org.example.virt.Manager"),
     "demo": ("cim_provider.demo", "serve the embedded demo (private bus, libvirt test driver)"),
-    "bench": ("bench.run", "run the benchmark (same as make bench)"),
+    "setup-schema": ("cim_provider.schema_setup",
+                     "fetch the DMTF schema into the cache directory and compile the classes"),
     "passwd": ("cim_provider.passwd", "add or change a user in a users file"),
 }
 
@@ -23,10 +25,9 @@ SUBCOMMANDS = {
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     parser = argparse.ArgumentParser(prog="cim-provider")
+    parser.add_argument("--version", action="version", version=f"cim-provider {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     chosen = argv[0] if argv and argv[0] in SUBCOMMANDS else None
-    if chosen == "bench":   # bench/ lives beside the package in the source tree
-        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     for name, (module, help_) in SUBCOMMANDS.items():
         p = sub.add_parser(name, help=help_)
         p.add_argument("--log-level", default="INFO",

@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from .manager.service import ManagerHandle
     from .manager.store import Store
     from .server.main import ServerHandle, Sources
+    from .wbem.repository import Repository
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +89,12 @@ class Demo:
 
 async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
                      state_dir: Path | None = None, https: Sequence[tuple[str, int]] = (),
-                     options: argparse.Namespace | None = None) -> Demo:
+                     options: argparse.Namespace | None = None,
+                     repo: Repository | None = None) -> Demo:
     """Start everything; subscriptions (and the self-signed HTTPS pair) live in
     `state_dir` (default: the demo's folder). `options`: the security options of
-    security.add_arguments (users file, PAM, --cert/--key, --insecure-http)."""
+    security.add_arguments (users file, PAM, --cert/--key, --insecure-http); `repo`:
+    the class repository (default: Repository.load())."""
     import libvirt
 
     from .busdaemon import PrivateBus
@@ -122,7 +125,7 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
         demo.manager = await serve_manager(demo.bus.address, demo.stores, shared)
         demo.sources = await start_sources(libvirt_conn=demo.conn,
                                            manager_bus=demo.bus.address)
-        demo.server = await start_server(sec.listen, sources=demo.sources, host=host,
+        demo.server = await start_server(sec.listen, repo=repo, sources=demo.sources, host=host,
                                          state_dir=state_dir, https=sec.https,
                                          ssl_context=sec.ssl_context,
                                          authenticate=sec.authenticate)
@@ -136,6 +139,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     from .server.listen import parse_listen
     p.add_argument("--listen", action="append", type=parse_listen, metavar="HOST:PORT",
                    help="address to serve HTTP on (repeatable; default 127.0.0.1:5988)")
+    from .schema_setup import add_cache_dir_argument
+    add_cache_dir_argument(p)
     from .server import security
     security.add_arguments(p, demo=True)
 
@@ -158,11 +163,12 @@ See README.md for starting "gnome-test" through the Manager, pausing it and a re
 """  # noqa: E501 - commands to copy, one per line
 
 
-async def _run(args: argparse.Namespace) -> int:
+async def _run(args: argparse.Namespace, repo: Repository) -> int:
     from .server.security import StartupError
     try:
         demo = await start_demo(args.listen or [("127.0.0.1", 5988)],
-                                https=args.https_listen or [("127.0.0.1", 5989)], options=args)
+                                https=args.https_listen or [("127.0.0.1", 5989)], options=args,
+                                repo=repo)
     except StartupError as exc:
         log.error("not starting: %s", exc)
         return 2
@@ -181,5 +187,9 @@ async def _run(args: argparse.Namespace) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .schema_setup import load_repository
     from .server.main import run_loop
-    return run_loop(_run(args))
+    repo = load_repository(args.cache_dir)     # before anything starts: no schema, exit 2
+    if repo is None:
+        return 2
+    return run_loop(_run(args, repo))

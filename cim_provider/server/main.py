@@ -32,6 +32,7 @@ from .listen import parse_listen
 from ..wbem.provider import Provider, Registry
 from ..wbem.pull import PullContexts
 from ..wbem.repository import Repository
+from ..schema_setup import add_cache_dir_argument, load_repository
 
 if TYPE_CHECKING:
     from ..sources.libvirt import LibvirtSource
@@ -192,10 +193,13 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
+    from .. import __version__
+    p.add_argument("--version", action="version", version=f"cim-provider {__version__}")
     p.add_argument("--listen", action="append", type=parse_listen, metavar="HOST:PORT",
                    help="address to serve plain HTTP on (repeatable; default 127.0.0.1:5988 "
                         "unless --https-listen is given; only loopback without "
                         "--insecure-http)")
+    add_cache_dir_argument(p)
     p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
                    help="where indication subscriptions are kept (default "
                         "/var/lib/cim-provider as root, else $XDG_STATE_HOME/cim-provider)")
@@ -227,8 +231,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="seconds between re-reads of a Manager without signals (default 5)")
 
 
-async def _serve(args: argparse.Namespace) -> int:
-    t0 = time.monotonic()
+async def _serve(args: argparse.Namespace, repo: Repository, t0: float) -> int:
     host = host_fqdn()
     state_dir = args.state_dir or default_state_dir()
     listen = args.listen or ([] if args.https_listen else [("127.0.0.1", 5988)])
@@ -243,7 +246,8 @@ async def _serve(args: argparse.Namespace) -> int:
                                   manager_start_timeout=args.manager_start_timeout,
                                   manager_list_timeout=args.manager_list_timeout,
                                   relist_interval=args.manager_relist)
-    handle = await start_server(sec.listen, sources=sources, host=host, state_dir=state_dir,
+    handle = await start_server(sec.listen, repo=repo, sources=sources, host=host,
+                                state_dir=state_dir,
                                 limits=security.limits_from_args(args), https=sec.https,
                                 ssl_context=sec.ssl_context, authenticate=sec.authenticate,
                                 max_pull_per_client=args.max_pull_contexts,
@@ -272,4 +276,8 @@ def run_loop(main) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_loop(_serve(args))
+    t0 = time.monotonic()
+    repo = load_repository(args.cache_dir)     # before anything starts: no schema, exit 2
+    if repo is None:
+        return 2
+    return run_loop(_serve(args, repo, t0))

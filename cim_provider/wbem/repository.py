@@ -4,6 +4,14 @@ Compiling is done with pywbem_mock's in-memory repository, which resolves
 inheritance (propagated properties, class origin, qualifier flavors) the way a CIMOM
 does. The result is cached as a pickle keyed by the inputs, so start-up stays well
 under a second; without a cache a compile takes about half a second here.
+
+Where things are. The project's MOF ships in the package (`cim_provider/mof`, mapped
+from the checkout's `mof/` by pyproject.toml). The DMTF schema zip is never shipped:
+it lives in a cache directory (`schema/`, next to the compiled classes in `classes/`),
+chosen by `resolve_cache_dir`: an explicit directory (`--cache-dir`), else
+$CIM_PROVIDER_CACHE_DIR, else the checkout's `build/` when running from a checkout,
+else /var/cache/cim-provider as root and $XDG_CACHE_HOME/cim-provider otherwise.
+`cim-provider setup-schema` (cim_provider/schema_setup.py) fills it.
 """
 from __future__ import annotations
 
@@ -21,10 +29,68 @@ from pywbem import CIMClass, CIMError, CIMQualifierDeclaration
 
 log = logging.getLogger(__name__)
 
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-DEFAULT_SCHEMA_ZIP = PROJECT_ROOT / "build" / "schema" / "cim_schema_2.49.0Final-MOFs.zip"
-DEFAULT_MOF_DIR = PROJECT_ROOT / "mof"
-DEFAULT_CACHE_DIR = PROJECT_ROOT / "build" / "cache"
+SCHEMA_ZIP_NAME = "cim_schema_2.49.0Final-MOFs.zip"
+CACHE_DIR_ENV = "CIM_PROVIDER_CACHE_DIR"
+
+_PACKAGE_DIR = Path(__file__).resolve().parents[1]
+PROJECT_ROOT = _PACKAGE_DIR.parent       # the checkout, when running from one
+
+
+def running_from_checkout() -> bool:
+    """True when the package is imported from the source tree (editable or not)."""
+    return (PROJECT_ROOT / "pyproject.toml").is_file() and (PROJECT_ROOT / "mof").is_dir()
+
+
+def _mof_dir() -> Path:
+    """`cim_provider/mof` when installed; the checkout's `mof/` otherwise."""
+    shipped = _PACKAGE_DIR / "mof"
+    return shipped if (shipped / "virt.mof").is_file() else PROJECT_ROOT / "mof"
+
+
+def default_cache_dir() -> Path:
+    """/var/cache/cim-provider for root, else $XDG_CACHE_HOME/cim-provider."""
+    if os.geteuid() == 0:
+        return Path("/var/cache/cim-provider")
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "cim-provider"
+
+
+def resolve_cache_dir(cache_dir: str | os.PathLike[str] | None = None) -> Path:
+    """The cache directory: `cache_dir`, else $CIM_PROVIDER_CACHE_DIR, else the
+    checkout's build/ (running from a checkout), else `default_cache_dir()`."""
+    if cache_dir:
+        return Path(cache_dir).expanduser().absolute()
+    env = os.environ.get(CACHE_DIR_ENV)
+    if env:
+        return Path(env).expanduser().absolute()
+    if running_from_checkout():
+        return PROJECT_ROOT / "build"
+    return default_cache_dir()
+
+
+def schema_zip_in(cache_dir: Path) -> Path:
+    return cache_dir / "schema" / SCHEMA_ZIP_NAME
+
+
+def class_cache_in(cache_dir: Path) -> Path:
+    return cache_dir / "classes"
+
+
+class SchemaNotFound(FileNotFoundError):
+    """The DMTF schema zip is missing; str() is the message for the user."""
+
+    def __init__(self, where: Path):
+        self.where = where
+        super().__init__(f"DMTF schema not found in {where}: run `cim-provider setup-schema` "
+                         f"(or `cim-provider setup-schema --from ZIP`)")
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+DEFAULT_MOF_DIR = _mof_dir()
+# Where Repository.load() looks when given nothing (the environment at import time).
+DEFAULT_SCHEMA_ZIP = schema_zip_in(resolve_cache_dir())
 
 # Which MOF file of ours feeds which namespace, and the DMTF classes served as they
 # are (no VIRT_ subclass) in that namespace.
@@ -110,13 +176,21 @@ class Repository:
         return ns
 
     @classmethod
-    def load(cls, schema_zip: Path = DEFAULT_SCHEMA_ZIP, mof_dir: Path = DEFAULT_MOF_DIR,
-             cache_dir: Path | None = DEFAULT_CACHE_DIR) -> "Repository":
+    def load(cls, cache_dir: str | os.PathLike[str] | None = None, *,
+             schema_zip: Path | None = None, mof_dir: Path | None = None,
+             class_cache: bool = True) -> "Repository":
+        """Compile (or read from the class cache) the schema and our MOF.
+
+        `cache_dir` as for `resolve_cache_dir`; `schema_zip` overrides the zip in it,
+        `mof_dir` the shipped MOF; `class_cache=False` neither reads nor writes the
+        compiled classes. SchemaNotFound when the zip is missing."""
+        where = resolve_cache_dir(cache_dir)
+        schema_zip = Path(schema_zip) if schema_zip is not None else schema_zip_in(where)
+        mof_dir = Path(mof_dir) if mof_dir is not None else _mof_dir()
         if not schema_zip.is_file():
-            raise FileNotFoundError(
-                f"DMTF schema not found at {schema_zip}: run `make setup` to fetch it")
+            raise SchemaNotFound(where if schema_zip == schema_zip_in(where) else schema_zip.parent)
         key = _cache_key(schema_zip, mof_dir)
-        cache = cache_dir / f"classes-{key}.pickle" if cache_dir else None
+        cache = class_cache_in(where) / f"classes-{key}.pickle" if class_cache else None
         if cache is not None and cache.is_file():
             try:
                 with cache.open("rb") as f:
@@ -130,6 +204,7 @@ class Repository:
                 cache.parent.mkdir(parents=True, exist_ok=True)
                 with tempfile.NamedTemporaryFile(dir=cache.parent, delete=False) as tmp:
                     pickle.dump(data, tmp, protocol=pickle.HIGHEST_PROTOCOL)
+                os.chmod(tmp.name, 0o644)     # like the schema: readable by a non-root serve
                 os.replace(tmp.name, cache)
                 for stale in cache.parent.glob("classes-*.pickle"):   # older inputs
                     if stale != cache:
