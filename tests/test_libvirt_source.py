@@ -134,9 +134,11 @@ def test_persistent_domain_define_start_undefine_stop():
         await src.start()
         try:
             uuid = str(uuidlib.uuid4())
+            reads = src.domain_reads
             dom = conn.defineXML(domain_xml("evt-persistent", uuid))
-            # "defined" arrives for an inactive domain: it is not running, nothing changes
-            await asyncio.sleep(0.2)
+            # "defined" arrives for an inactive domain: the source reads it, finds it not
+            # running, and nothing changes. Wait for that read, not for time to pass.
+            await until(lambda: src.domain_reads > reads, what="the defined event handled")
             assert uuid not in src.running and changes == []
             dom.create()
             await until(lambda: uuid in src.running, what="started")

@@ -2,8 +2,18 @@
 
 What is running is read in full only when a connection is (re)established; after that
 libvirt's lifecycle events, delivered on the asyncio loop through libvirtaio, say which
-domain to read again. Blocking libvirt calls run in a small thread pool, each with a
-timeout, so a wedged libvirtd can slow a CIM request down but never hang the server.
+domain to read again. Blocking libvirt calls run in a small pool of threads that belongs
+to the connection, each with a timeout, so a wedged libvirtd can slow a CIM request down
+but never hang the server. A call that times out keeps its thread until libvirt returns;
+when such calls hold every thread of the pool, the connection is given up with its pool
+and a new connection gets a new pool. Opens and closes run in threads of their own, so
+a hung call never holds up a reconnect.
+
+The module is longer than most (about 700 lines) because the connection's life cycle
+(open, register events, load, drop, give up, reconnect) and the per-domain re-reads
+share one generation counter and must be read together; the event adapter
+(libvirt_events.py), the blocking calls (libvirt_calls.py) and the thread pools
+(libvirt_threads.py) live apart.
 """
 from __future__ import annotations
 
@@ -23,6 +33,7 @@ from ..domain.sources import SourceStatus
 from .libvirt_calls import (DomainNotFound, LibvirtError, LibvirtTimeout, LibvirtUnavailable,
                             guarded, quietly, read_all, read_one)
 from .libvirt_events import ensure_event_loop_impl
+from .libvirt_threads import MAX_STRAY, POOL_SIZE, CallPool, Count, in_thread
 
 _T = TypeVar("_T")
 
@@ -45,7 +56,6 @@ _CHANGE_EVENTS = tuple(getattr(libvirt, name) for name in (
     "VIR_DOMAIN_EVENT_ID_METADATA_CHANGE", "VIR_DOMAIN_EVENT_ID_BALLOON_CHANGE",
     "VIR_DOMAIN_EVENT_ID_TUNABLE", "VIR_DOMAIN_EVENT_ID_JOB_COMPLETED",
 ) if hasattr(libvirt, name))
-
 
 
 class LibvirtSource:
@@ -77,7 +87,7 @@ class LibvirtSource:
         self._owned = False
         self._close_cb = False
         self._event_ids: list[int] = []
-        # Registration runs on an executor thread and may outlive the timeout of its
+        # Registration runs on a pool thread and may outlive the timeout of its
         # call; under this lock it records what it registered only while its
         # connection is still the current one (`_gen`), and undoes the rest itself.
         self._reg_lock = threading.Lock()
@@ -90,7 +100,11 @@ class LibvirtSource:
         self._retries: dict[str, int] = {}           # failed reads in a row, per domain
         self._retry_timers: dict[str, asyncio.TimerHandle] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._executor: concurrent.futures.ThreadPoolExecutor | None = None
+        self._pool: CallPool | None = None       # the current connection's call threads
+        self._strays = Count()                  # threads left in calls we gave up on
+        # Reads of one domain applied to `running` (changed or not), e.g. after an
+        # event: a test can wait for this to move rather than for time to pass.
+        self.domain_reads = 0
         self._task: asyncio.Task[None] | None = None
         self._dropped: asyncio.Event | None = None
         self._up: asyncio.Event | None = None
@@ -128,8 +142,6 @@ class LibvirtSource:
             return
         self._loop = asyncio.get_running_loop()
         ensure_event_loop_impl(self._loop)
-        self._executor = concurrent.futures.ThreadPoolExecutor(
-            max_workers=4, thread_name_prefix="libvirt")
         self._stopping = False
         self._up = asyncio.Event()
         first = asyncio.Event()
@@ -149,9 +161,9 @@ class LibvirtSource:
         # Let the free callbacks that closing queued on the loop run before it ends.
         for _ in range(3):
             await asyncio.sleep(0)
-        if self._executor is not None:
-            self._executor.shutdown(wait=False, cancel_futures=True)
-            self._executor = None
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()
 
     async def wait_connected(self, timeout: float) -> bool:
         """True once connected (and the first snapshot is in), False on timeout."""
@@ -195,10 +207,17 @@ class LibvirtSource:
         return self._conn_uri or self.uri or "libvirt's default URI"
 
     async def _connect(self) -> None:
+        strays = self._strays.value
+        if strays >= MAX_STRAY:
+            raise LibvirtUnavailable(f"{strays} earlier calls into libvirt have not returned; "
+                                     "no new connection until some do")
         with self._reg_lock:
             self._gen += 1
             gen = self._gen
         self._dropped = asyncio.Event()
+        if self._pool is not None:
+            self._pool.shutdown()
+        self._pool = CallPool(f"libvirt-{gen}", POOL_SIZE, self._strays)
         if self._shared is not None and self._shared_alive():
             conn = self._shared
         else:
@@ -227,29 +246,51 @@ class LibvirtSource:
 
     async def _open(self, uri: str | None) -> libvirt.virConnect:
         """Open a connection; one that arrives after we gave up waiting is closed."""
-        assert self._loop is not None and self._executor is not None
-        fut = self._loop.run_in_executor(self._executor, functools.partial(
-            guarded, functools.partial(libvirt.open, uri)))
 
-        def close_late(f: asyncio.Future[libvirt.virConnect]) -> None:
+        def close_late(f: concurrent.futures.Future[libvirt.virConnect]) -> None:
+            # Runs on the open's thread, or on the loop's if it is done already.
             if not f.cancelled() and f.exception() is None:
                 threading.Thread(target=quietly, args=(f.result().close,),
                                  name="libvirt-close", daemon=True).start()
 
+        return await self._alone(functools.partial(libvirt.open, uri), self.call_timeout,
+                                 what=f"open of {uri or 'the default URI'}",
+                                 name="libvirt-open", late=close_late)
+
+    async def _alone(self, fn: Callable[[], _T], timeout: float, *, what: str, name: str,
+                     late: Callable[[concurrent.futures.Future[_T]], None] | None = None) -> _T:
+        """A blocking call in a thread of its own, not in the connection's pool.
+
+        For opens and closes: they must neither wait behind the calls stuck in a pool
+        nor add to them. If we stop waiting (timeout, cancellation) the thread is left
+        to finish by itself, and `late`, if given, gets its future then.
+        """
+        fut = in_thread(functools.partial(guarded, fn), name)
         try:
-            return await asyncio.wait_for(asyncio.shield(fut), self.call_timeout)
+            return await asyncio.wait_for(asyncio.wrap_future(fut), timeout)
         except asyncio.TimeoutError:
-            fut.add_done_callback(close_late)
-            raise LibvirtTimeout(f"libvirt open of {uri or 'the default URI'} did not answer "
-                                 f"within {self.call_timeout:g} s") from None
-        except asyncio.CancelledError:      # stop() while the open is under way
-            fut.add_done_callback(close_late)
+            self._stray(fut, late)
+            raise LibvirtTimeout(f"libvirt {what} did not answer within {timeout:g} s") \
+                from None
+        except asyncio.CancelledError:      # e.g. stop() while an open is under way
+            self._stray(fut, late)
             raise
+
+    def _stray(self, fut: concurrent.futures.Future[_T],
+               late: Callable[[concurrent.futures.Future[_T]], None] | None) -> None:
+        self._strays.add(1)
+
+        def done(f: concurrent.futures.Future[_T]) -> None:
+            self._strays.add(-1)
+            if late is not None:
+                late(f)
+
+        fut.add_done_callback(done)
 
     def _shared_alive(self) -> bool:
         """Use the caller's connection unless it has died (then we open our own)."""
         try:
-            return bool(self._shared.isAlive())  # type: ignore[union-attr]
+            return bool(self._shared.isAlive())  # type: ignore[union-attr]  # reason: only called once _shared is not None
         except libvirt.libvirtError:
             return False
 
@@ -316,6 +357,9 @@ class LibvirtSource:
         conn, self._conn = self._conn, None
         was_connected, self.connected = self.connected, False
         owned = self._owned
+        pool, self._pool = self._pool, None
+        if pool is not None:
+            pool.shutdown()     # queued calls fail now; stuck ones end when libvirt returns
         with self._reg_lock:
             # What the registration recorded so far is released below; from now on it
             # undoes its own late registrations (see _register).
@@ -344,10 +388,16 @@ class LibvirtSource:
             if close_cb:
                 quietly(conn.unregisterCloseCallback)
             if owned:
+                # Not under a call still in flight on it (one that timed out, say): the
+                # connection would outlive its close, a client of the daemon for good.
+                if pool is not None:
+                    pool.wait_idle()
                 quietly(conn.close)
 
         try:
-            await self._call(release, timeout=min(self.call_timeout, 5.0), what="close")
+            # Not in the pool: it is shut down, and may be stuck in calls for good.
+            await self._alone(release, min(self.call_timeout, 5.0), what="close",
+                              name="libvirt-close")
         except LibvirtError as exc:
             log.debug("libvirt: releasing the old connection: %s", exc.message)
         if was_connected and not self._stopping:
@@ -426,6 +476,7 @@ class LibvirtSource:
                                               "reading the domain")
                 self._retries.pop(uuid, None)
                 self._set_domain(uuid, dom)
+                self.domain_reads += 1
             if self._stopping:
                 return LibvirtUnavailable("the libvirt source is stopping")
             return None
@@ -517,19 +568,58 @@ class LibvirtSource:
 
     async def _call(self, fn: Callable[[], _T], *, timeout: float | None = None,
                     what: str = "call") -> _T:
-        """Run a blocking libvirt call in the pool, with a timeout, errors translated."""
-        if self._executor is None or self._loop is None:
+        """Run a blocking libvirt call in the connection's pool, with a timeout, errors
+        translated. A call that times out keeps its thread until libvirt returns; once
+        such calls hold every thread, the connection is given up (see _give_up)."""
+        if self._loop is None:
             raise LibvirtUnavailable("the libvirt source is not started")
+        pool = self._pool
+        if pool is None:
+            raise LibvirtUnavailable(f"not connected to libvirt ({self._describe()})")
         limit = self.call_timeout if timeout is None else timeout
         gen = self._gen
-        fut = self._loop.run_in_executor(self._executor, functools.partial(guarded, fn))
         try:
-            return await asyncio.wait_for(fut, limit)
+            fut = pool.submit(functools.partial(guarded, fn))
+        except RuntimeError:
+            raise LibvirtUnavailable(f"the connection to {self._describe()} was given up "
+                                     f"(libvirt {what})") from None
+        try:
+            return await asyncio.wait_for(asyncio.wrap_future(fut), limit)
         except asyncio.TimeoutError:
+            pool.leave(fut)
+            if pool.wedged:
+                self._give_up(pool, gen)
             raise LibvirtTimeout(f"libvirt {what} did not answer within {limit:g} s") from None
+        except asyncio.CancelledError:
+            pool.leave(fut)
+            me = asyncio.current_task()
+            if fut.cancelled() and me is not None and not me.cancelling():
+                # Not our cancellation: the pool was shut down while the call waited.
+                raise LibvirtUnavailable(f"the connection to {self._describe()} was given "
+                                         f"up before libvirt {what} ran") from None
+            raise
         except LibvirtUnavailable as exc:
             self._drop(gen, exc.message)
             raise
+
+    def _give_up(self, pool: CallPool, gen: int) -> None:
+        """Every thread of the connection's pool is stuck in libvirt: drop the connection.
+
+        Its pool goes with it (the calls queued behind the stuck ones fail now), and
+        the reconnect opens a new connection with a new pool; the stuck threads end
+        on their own whenever libvirt returns. Nothing waits for them.
+        """
+        if pool is not self._pool or pool.closed:
+            return
+        log.warning("libvirt: %d calls to %s have not returned after their timeout; giving "
+                    "up this connection for a new one", pool.size, self._describe())
+        pool.shutdown()
+        self._drop(gen, f"{pool.size} calls stuck in libvirt")
+        # Down from now on, not only once the reconnect loop gets round to it: later
+        # calls fail at once as "not connected".
+        self.connected = False
+        if self._up is not None:
+            self._up.clear()
 
     def _live_conn(self) -> libvirt.virConnect:
         conn = self._conn

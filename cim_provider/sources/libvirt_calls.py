@@ -1,6 +1,6 @@
 """Blocking libvirt reads and the translation of libvirt's errors into ours.
 
-Everything here blocks: the source runs it in its executor with a timeout. libvirt's
+Everything here blocks: the source runs it in its own threads with a timeout. libvirt's
 exceptions become the `domain.sources` error family, libvirt's own message kept.
 """
 from __future__ import annotations
@@ -46,7 +46,7 @@ class LibvirtTimeout(LibvirtUnavailable, Timeout):
 
 def _run_state(value: int | None) -> RunState:
     try:
-        return RunState(int(value))  # type: ignore[arg-type]
+        return RunState(int(value))  # type: ignore[arg-type]  # reason: int(None) raises TypeError, caught below
     except (TypeError, ValueError):
         return RunState.NOSTATE
 

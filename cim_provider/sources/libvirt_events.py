@@ -4,8 +4,8 @@ libvirt delivers domain events through whatever event implementation is register
 the process; libvirtaio offers one for asyncio. We subclass it (below) because libvirt
 calls its hooks from executor threads and because tests run one loop after another.
 
-Private libvirtaio members used here, each tested with libvirt-python 9.x-11.x (the
-range pyproject.toml allows): `Descriptor.callbacks`/`fd`/`_handle`, `DescriptorDict`,
+Private libvirtaio members used here, each checked in libvirt-python 9.0 to 12.8 (the
+range pyproject.toml allows, `<13`): `Descriptor.callbacks`/`fd`/`_handle`, `DescriptorDict`,
 `TimeoutCallback._task`, `virEventAsyncIOImpl.descriptors/callbacks/_pending_inc/
 _pending_dec/_add_handle..._remove_timeout` and the module global `_current_impl`. If
 libvirtaio renames them, `ensure_event_loop_impl` fails at start-up (AttributeError in
@@ -53,9 +53,11 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
     one asyncio loop after another: `rebind` moves the live handles to a new loop.
     """
 
+    loop: asyncio.AbstractEventLoop     # set by libvirtaio's __init__, moved by rebind
+
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         super().__init__(loop=loop)
-        self.descriptors = _Descriptors(self)
+        self.descriptors: dict[int, _Descriptor] = _Descriptors(self)
         self._lock = threading.RLock()
         self._thread = threading.get_ident()
 
@@ -119,11 +121,11 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
             callback = self.callbacks.pop(watch, None)
             if not isinstance(callback, libvirtaio.FDCallback):
                 return -1
-            desc = callback.descriptor
+            desc, fd = callback.descriptor, callback.descriptor.fd
             desc.callbacks.pop(watch, None)
-            if not desc.callbacks and dict.get(self.descriptors, desc.fd) is desc:
-                del self.descriptors[desc.fd]
-        self._on_loop(self._sync_fd, desc.fd)
+            if not desc.callbacks and dict.get(self.descriptors, fd) is desc:
+                del self.descriptors[fd]
+        self._on_loop(self._sync_fd, fd)
         self._free_later(callback.opaque)
         return 0
 
