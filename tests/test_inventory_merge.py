@@ -144,7 +144,7 @@ def test_events_and_definitions_move_records_between_kinds():
     inv.set_defined(None)                                  # the Manager goes away
     kinds = sorted((c.kind, c.uuid) for c in changes)
     assert kinds == [("deleted", U(2)), ("modified", U(1))]
-    assert inv.get(U(1)).kind is Kind.RUNNING_ONLY and not inv.manager_present
+    assert inv.get(U(1)).kind is Kind.RUNNING_ONLY
     changes.clear()
 
     inv.update_running(U(1), None)                         # its only source is gone now

@@ -19,7 +19,7 @@ try:
                                       cim_error, cs_path, domain_config, poll_until, rsc,
                                       wbem_cs, wbemcli)
 except ImportError:
-    from support.model import (demo, CS, GNOME_UUID, KDE_UUID, TEST_UUID,  # type: ignore
+    from support.model import (demo, CS, GNOME_UUID, KDE_UUID, TEST_UUID,  # type: ignore  # noqa: F401 (demo: a fixture)
                                cim_error, cs_path, domain_config, poll_until, rsc,
                                wbem_cs, wbemcli)
 

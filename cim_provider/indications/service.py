@@ -19,6 +19,7 @@ matching cost microseconds, and delivery only appends to per-destination queues.
 """
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import time
@@ -59,6 +60,9 @@ class IndicationService:
         self._unsubscribe: list[Callable[[], None]] = []
         self._build: Callable[[DomainRecord], CIMInstance] | None = None
         self._failing: set[tuple] = set()     # destinations already logged as failing
+        # Closes of dropped workers under way: held here (the loop keeps only a weak
+        # reference to a task) until each ends, and awaited by close().
+        self._closing: set[asyncio.Task[None]] = set()
         subscriptions.listeners.append(self._prune)
 
     # ---- sources of indications -------------------------------------------------------
@@ -74,9 +78,11 @@ class IndicationService:
         build = self._build
         assert build is not None
         if change.kind == "deleted":
+            assert change.old is not None       # a deletion carries the record deleted
             old = self._last.pop(change.uuid, None) or build(change.old)
             self.publish(self.indication("deleted", old))
             return
+        assert change.new is not None           # a creation or change carries the new one
         new = build(change.new)
         old = self._last.get(change.uuid)
         self._last[change.uuid] = new
@@ -94,7 +100,7 @@ class IndicationService:
     def indication(self, kind: str, source: CIMInstance, previous: CIMInstance | None = None,
                    changed: list[str] | None = None) -> CIMInstance:
         """A lifecycle indication about `source` (an instance with its path)."""
-        cls = self.repo.namespace(SOURCE_NS).get(_CLASS_OF[kind])
+        cls = self.repo.namespace(SOURCE_NS).require(_CLASS_OF[kind])
         path = source.path.copy()
         path.host = self.host
         values: dict[str, Any] = {
@@ -180,10 +186,12 @@ class IndicationService:
             self._close_later(self.workers.pop(key))
         self._failing.intersection_update(self.subs.destinations)
 
-    @staticmethod
-    def _close_later(worker: DestinationWorker) -> None:
-        import asyncio
-        asyncio.get_running_loop().create_task(worker.close())
+    def _close_later(self, worker: DestinationWorker) -> None:
+        """Close a worker no longer wanted, without waiting here (a listener callback)."""
+        task = asyncio.get_running_loop().create_task(worker.close(),
+                                                      name=f"close {worker.url}")
+        self._closing.add(task)
+        task.add_done_callback(self._closing.discard)
 
     async def close(self) -> None:
         for unsub in self._unsubscribe:
@@ -194,3 +202,7 @@ class IndicationService:
         workers, self.workers = list(self.workers.values()), {}
         for worker in workers:
             await worker.close()
+        # Workers dropped just before may not even have begun to close: wait for them.
+        # (Cancelling such a close before it ran would leave the worker's task running.)
+        if self._closing:
+            await asyncio.gather(*self._closing, return_exceptions=True)

@@ -62,7 +62,6 @@ class Inventory:
         self._counts: dict[Kind, int] = {k: 0 for k in Kind}
         self._subscribers: list[Callable[[Change], None]] = []
         self.generation = 0
-        self.manager_present = False
 
     # ---- writes -------------------------------------------------------------------
 
@@ -88,7 +87,6 @@ class Inventory:
 
     def set_defined(self, defined: Mapping[str, DomainConfig] | None) -> None:
         """Replace the Manager's definitions; None means the Manager is absent."""
-        self.manager_present = defined is not None
         old = self._defined
         new = dict(defined) if defined is not None else {}
         touched = [u for u, cfg in new.items() if old.get(u) != cfg]

@@ -7,8 +7,9 @@ the next read by any client shows the new state.
 """
 from __future__ import annotations
 
+import itertools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -40,16 +41,67 @@ class Backend:
     host: str                                  # host FQDN: VIRT_HostSystem.Name
     libvirt: RunningSource | None = None       # the running domains (libvirt)
     manager: DefinitionSource | None = None    # the passive definitions (a Manager)
-    # Last successful RequestStateChange per UUID (RequestedState); 12 otherwise.
+    # RequestedState per UUID (12 when absent): the newest RequestStateChange that has
+    # not failed. Written only through begin_request / end_request / forget_requests.
     requested_state: dict[str, int] = field(default_factory=dict)
+    # The RequestStateChange calls in progress per UUID (ticket -> value), and the
+    # newest that succeeded (ticket, value); tickets are issued in call order.
+    _requests: dict[str, dict[int, int]] = field(default_factory=dict, init=False, repr=False)
+    _succeeded: dict[str, tuple[int, int]] = field(default_factory=dict, init=False,
+                                                  repr=False)
+    _tickets: Iterator[int] = field(default_factory=lambda: itertools.count(1),
+                                    init=False, repr=False)
 
     def __post_init__(self) -> None:
         # A system that vanished takes its RequestedState with it: one that appears
         # later with the same UUID is a new system and starts at 12 again.
         def forget(change) -> None:
             if change.kind == "deleted":
-                self.requested_state.pop(change.uuid, None)
+                self.forget_requests(change.uuid)
         self.inventory.subscribe(forget)
+
+    # ---- RequestedState -------------------------------------------------------------
+
+    def begin_request(self, uuid: str, value: int) -> int:
+        """A RequestStateChange to `value` is about to act on `uuid`: show it now (so
+        the inventory change the action causes, and the lifecycle indication built from
+        it, already carry it); returns the ticket to hand to `end_request`."""
+        ticket = next(self._tickets)
+        self._requests.setdefault(uuid, {})[ticket] = value
+        self.requested_state[uuid] = value
+        return ticket
+
+    def end_request(self, uuid: str, ticket: int, succeeded: bool) -> None:
+        """The request `ticket` on `uuid` is over.
+
+        Requests on one system may overlap (two clients), so RequestedState shows the
+        newest request that has not failed: one still in progress, or else the last
+        that succeeded (none: 12). A failure withdraws its own value only; it never
+        puts back what it saw before, which would clobber a later request's value.
+        """
+        pending = self._requests.get(uuid)
+        value = pending.pop(ticket, None) if pending is not None else None
+        if value is None:
+            return              # the system went away meanwhile (forget_requests)
+        if not pending:
+            del self._requests[uuid]
+        if succeeded:
+            last = self._succeeded.get(uuid)
+            if last is None or last[0] < ticket:
+                self._succeeded[uuid] = (ticket, value)
+        shown = list((pending or {}).items())
+        if uuid in self._succeeded:
+            shown.append(self._succeeded[uuid])
+        if shown:
+            self.requested_state[uuid] = max(shown)[1]
+        else:
+            self.requested_state.pop(uuid, None)
+
+    def forget_requests(self, uuid: str) -> None:
+        """`uuid` is gone: its RequestedState and its requests in progress with it."""
+        self.requested_state.pop(uuid, None)
+        self._requests.pop(uuid, None)
+        self._succeeded.pop(uuid, None)
 
     @property
     def ns(self) -> Namespace:

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 ELEC_CLASS = "VIRT_EnabledLogicalElementCapabilities"
 
 # EnabledState values (CIM_EnabledLogicalElement)
-ENABLED, DISABLED, SHUTTING_DOWN, NOT_APPLICABLE, OFFLINE, QUIESCE = 2, 3, 4, 5, 6, 9
+ENABLED, DISABLED, SHUTTING_DOWN, OFFLINE, QUIESCE = 2, 3, 4, 6, 9
 # RequestStateChange return codes (DSP1057 / CIM_EnabledLogicalElement)
 RC_OK, RC_NOT_SUPPORTED, RC_INVALID_TRANSITION, RC_TIMEOUT_NOT_SUPPORTED = 0, 1, 4097, 4098
 
@@ -144,11 +144,12 @@ class ComputerSystemProvider(Provider):
         if requested not in states_supported(rec):
             return RC_INVALID_TRANSITION
         uuid = rec.uuid
-        # Recorded before acting, so the inventory change the action causes (and the
+        # Shown before acting, so the inventory change the action causes (and the
         # lifecycle indication built from it) already carries the new RequestedState;
-        # put back if the action fails: it records the last *successful* request.
-        previous = self.b.requested_state.get(uuid)
-        self.b.requested_state[uuid] = requested
+        # withdrawn if the action fails, without touching what a request on the same
+        # system that overlaps this one has recorded (Backend.end_request).
+        ticket = self.b.begin_request(uuid, requested)
+        succeeded = False
         try:
             if rec.running is None:                      # 2 from passive: through the Manager
                 manager = self.b.require_manager()
@@ -175,12 +176,9 @@ class ComputerSystemProvider(Provider):
                     raise CIMError(pywbem.CIM_ERR_FAILED,
                                    f"libvirt could not {action} {rec.name}: {exc.message}") from None
                 await self.b.settle_running(uuid)
-        except BaseException:
-            if previous is None:
-                self.b.requested_state.pop(uuid, None)
-            else:
-                self.b.requested_state[uuid] = previous
-            raise
+            succeeded = True
+        finally:
+            self.b.end_request(uuid, ticket, succeeded)
         return RC_OK
 
 

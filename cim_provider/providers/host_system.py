@@ -75,6 +75,13 @@ class HostSystemProvider(Provider):
         assert self._instance is not None
         return self._instance
 
+    async def close(self) -> None:
+        """Cancel a background refresh still running (it may wait on a stuck libvirt)."""
+        task, self._refresh = self._refresh, None
+        if task is not None and not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
         return [await self.instance()]
 

@@ -27,7 +27,7 @@ _T = TypeVar("_T")
 
 VSMC_CLASS = "VIRT_VirtualSystemManagementCapabilities"
 VSMC_IID = "VIRT:VirtualSystemManagementCapabilities"
-RC_OK, RC_NOT_SUPPORTED, RC_FAILED, RC_INVALID_PARAMETER = 0, 1, 4, 5
+RC_OK, RC_NOT_SUPPORTED = 0, 1
 # the EmbeddedInstance classes of the methods' parameters
 VSSD_BASE, RASD_BASE = "CIM_VirtualSystemSettingData", "CIM_ResourceAllocationSettingData"
 _UNIT_KIB = {"byte*2^10": 1, "kilobytes": 1, "kb": 1, "byte*2^20": 1024, "megabytes": 1024,
@@ -274,7 +274,7 @@ class ManagementServiceProvider(Provider):
                 raise CIMError(pywbem.CIM_ERR_FAILED,
                                f"libvirt could not destroy {rec.name}: {exc.message}") from None
             await self.b.settle_running(rec.uuid)
-        self.b.requested_state.pop(rec.uuid, None)
+        self.b.forget_requests(rec.uuid)
         return RC_OK, {}
 
     async def _update(self, uuid: str, changes: dict[str, Any]):

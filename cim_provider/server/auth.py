@@ -28,11 +28,12 @@ import logging
 import os
 import secrets
 import stat
+import threading
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Awaitable, Callable
+from typing import Callable
 
 from aiohttp import web
 
@@ -131,29 +132,46 @@ def load_users(path: Path) -> dict[str, User]:
 
 class UsersFile:
     """The users file, re-read (at most once a second) when its mtime or size changes.
-    A file that becomes unreadable or public keeps the last good contents, loudly."""
+    A file that becomes unreadable, public or unparsable (half written, say) keeps the
+    last good contents, loudly.
+
+    Looked up from the loop and from the password-check threads at once: one lock
+    covers the re-read, and the users and the file signature they were read at are
+    replaced together under it, so two re-reads can never interleave (an older file
+    read slowly must not replace a newer one). A lookup that finds a re-read under way
+    elsewhere does not wait for it: it answers from the users read so far."""
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        self._lock = threading.Lock()
         st = check_private(self.path)
         self.users = load_users(self.path)
         self._sig = (st.st_mtime_ns, st.st_size, st.st_ino)
         self._checked = time.monotonic()
 
     def get(self, name: str) -> User | None:
-        now = time.monotonic()
-        if now - self._checked >= 1.0:
-            self._checked = now
+        if time.monotonic() - self._checked >= 1.0 and self._lock.acquire(blocking=False):
             try:
-                st = self.path.stat()
-                sig = (st.st_mtime_ns, st.st_size, st.st_ino)
-                if sig != self._sig:
-                    self.users = load_users(self.path)
-                    self._sig = sig
-                    log.info("re-read %s: %d users", self.path, len(self.users))
-            except (OSError, UsersFileError) as exc:
-                log.error("keeping the previous users: %s", exc)
+                self._reload_if_changed()
+            finally:
+                self._lock.release()
         return self.users.get(name)
+
+    def _reload_if_changed(self) -> None:
+        """Under the lock: re-read the file if its signature changed."""
+        now = time.monotonic()
+        if now - self._checked < 1.0:
+            return                      # re-checked by another caller just now
+        self._checked = now
+        try:
+            st = self.path.stat()
+            sig = (st.st_mtime_ns, st.st_size, st.st_ino)
+            if sig != self._sig:
+                users = load_users(self.path)
+                self.users, self._sig = users, sig
+                log.info("re-read %s: %d users", self.path, len(users))
+        except (OSError, UsersFileError, ValueError) as exc:   # ValueError: bad UTF-8
+            log.error("keeping the previous users: %s", exc)
 
 
 # --- PAM --------------------------------------------------------------------------------
@@ -163,7 +181,7 @@ def pam_checker(service: str) -> Callable[[str, str], bool]:
 
     Needs the python-pam package; without it this raises RuntimeError at start-up."""
     try:
-        import pam  # type: ignore[import-not-found]
+        import pam
     except ImportError:
         raise RuntimeError("--pam-service needs the python-pam package "
                            "(pip install python-pam), which is not installed") from None
@@ -221,11 +239,6 @@ class FailureBrake:
         if addr in self._buckets:
             now = self.clock()
             self._set(addr, self._level(addr, now) + 1.0, now)
-
-    def failed(self, addr: str) -> None:
-        """Charge a failure (whether or not a token was left)."""
-        now = self.clock()
-        self._set(addr, self._level(addr, now) - 1.0, now)
 
 
 # --- the authenticate hook for make_app -------------------------------------------------
@@ -352,6 +365,3 @@ class Authenticator:
         # Pull contexts belong to the user at that address (pull.py checks the owner).
         ctx.client = f"{user}@{addr}"
         return None
-
-
-AuthHook = Callable[[web.Request, OperationContext], Awaitable[web.Response | None]]

@@ -20,11 +20,14 @@ What the provider must do:
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pywbem
 from pywbem import CIMClass, CIMClassName, CIMError, CIMInstance, CIMInstanceName, CIMProperty
+
+log = logging.getLogger(__name__)
 
 
 class Instance(CIMInstance):
@@ -51,6 +54,10 @@ class Provider:
 
     namespace: str = "root/virt"
     classnames: tuple[str, ...] = ()
+
+    async def close(self) -> None:
+        """Stop what the provider runs in the background. The server calls it once,
+        when it stops (after the last request); the default has nothing to stop."""
 
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
         return ()
@@ -127,6 +134,15 @@ class Registry:
     def classes(self, namespace: str) -> list[str]:
         ns = namespace.lower()
         return [cls for (n, cls) in self._by_class if n == ns]
+
+    async def close(self) -> None:
+        """Close every registered provider, each once (one may serve several classes)."""
+        providers = {id(p): p for p in self._by_class.values()}
+        for prov in providers.values():
+            try:
+                await prov.close()
+            except Exception:
+                log.exception("closing provider %s failed", type(prov).__name__)
 
 
 def _norm_value(value: Any) -> Any:

@@ -21,9 +21,9 @@ from pywbem._cim_types import cimtype as _pywbem_cimtype  # only here
 
 XML_DECL = '<?xml version="1.0" encoding="utf-8" ?>\n'
 
-# Characters XML 1.0 cannot carry at all (DSP0201 values are XML text): replaced by
-# U+FFFD so a hostile name cannot make the whole response unparseable.
-_INVALID_XML_CHARS = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ufffe\uffff\ud800-\udfff]")
+# What `esc` rewrites: the five XML specials and CR (as references), and characters XML
+# 1.0 cannot carry at all (DSP0201 values are XML text), replaced by U+FFFD so a hostile
+# name cannot make the whole response unparseable.
 _NEEDS_ESCAPE = re.compile("[&<>\"'\x00-\x08\x0b\x0c\x0e-\x1f\r\ufffe\uffff\ud800-\udfff]")
 _ESCAPES = {"&": "&amp;", "<": "&lt;", ">": "&gt;", '"': "&quot;", "'": "&apos;",
             "\r": "&#13;"}
