@@ -8,7 +8,9 @@ in the same run:
 - libvirt floor: listAllDomains(ACTIVE) + getAllDomainStats(STATE) from this process;
 - Manager floor: one ListDomains call over D-Bus from this process;
 - loopback floor: the same number of bytes as the response, over a loopback socket;
-- peer: pywbem_mock's FakedWBEMConnection holding the same instances, in-process.
+- peer: pywbem_mock's FakedWBEMConnection holding the same instances, in-process;
+- loop stall: the worst lateness of a server's event loop (a 1 ms probe in its own
+  process) while it parses a 16 MiB request and writes the N-instance response.
 """
 from __future__ import annotations
 
@@ -338,8 +340,9 @@ def getinstance_latency(setup: Setup, peer: dict, blocks: int = 10,
 
 def getinstance_concurrent(setup: Setup, clients: int = 8, per_client: int = 250) -> float:
     """Requests per second with `clients` keep-alive connections at once."""
+    ccn = {"CreationClassName": "VIRT_ComputerSystem"}
     bodies = [_envelope("GetInstance", f'<IPARAMVALUE NAME="InstanceName">'
-                        f'{_instancename("VIRT_ComputerSystem", {"CreationClassName": "VIRT_ComputerSystem", "Name": c.uuid})}'
+                        f'{_instancename("VIRT_ComputerSystem", {**ccn, "Name": c.uuid})}'
                         "</IPARAMVALUE>") for c in setup.running[:per_client]]
     barrier = threading.Barrier(clients + 1)
     errors: list[BaseException] = []
@@ -384,6 +387,131 @@ def freshness(setup: Setup, rounds: int = 5) -> float:
                 raise TimeoutError("state change not visible within 10 s")
         samples.append(time.perf_counter() - t)
     return statistics.median(samples)
+
+
+# --- loop stall -----------------------------------------------------------------------
+
+STALL_BODY = 16 * 1024 * 1024
+
+
+def stall_request(size: int = STALL_BODY) -> bytes:
+    """A valid CIM-XML EnumerateInstanceNames of `size` bytes made of many small
+    IPARAMVALUEs: the costliest shape to parse per byte (elements, not text), and one
+    the dispatcher answers at once (CIM_ERR_INVALID_PARAMETER at the first unknown
+    parameter), so what stalls the loop is the parse alone."""
+    base = _envelope("EnumerateInstanceNames", _classname("ClassName", "VIRT_HostSystem") + "@@")
+    item = '<IPARAMVALUE NAME="Pad%07d"><VALUE>padding</VALUE></IPARAMVALUE>'
+    count = (size - len(base) + 2) // len(item % 0)
+    return base.replace(b"@@", "".join(item % i for i in range(count)).encode())
+
+
+_STALL_CHILD = """
+import sys
+from bench.run import stall_server
+stall_server(sys.argv[1], sys.argv[2])
+"""
+
+
+def stall_server(libvirt_uri: str, manager_bus: str) -> None:
+    """A child process: `serve`'s own wiring (start_sources + start_server, uvloop when
+    installed) on loopback, plus a probe task that sleeps 1 ms at a time and keeps the
+    worst lateness. Prints `port P`; then answers `reset` with `ok` and `read` with the
+    worst lateness in ms since the last reset (read on the loop itself, after the
+    probe has woken up from whatever stalled it)."""
+    from cim_provider.server.main import run_loop, start_server, start_sources
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        sources = await start_sources(libvirt_uri=libvirt_uri, manager_bus=manager_bus)
+        handle = await start_server([("127.0.0.1", 0)], sources=sources)
+        worst = [0.0]
+
+        async def probe() -> None:
+            while True:
+                t = time.perf_counter()
+                await asyncio.sleep(0.001)
+                worst[0] = max(worst[0], time.perf_counter() - t - 0.001)
+
+        async def command(line: str) -> str:
+            if line == "reset":
+                await asyncio.sleep(0.01)
+                worst[0] = 0.0
+                return "ok"
+            await asyncio.sleep(0.01)          # the probe records a stall once it is over
+            return f"{worst[0] * 1e3:.3f}"
+
+        done = asyncio.Event()
+
+        def commands() -> None:                # blocked in read(): holds no GIL
+            for line in sys.stdin:
+                reply = asyncio.run_coroutine_threadsafe(command(line.strip()), loop).result()
+                print(reply, flush=True)
+            loop.call_soon_threadsafe(done.set)
+
+        task = asyncio.create_task(probe())
+        print(f"port {handle.addresses[0][1]}", flush=True)
+        threading.Thread(target=commands, daemon=True).start()
+        await done.wait()
+        task.cancel()
+        await handle.close()
+
+    run_loop(main())
+
+
+def loop_stall(setup: Setup, runs: int = 3) -> dict[str, float]:
+    """Worst lateness (ms) of the server's event loop while it parses a 16 MiB request
+    and while it writes the N-instance EnumerateInstances response, each the median
+    over `runs` of the worst lateness seen by a 1 ms probe in the server process (a
+    second server on the same libvirtd and Manager: `serve` has no probe)."""
+    log = open(setup.workdir / f"stall-{setup.n}.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-c", _STALL_CHILD, setup.lvd.uri, setup.bus.address],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=log,
+                            cwd=str(ROOT), text=True, bufsize=1)
+    try:
+        line = proc.stdout.readline()
+        if not line.startswith("port "):
+            raise RuntimeError(f"stall server did not start: {line!r}")
+        port = int(line.split()[1])
+
+        def ask(cmd: str) -> str:
+            proc.stdin.write(cmd + "\n")
+            return proc.stdout.readline().strip()
+
+        wbem = pywbem.WBEMConnection(f"http://127.0.0.1:{port}", default_namespace=NS,
+                                     timeout=600)
+        deadline = time.monotonic() + 300
+        while len(wbem.EnumerateInstanceNames("VIRT_ComputerSystem")) != setup.n:
+            if time.monotonic() > deadline:
+                raise TimeoutError("stall server did not report all systems")
+            time.sleep(0.2)
+        cli = RawClient(port)
+        big = stall_request()
+        ei = _envelope("EnumerateInstances", _classname("ClassName", "VIRT_ComputerSystem"))
+        cli.call("EnumerateInstances", ei)     # warm-up, as for the other figures
+        out: dict[str, float] = {}
+        for label, method, body in (("request", "EnumerateInstanceNames", big),
+                                    ("response", "EnumerateInstances", ei)):
+            worst = []
+            for _ in range(runs):
+                ask("reset")
+                try:
+                    cli.call(method, body)
+                except RuntimeError as exc:    # the padded request: INVALID_PARAMETER
+                    if 'ERROR CODE="4"' not in str(exc):
+                        raise
+                worst.append(float(ask("read")))
+            out[f"loop_stall_{label}_ms"] = statistics.median(worst)
+        out["loop_stall_ms"] = max(out["loop_stall_request_ms"], out["loop_stall_response_ms"])
+        out["loop_stall_request_bytes"] = len(big)
+        return out
+    finally:
+        proc.stdin.close()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        log.close()
 
 
 def measure(n: int, workdir: Path) -> dict:
@@ -431,6 +559,7 @@ def measure(n: int, workdir: Path) -> dict:
         del peer
         out["getinstance_8conn_rps"] = getinstance_concurrent(setup)
         out["freshness_s"] = freshness(setup)
+        out.update(loop_stall(setup))
         out["rss_mib"] = setup.rss_mib()
     finally:
         setup.close()
@@ -464,6 +593,12 @@ def report(results: list[dict]) -> str:
                      f"{r['floor_manager_s'] * 1e3:.1f} ms, loopback "
                      f"{r['floor_loopback_EnumerateInstances_s'] * 1e3:.1f} ms for "
                      f"{r['bytes']['EnumerateInstances']} bytes")
+    for r in results:
+        if "loop_stall_ms" in r:
+            lines.append(f"N={r['n']}: loop stall {r['loop_stall_ms']:.1f} ms worst lateness "
+                         f"(parsing a {r['loop_stall_request_bytes'] / 2**20:.0f} MiB request "
+                         f"{r['loop_stall_request_ms']:.1f} ms, writing {r['n']} instances "
+                         f"{r['loop_stall_response_ms']:.1f} ms)")
     if len(results) >= 2:
         a, b = results[0], results[-1]
         lines.append(f"GetInstance p50 at N={b['n']} vs N={a['n']}: "

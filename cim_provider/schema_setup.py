@@ -22,14 +22,15 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from .wbem.repository import (SCHEMA_ZIP_NAME, Repository, SchemaNotFound, class_cache_in,
-                              resolve_cache_dir, schema_zip_in)
+from .wbem.repository import (DEFAULT_MOF_DIR, SCHEMA_ZIP_NAME, Repository, SchemaNotFound,
+                              _cache_key, class_cache_in, resolve_cache_dir, schema_zip_in)
 
 # The pywbem source distribution that carries the zip (tests/schema/), and where.
 PYWBEM_SDIST_VERSION = "1.9.1"
 SDIST_MEMBER = f"pywbem-{PYWBEM_SDIST_VERSION}/tests/schema/{SCHEMA_ZIP_NAME}"
 
-CACHE_DIR_HELP = ("where the DMTF schema and the compiled classes are kept (default "
+CACHE_DIR_HELP = ("where the DMTF schema and the compiled classes are kept; must be "
+                  "writable when the classes are compiled (default: "
                   "$CIM_PROVIDER_CACHE_DIR, else build/ in a checkout, else "
                   "/var/cache/cim-provider as root, else $XDG_CACHE_HOME/cim-provider)")
 
@@ -38,13 +39,18 @@ class SetupError(Exception):
     """A fetch or a zip that went wrong; str() is the message for the user."""
 
 
-def add_cache_dir_argument(p: argparse.ArgumentParser) -> None:
+def add_cache_dir_argument(p: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
     p.add_argument("--cache-dir", type=Path, default=None, metavar="DIR", help=CACHE_DIR_HELP)
 
 
 def load_repository(cache_dir: Path | None) -> Repository | None:
     """The repository, or None after telling the user how to fetch a missing schema
-    (or what is wrong with an unreadable one)."""
+    (or what is wrong with an unreadable one, or a class cache that must be written
+    to a directory that is not writable)."""
+    unwritable = _unwritable_class_cache(cache_dir)
+    if unwritable is not None:
+        print(unwritable, file=sys.stderr, flush=True)
+        return None
     try:
         return Repository.load(cache_dir)
     except SchemaNotFound as exc:
@@ -53,6 +59,28 @@ def load_repository(cache_dir: Path | None) -> Repository | None:
         print(f"DMTF schema in {resolve_cache_dir(cache_dir)} unreadable ({exc}): run "
               f"`cim-provider setup-schema` (or `cim-provider setup-schema --from ZIP`)",
               file=sys.stderr, flush=True)
+    return None
+
+
+def _unwritable_class_cache(cache_dir: Path | None) -> str | None:
+    """Why the classes cannot be compiled into the cache directory, when they must be
+    (no class cache for the current schema and MOF yet); None when they need not be or
+    can be. Reading an existing cache from a read-only directory is fine."""
+    where = resolve_cache_dir(cache_dir)
+    zip_path = schema_zip_in(where)
+    if not zip_path.is_file():
+        return None                      # Repository.load says how to fetch it
+    classes = class_cache_in(where)
+    try:
+        if (classes / f"classes-{_cache_key(zip_path, DEFAULT_MOF_DIR)}.pickle").is_file():
+            return None
+        classes.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=classes, prefix=".write-test-"):
+            pass
+    except OSError as exc:
+        return (f"--cache-dir {where}: the compiled classes must be written to {classes}, "
+                f"which is not writable ({exc.strerror}): give a writable --cache-dir, or "
+                f"run `cim-provider setup-schema` as a user who can write it")
     return None
 
 
@@ -157,7 +185,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--from", dest="source", type=Path, default=None, metavar="ZIP",
                    help=f"take the schema from this local zip ({SCHEMA_ZIP_NAME}, e.g. "
                         "fetched elsewhere with scripts/fetch_schema.sh) instead of "
-                        "downloading pywbem's source distribution from the package index")
+                        "downloading pywbem's source distribution from the package index "
+                        "(default: download it, unless the cache directory has it)")
 
 
 def run(args: argparse.Namespace) -> int:

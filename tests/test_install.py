@@ -109,7 +109,7 @@ def test_a_missing_schema_says_how_to_fetch_it(tmp_path):
     assert str(err.value) == missing_message(tmp_path / "empty")
     for cmd in ("serve", "demo"):
         out = subprocess.run([str(CLI), cmd, "--cache-dir", str(tmp_path / "empty"),
-                              "--listen", "127.0.0.1:0"],
+                              "--listen", "127.0.0.1:59881"],
                              capture_output=True, text=True, timeout=60, cwd=tmp_path)
         assert out.returncode == 2, out
         assert out.stderr.strip() == missing_message(tmp_path / "empty"), out
@@ -249,7 +249,7 @@ def test_installed_wheel_works_outside_the_checkout(tmp_path, request):
     cache = tmp_path / "cache"
     for extra, where_dir in (([], tmp_path / "env-cache"), (["--cache-dir", cache], cache)):
         run_env = {**env, repository.CACHE_DIR_ENV: str(where_dir)} if not extra else env
-        out = subprocess.run([str(c) for c in [exe, "serve", "--listen", "127.0.0.1:0", *extra]],
+        out = subprocess.run([str(c) for c in [exe, "serve", "--listen", "127.0.0.1:59881", *extra]],
                              capture_output=True, text=True, cwd=work, env=run_env, timeout=60)
         assert (out.returncode, out.stderr.strip()) == (2, missing_message(where_dir)), out
     if os.geteuid() != 0:               # the default cache directory for a user

@@ -229,3 +229,23 @@ def test_error_reason_does_not_echo_large_content():
         parse_request(body)
     assert exc.value.status == 400
     assert len(exc.value.reason) <= 310
+
+
+def test_dismantled_tree_leaves_the_request_whole(monkeypatch):
+    """A large request's tree is taken apart after parsing (so freeing it cannot stall
+    the event loop): nothing the request holds may come from the emptied lists."""
+    from cim_provider.wbem import request as request_mod
+    params = ('<IPARAMVALUE NAME="PropertyList"><VALUE.ARRAY><VALUE>A</VALUE><VALUE>B</VALUE>'
+              '</VALUE.ARRAY></IPARAMVALUE><IPARAMVALUE NAME="InstanceName">'
+              '<INSTANCENAME CLASSNAME="X"><KEYBINDING NAME="K"><KEYVALUE VALUETYPE="string">'
+              'v</KEYVALUE></KEYBINDING><KEYBINDING NAME="R"><VALUE.REFERENCE>'
+              '<INSTANCENAME CLASSNAME="Y"><KEYBINDING NAME="Z"><KEYVALUE>1</KEYVALUE>'
+              '</KEYBINDING></INSTANCENAME></VALUE.REFERENCE></KEYBINDING></INSTANCENAME>'
+              '</IPARAMVALUE>')
+    body = imethodcall("GetInstance", params)
+    kept = parse_request(body)
+    monkeypatch.setattr(request_mod, "DISMANTLE_ABOVE", 0)
+    dismantled = parse_request(body)
+    assert dismantled.params == kept.params
+    assert dismantled.params["PropertyList"] == ["A", "B"]
+    assert dismantled.params["InstanceName"].keybindings["R"].keybindings["Z"] is not None

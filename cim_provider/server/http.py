@@ -6,21 +6,95 @@ dispatcher and writes the pieces it gets back. It knows nothing of domains.
 from __future__ import annotations
 
 import asyncio
+import gc
 import logging
 import re
+import threading
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from urllib.parse import unquote
 
 from aiohttp import web
 
 from ..wbem.dispatch import Dispatcher, OperationContext
-from ..wbem.request import RequestError, parse_request
+from ..wbem.request import CIMRequest, RequestError, parse_request
 
 log = logging.getLogger(__name__)
 
 DEFAULT_MAX_BODY = 16 * 1024 * 1024
 CIM_PATHS = ("/cimom", "/")
 _MAN_NS = re.compile(r";\s*ns\s*=\s*(\d+)", re.I)
+
+# Large bodies and responses must not hold the event loop (HTTP, libvirt events and
+# D-Bus share it). Dense CIM-XML parses at 0.2-0.3 µs a byte, so a body above
+# PARSE_OFF_LOOP (up to ~10 ms of parsing) is parsed in a worker thread; Python threads
+# share the GIL, but the parser's callbacks are Python code, so the loop gets it back
+# every switch interval (5 ms). What would still hold the GIL for long is avoided:
+# garbage collections over the growing tree (see _CollectorPause) and freeing the
+# request's parameters all at once (see _release). A response above
+# STREAM_ABOVE characters is encoded and written STREAM_CHUNK characters at a time,
+# yielding between chunks (a join or encode is one C call that never lets go of the
+# GIL, so a thread would not help). Smaller ones take the unchanged fast path.
+PARSE_OFF_LOOP = 32 * 1024        # request bytes
+PARSE_THREADS = 2                 # large bodies parsed at once (each tree is ~10x its body)
+STREAM_ABOVE = 1024 * 1024        # response characters
+STREAM_CHUNK = 256 * 1024         # characters per write (~0.3 ms to join and encode)
+RELEASE_ABOVE = 1024              # parameters: more are freed in a worker, one at a time
+
+
+class _CollectorPause:
+    """The cyclic garbage collector off while large bodies are parsed.
+
+    A parse builds millions of container objects. With the collector on, each full
+    collection walks the growing tree in one C call holding the GIL (up to ~200 ms,
+    several per 16 MiB body), and the objects it promotes to the oldest generation
+    make one more full collection of the whole process (~300 ms with 10,000
+    domains) due soon after. Off, nothing is walked or promoted: the tree, freed by
+    reference counting when the parse returns, leaves the collector's counts as they
+    were. Process-wide, so counted across the servers of a process (tests run
+    several, each on its own thread); left alone when someone else turned it off.
+    A pause is not extended past `max_seconds`: under a stream of large bodies the
+    collector comes back once the parses in flight are done.
+    """
+
+    def __init__(self, max_seconds: float = 10.0) -> None:
+        self.max_seconds = max_seconds
+        self._lock = threading.Lock()
+        self._count = 0
+        self._since = 0.0
+
+    def pause(self) -> bool:
+        """True when this caller takes part in the pause (then call resume())."""
+        with self._lock:
+            if self._count == 0:
+                if not gc.isenabled():
+                    return False
+                gc.disable()
+                self._since = time.monotonic()
+            elif time.monotonic() - self._since > self.max_seconds:
+                return False
+            self._count += 1
+            return True
+
+    def resume(self) -> None:
+        with self._lock:
+            self._count -= 1
+            if self._count == 0:
+                gc.enable()
+
+
+_GC_PAUSE = _CollectorPause()
+
+
+def _release(params: dict) -> None:
+    """Empty a large request's parameter dict one entry at a time (in a worker): freed
+    at once, its values hold the GIL (250,000 of them: ~60 ms). Only the dict is
+    emptied, which belongs to the request; the dispatcher has copied what it keeps
+    into its own dicts, and the values themselves are not touched."""
+    while params:
+        params.popitem()
 
 
 @dataclass
@@ -83,11 +157,21 @@ class _MPostAwareParser:
     """aiohttp's C request parser (llhttp) knows a fixed list of methods and answers
     M-POST with a 400 before any handler runs; its pure-Python parser accepts any
     method token but costs a few hundred µs per request. This parser is the C one
-    until a request on the connection starts with M-POST, then the Python one."""
+    until a request on the connection starts with M-POST, then the Python one.
+
+    aiohttp has no public way to choose the request parser, so this relies on its
+    internals as of aiohttp 3.9 to 3.14 (pyproject.toml pins <3.15): RequestHandler
+    builds its parser by calling the module global `web_protocol.HttpRequestParser`
+    (replaced by `_accept_m_post`), `http_parser.HttpRequestParserPy` is the pure-Python
+    parser taking the same arguments, and `feed_data` returns (messages, upgraded, tail)
+    with messages a list of (message, payload StreamReader). If these change, M-POST is
+    answered 400 again or parsing fails outright: tests/test_http_errors.py's M-POST
+    tests catch both."""
 
     def __init__(self, *args, **kwargs):
         from aiohttp import http_parser
         self._make = lambda: http_parser.HttpRequestParserPy(*args, **kwargs)
+        assert _C_PARSER is not None        # _accept_m_post sets it before installing us
         self._impl = _C_PARSER(*args, **kwargs)
         self._python = _C_PARSER is http_parser.HttpRequestParserPy
         self._payload = None          # body of the last request parsed
@@ -113,7 +197,7 @@ class _MPostAwareParser:
         return getattr(self._impl, name)
 
 
-_C_PARSER = None
+_C_PARSER: type | None = None     # aiohttp's own parser class, kept by _accept_m_post
 
 
 def _accept_m_post() -> None:
@@ -121,8 +205,9 @@ def _accept_m_post() -> None:
     global _C_PARSER
     from aiohttp import web_protocol
     if web_protocol.HttpRequestParser is not _MPostAwareParser:
+        # aiohttp internals (see _MPostAwareParser): the name RequestHandler looks up
         _C_PARSER = web_protocol.HttpRequestParser
-        web_protocol.HttpRequestParser = _MPostAwareParser
+        web_protocol.HttpRequestParser = _MPostAwareParser  # type: ignore[misc,assignment]  # reason: monkeypatch
 
 
 def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
@@ -130,6 +215,7 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
     """The aiohttp application serving CIM-XML operations on /cimom."""
     limits = limits or HTTPLimits()
     _accept_m_post()
+    parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="cim-parse")
 
     async def handle(request: web.Request) -> web.StreamResponse:
         if request.path not in CIM_PATHS:
@@ -163,20 +249,57 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
             except asyncio.IncompleteReadError:
                 raise RequestError(400, "request-not-well-formed",
                                    "request body shorter than its Content-Length") from None
+            if len(body) > PARSE_OFF_LOOP:
+                return await large(request, body, headers, prefix, ctx)
             req = parse_request(body, limits.max_depth)
             _check_headers(headers, req)
         except RequestError as exc:
             return _error_response(exc, prefix)
+        return await respond(request, req, ctx, prefix)
+
+    async def large(request: web.Request, body: bytes, headers: dict[str, str],
+                    prefix: str | None, ctx: OperationContext) -> web.StreamResponse:
+        """A body above PARSE_OFF_LOOP: parsed in a worker thread with the garbage
+        collector paused, its parameters freed in the worker afterwards."""
+        req = None
+        try:
+            try:
+                paused = _GC_PAUSE.pause()
+                try:
+                    req = await asyncio.get_running_loop().run_in_executor(
+                        parse_pool, parse_request, body, limits.max_depth)
+                finally:
+                    if paused:
+                        _GC_PAUSE.resume()
+                _check_headers(headers, req)
+            except RequestError as exc:
+                return _error_response(exc, prefix)
+            return await respond(request, req, ctx, prefix)
+        finally:
+            if req is not None and len(req.params) > RELEASE_ABOVE:
+                try:
+                    parse_pool.submit(_release, req.params)
+                except RuntimeError:       # the pool is shut down: the server is stopping
+                    pass
+
+    async def respond(request: web.Request, req: CIMRequest, ctx: OperationContext,
+                      prefix: str | None) -> web.StreamResponse:
         pieces = await dispatcher.handle(req, ctx)
         out_headers = {"Content-Type": 'application/xml; charset="utf-8"',
                        (prefix or "") + "CIMOperation": "MethodResponse"}
         if prefix is not None:
             out_headers["Ext"] = ""
-        body = "".join(pieces).encode("utf-8", "replace")
-        return web.Response(body=body, headers=out_headers)
+        if sum(map(len, pieces)) > STREAM_ABOVE:
+            return await _stream(request, pieces, out_headers)
+        return web.Response(body="".join(pieces).encode("utf-8", "replace"),
+                            headers=out_headers)
+
+    async def stop_parsing(_app: web.Application) -> None:
+        parse_pool.shutdown(wait=False, cancel_futures=True)
 
     app = web.Application(client_max_size=limits.max_body)
     app.router.add_route("*", "/{tail:.*}", handle)
+    app.on_cleanup.append(stop_parsing)
     return app
 
 
@@ -191,3 +314,51 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
             raise web.HTTPRequestEntityTooLarge(limit, size)
         chunks.append(chunk)
     return b"".join(chunks)
+
+
+def _slices(pieces: list[str]) -> Iterator[str]:
+    """The pieces, any longer than STREAM_CHUNK cut into STREAM_CHUNK slices."""
+    for piece in pieces:
+        if len(piece) <= STREAM_CHUNK:
+            yield piece
+        else:
+            for i in range(0, len(piece), STREAM_CHUNK):
+                yield piece[i:i + STREAM_CHUNK]
+
+
+def _encode(batch: list[str]) -> bytes:
+    return "".join(batch).encode("utf-8", "replace")
+
+
+async def _stream(request: web.Request, pieces: list[str],
+                  headers: dict[str, str]) -> web.StreamResponse:
+    """Write a large response in bounded chunks with Content-Length (the same bytes and
+    headers as the fast path), giving the loop back between chunks: the client's
+    pace sets the writing (drain), and the encoded body is never held whole."""
+    size, count = 0, 0
+    for piece in _slices(pieces):       # UTF-8 length: O(1) for ASCII pieces
+        size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "replace"))
+        count += 1
+        if count % 4096 == 0:
+            await asyncio.sleep(0)
+    resp = web.StreamResponse(headers=headers)
+    resp.content_length = size
+    try:
+        await resp.prepare(request)
+        batch: list[str] = []
+        chars = 0
+        for piece in _slices(pieces):
+            batch.append(piece)
+            chars += len(piece)
+            if chars >= STREAM_CHUNK:
+                await resp.write(_encode(batch))   # waits while the client lags behind
+                batch, chars = [], 0
+                await asyncio.sleep(0)             # write() does not yield when it need not
+        if batch:
+            await resp.write(_encode(batch))
+        await resp.write_eof()
+    except ConnectionError:
+        # The client went away mid-response: aiohttp's own ending of the response
+        # meets the closed transport and drops the connection, as for a plain Response.
+        pass
+    return resp

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import logging
 import signal
 import socket
@@ -14,7 +15,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
 
@@ -25,10 +26,11 @@ from ..inventory.inventory import Inventory
 from ..providers import Backend, virt_providers
 from ..providers.interop import interop_providers
 from . import security
+from .audit import AuditLog, AuditLogError
 from .connections import ConnectionGuard, GuardedSite
 from ..wbem.dispatch import Dispatcher
 from .http import DEFAULT_MAX_BODY, HTTPLimits, make_app
-from .listen import parse_listen
+from .listen import parse_listen, show_address
 from ..wbem.provider import Provider, Registry
 from ..wbem.pull import PullContexts
 from ..wbem.repository import Repository
@@ -103,6 +105,9 @@ class ServerHandle:
     https_addresses: list[tuple[str, int]] = field(default_factory=list)
     guard: ConnectionGuard | None = None
     authenticate: object | None = None
+    # Run on a reload request (SIGHUP in `serve`): reopen the audit log, ...
+    on_reload: list[Callable[[], None]] = field(default_factory=list)
+    audit: AuditLog | None = None
 
     def stats(self) -> dict[str, int]:
         """Counts for introspection (tests, SIGUSR1): connections, pull contexts, logins."""
@@ -116,10 +121,15 @@ class ServerHandle:
 
     async def close(self) -> None:
         await self.runner.cleanup()
+        # No request is served any more: stop what providers run in the background
+        # (before the sources those tasks call are stopped).
+        await self.dispatcher.registry.close()
         if self.indications is not None:
             await self.indications.close()
         if self.sources is not None:
             await self.sources.close()
+        if self.audit is not None:
+            self.audit.close()
 
 
 async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None = None,
@@ -129,7 +139,8 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
                        state_dir: str | Path | None = None,
                        indication_options: dict | None = None,
                        https: Sequence[tuple[str, int]] = (), ssl_context=None,
-                       authenticate=None, max_pull_per_client: int | None = None) -> ServerHandle:
+                       authenticate=None, max_pull_per_client: int | None = None,
+                       audit_log: str | Path | None = None) -> ServerHandle:
     """Build the repository, registry and dispatcher, and listen on every address.
 
     With `sources`, the virtual-system model is served from their inventory, and its
@@ -137,11 +148,21 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     in memory when None); `indication_options` tune delivery (see indications.delivery).
     `https` listeners use `ssl_context`; `authenticate` is the hook of wbem/auth.py
     (None: no authentication, every client an operator; see security.py for the rules).
-    When a listener cannot start (a port in use, ...), everything built is closed again,
-    `sources` included, and the error is raised.
+    Every modifying operation is logged on `cim_provider.audit`, and appended to
+    `audit_log` as a JSON line when given (reopened by the handle's `on_reload`).
+    When the audit log cannot be opened or a listener cannot start (a port in use, a
+    name that does not resolve, ...), everything built is closed again, `sources`
+    included, and a security.StartupError saying which and why is raised (for a
+    listener also an OSError with its errno).
     """
     if https and ssl_context is None:
         raise ValueError("HTTPS listeners need an ssl_context")
+    try:
+        audit = AuditLog(audit_log)
+    except AuditLogError:
+        if sources is not None:
+            await sources.close()
+        raise
     repo = repo or Repository.load()
     host = host or host_fqdn()
     registry = Registry()
@@ -161,7 +182,7 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
         registry.add(prov)
     pulls = PullContexts() if max_pull_per_client is None \
         else PullContexts(max_per_client=max_pull_per_client)
-    dispatcher = Dispatcher(repo, registry, host, pulls)
+    dispatcher = Dispatcher(repo, registry, host, pulls, audit=audit)
     limits = limits or HTTPLimits()
     app = make_app(dispatcher, limits, authenticate)
     runner = web.AppRunner(app, access_log=None, handle_signals=False,
@@ -171,14 +192,18 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     await runner.setup()
     guard = ConnectionGuard(limits.max_connections, limits.read_timeout)
     handle = ServerHandle(runner, dispatcher, sources=sources, indications=indications,
-                          guard=guard, authenticate=authenticate)
+                          guard=guard, authenticate=authenticate, audit=audit)
+    handle.on_reload.append(audit.reopen)
     try:
         for addrs, ctx, out in ((listen, None, handle.addresses),
                                 (https, ssl_context, handle.https_addresses)):
             for h, p in addrs:
                 site = GuardedSite(runner, h, p, guard, ssl_context=ctx,
                                    handshake_timeout=limits.read_timeout)
-                await site.start()
+                try:
+                    await site.start()
+                except OSError as exc:   # in use, not an address of this host, no name
+                    raise security.ListenError.of(exc, h, p) from None
                 for sock in site.sockets:  # the real port when 0 was asked for
                     out.append(sock.getsockname()[:2])
     except BaseException:
@@ -187,51 +212,73 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
         await handle.close()
         raise
     log.info("serving CIM-XML on %s", ", ".join(
-        [f"http://{h}:{p}" for h, p in handle.addresses]
-        + [f"https://{h}:{p}" for h, p in handle.https_addresses]))
+        [f"http://{show_address(h, p)}" for h, p in handle.addresses]
+        + [f"https://{show_address(h, p)}" for h, p in handle.https_addresses]))
+    if audit_log is not None:
+        log.info("audit log: %s", audit_log)
     return handle
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .. import __version__
     p.add_argument("--version", action="version", version=f"cim-provider {__version__}")
-    p.add_argument("--listen", action="append", type=parse_listen, metavar="HOST:PORT",
-                   help="address to serve plain HTTP on (repeatable; default 127.0.0.1:5988 "
-                        "unless --https-listen is given; only loopback without "
-                        "--insecure-http)")
-    add_cache_dir_argument(p)
-    p.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                   help="where indication subscriptions are kept (default "
-                        "/var/lib/cim-provider as root, else $XDG_STATE_HOME/cim-provider)")
-    p.add_argument("--insecure-listeners", action="store_true",
-                   help="send a listener destination's username and password to an HTTPS "
-                        "listener whose certificate does not verify (default: such "
-                        "indications are not sent; listeners without credentials are "
-                        "never verified)")
-    p.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY,
-                   help="largest request body in bytes (default 16 MiB)")
-    p.add_argument("--libvirt-uri", default=None,
-                   help="libvirt URI of the running domains (default LIBVIRT_DEFAULT_URI, "
-                        "else libvirt's own default)")
+    listeners = security.group(p, "listeners")
+    listeners.add_argument(
+        "--listen", action="append", type=parse_listen, metavar="HOST:PORT",
+        help="address to serve plain HTTP on, repeatable; PORT alone is every address, "
+             "IPv4 and IPv6, which needs --insecure-http and authentication (default: "
+             "127.0.0.1:5988 unless --https-listen is given)")
     security.add_arguments(p)
-    p.add_argument("--manager-bus", default="system", metavar="system|session|ADDRESS",
-                   help="bus of org.example.virt.Manager (default system; honours "
-                        "DBUS_SYSTEM_BUS_ADDRESS / DBUS_SESSION_BUS_ADDRESS)")
-    p.add_argument("--manager-timeout", type=float, default=5.0,
-                   help="seconds before a Manager call fails (default 5)")
-    p.add_argument("--manager-start-timeout", type=float, default=60.0,
-                   help="seconds before a StartDomain call to the Manager fails: it answers "
-                        "once the guest runs (default 60)")
-    p.add_argument("--manager-list-timeout", type=float, default=60.0, metavar="SECONDS",
-                   help="seconds before a listing call (ListDomains, ListInactiveDomains) "
-                        "fails; a listing carries every definition, so it gets longer than "
-                        "other calls, and one that times out is tried again at once "
-                        "(default 60)")
-    p.add_argument("--manager-relist", type=float, default=5.0,
-                   help="seconds between re-reads of a Manager without signals (default 5)")
+    security.group(p, "TLS").add_argument(
+        "--insecure-listeners", action="store_true",
+        help="send a listener destination's username and password to an HTTPS listener "
+             "whose certificate does not verify (default: such indications are not sent; "
+             "listeners without credentials are never verified)")
+    limits = security.group(p, "limits")
+    limits.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
+                        help="largest request body; larger ones get 413 "
+                             "(default: %(default)s, 16 MiB)")
+    sources = security.group(p, "sources")
+    sources.add_argument("--libvirt-uri", default=None, metavar="URI",
+                         help="libvirt URI of the running domains (default: "
+                              "$LIBVIRT_DEFAULT_URI, else libvirt's own default)")
+    sources.add_argument("--manager-bus", default="system", metavar="system|session|ADDRESS",
+                         help="bus of org.example.virt.Manager; honours "
+                              "$DBUS_SYSTEM_BUS_ADDRESS / $DBUS_SESSION_BUS_ADDRESS "
+                              "(default: %(default)s)")
+    sources.add_argument("--manager-timeout", type=float, default=5.0, metavar="SECONDS",
+                         help="time before a Manager call fails (default: %(default)s)")
+    sources.add_argument("--manager-start-timeout", type=float, default=60.0,
+                         metavar="SECONDS",
+                         help="time before a StartDomain call to the Manager fails: it "
+                              "answers once the guest runs (default: %(default)s)")
+    sources.add_argument("--manager-list-timeout", type=float, default=60.0,
+                         metavar="SECONDS",
+                         help="time before a listing call (ListDomains, ListInactiveDomains) "
+                              "fails; a listing carries every definition, so it gets longer "
+                              "than other calls, and one that times out is tried again at "
+                              "once (default: %(default)s)")
+    sources.add_argument("--manager-relist", type=float, default=5.0, metavar="SECONDS",
+                         help="time between re-reads of a Manager without signals "
+                              "(default: %(default)s)")
+    files = security.group(p, "files")
+    add_cache_dir_argument(files)
+    files.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
+                       help="where indication subscriptions and the self-signed TLS pair "
+                            "are kept; must be writable (default: /var/lib/cim-provider as "
+                            "root, else $XDG_STATE_HOME/cim-provider)")
+    logs = security.group(p, "logging")
+    logs.add_argument("--audit-log", type=Path, default=None, metavar="FILE",
+                      help="also append every modifying operation (methods, instance "
+                           "writes) to FILE as a JSON line; created with mode 0600, "
+                           "reopened on SIGHUP (default: none; the records still go to the "
+                           "log, logger cim_provider.audit)")
 
 
 async def _serve(args: argparse.Namespace, repo: Repository, t0: float) -> int:
+    from .notify import Notifier
+    from .reload import Reloader
+    notifier = Notifier.from_env()        # systemd Type=notify; a no-op without it
     host = host_fqdn()
     state_dir = args.state_dir or default_state_dir()
     listen = args.listen or ([] if args.https_listen else [("127.0.0.1", 5988)])
@@ -246,24 +293,49 @@ async def _serve(args: argparse.Namespace, repo: Repository, t0: float) -> int:
                                   manager_start_timeout=args.manager_start_timeout,
                                   manager_list_timeout=args.manager_list_timeout,
                                   relist_interval=args.manager_relist)
-    handle = await start_server(sec.listen, repo=repo, sources=sources, host=host,
-                                state_dir=state_dir,
-                                limits=security.limits_from_args(args), https=sec.https,
-                                ssl_context=sec.ssl_context, authenticate=sec.authenticate,
-                                max_pull_per_client=args.max_pull_contexts,
-                                indication_options={"insecure_listeners":
-                                                    args.insecure_listeners})
-    log.info("ready in %.2f s", time.monotonic() - t0)
-    stop = asyncio.Event()
+    try:
+        handle = await _start_server(sec, args, repo, sources, host, state_dir)
+    except security.StartupError as exc:   # a listener (in use, ...): worth a restart
+        log.error("not starting: %s", exc)
+        return 1
+    # SIGHUP: configuration file, users file, TLS pair, log level (server/reload.py)
+    reloader = Reloader(args, ssl_context=sec.ssl_context, authenticate=sec.authenticate,
+                        state_dir=state_dir, hooks=handle.on_reload, notifier=notifier)
     loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGHUP, reloader.reload)
+    stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
     # SIGUSR1 logs the server's counts: introspection without a network endpoint.
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("stats: %s", " ".join(
         f"{k}={v}" for k, v in handle.stats().items())))
+    log.info("ready in %.2f s", time.monotonic() - t0)
+    # What start-up built (the class repository, the first inventory) lives as long as
+    # the server: out of the collector's sight, a full collection no longer walks it
+    # and stalls the loop for a quarter of a second at 10,000 domains.
+    gc.freeze()
+    # Every listener is bound and listening: a connection made now is accepted.
+    reloader.status = "serving " + " ".join(
+        [f"http://{h}:{p}" for h, p in handle.addresses]
+        + [f"https://{h}:{p}" for h, p in handle.https_addresses])
+    notifier.ready(reloader.status)
     await stop.wait()
+    notifier.stopping()
     await handle.close()
+    notifier.close()
     return 0
+
+
+async def _start_server(sec: security.Security, args: argparse.Namespace, repo: Repository,
+                        sources: Sources, host: str, state_dir: Path) -> ServerHandle:
+    return await start_server(sec.listen, repo=repo, sources=sources, host=host,
+                              state_dir=state_dir,
+                              limits=security.limits_from_args(args), https=sec.https,
+                              ssl_context=sec.ssl_context, authenticate=sec.authenticate,
+                              max_pull_per_client=args.max_pull_contexts,
+                              audit_log=getattr(args, "audit_log", None),
+                              indication_options={"insecure_listeners":
+                                                  args.insecure_listeners})
 
 
 def run_loop(main) -> int:

@@ -4,6 +4,10 @@ self-signed certificate made on first use when the operator gives none.
 The pair is generated with the `openssl` command line (the `cryptography` package is
 not a dependency). The key is written with mode 0600 and both files are moved into
 place only once complete, so a crash never leaves half a pair behind.
+
+A pair the operator gives is checked before OpenSSL sees it, so that a refusal names the
+file and the problem (missing, not PEM, a certificate without its key, a key that does
+not match or is encrypted) instead of OpenSSL's "PEM lib".
 """
 from __future__ import annotations
 
@@ -22,12 +26,65 @@ CERT_NAME = "server.crt"
 KEY_NAME = "server.key"
 
 
+class TLSError(ValueError):
+    """A certificate or key the server cannot use; str() names the file and the problem."""
+
+
+def _pem(path: Path, option: str) -> bytes:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise TLSError(f"{option} {path}: no such file") from None
+    except IsADirectoryError:
+        raise TLSError(f"{option} {path} is a directory, not a PEM file") from None
+    except OSError as exc:
+        raise TLSError(f"{option} {path}: cannot read it ({exc.strerror})") from None
+    if b"-----BEGIN " not in data:
+        raise TLSError(f"{option} {path} is not a PEM file (no -----BEGIN line; a DER file "
+                       f"converts with `openssl x509 -inform der`)")
+    return data
+
+
+def check_pair(cert: Path, key: Path | None) -> None:
+    """TLSError naming the file when the pair is unusable before OpenSSL is asked:
+    missing or unreadable files, not PEM, no certificate, a certificate without key."""
+    data = _pem(cert, "--cert")
+    if b"-----BEGIN CERTIFICATE-----" not in data:
+        raise TLSError(f"--cert {cert} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+    if key is None:
+        if b"PRIVATE KEY-----" not in data:
+            raise TLSError(f"--cert {cert} holds a certificate but no private key: give --key")
+    elif b"PRIVATE KEY-----" not in _pem(key, "--key"):
+        raise TLSError(f"--key {key} holds no PEM private key (-----BEGIN ... PRIVATE KEY-----)")
+
+
 def server_context(cert: str | os.PathLike[str], key: str | os.PathLike[str] | None) -> ssl.SSLContext:
-    """A server-side context refusing SSLv3, TLS 1.0 and 1.1."""
+    """A server-side context refusing SSLv3, TLS 1.0 and 1.1; TLSError for a pair it
+    cannot use (which file, and why)."""
+    cert, key = Path(cert), (Path(key) if key else None)
+    check_pair(cert, key)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
-    ctx.load_cert_chain(str(cert), str(key) if key else None)
+    asked: list[bool] = []
+
+    def no_passphrase() -> bytes:     # never prompt on the terminal, as OpenSSL would
+        asked.append(True)
+        raise TLSError("encrypted")
+
+    where = f"--key {key}" if key else f"--cert {cert}"
+    try:
+        ctx.load_cert_chain(str(cert), str(key) if key else None, password=no_passphrase)
+    except (ssl.SSLError, TLSError) as exc:
+        if asked:
+            raise TLSError(f"{where}: the private key is encrypted; the server cannot ask "
+                           f"for its passphrase (decrypt it with `openssl pkey`)") from None
+        if getattr(exc, "reason", None) == "KEY_VALUES_MISMATCH":
+            raise TLSError(f"{where}: the private key does not match the certificate in "
+                           f"--cert {cert}") from None
+        raise TLSError(f"--cert {cert}" + (f" / --key {key}" if key else "")
+                       + f": OpenSSL cannot use them ({getattr(exc, 'reason', None) or exc})"
+                       ) from None
     return ctx
 
 

@@ -3,6 +3,7 @@ front, the dispatcher and the providers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 
 @dataclass
@@ -11,6 +12,9 @@ class OperationContext:
     client: str = "local"
     user: str | None = None
     role: str = "operator"           # reader | operator
+    # What a modifying operation produced, for the audit record (audit.py): a
+    # method's return value, the path of a created instance.
+    outcome: Any = None
 
 
 @dataclass

@@ -18,6 +18,7 @@ from pywbem import CIMClass, CIMClassName, CIMError, CIMInstance, CIMInstanceNam
 
 from . import wql, writes
 from . import writer as w
+from .audit import AuditHook, report
 from .context import OperationContext, Result
 from .methods import invoke_method
 from .params import SIGNATURES, UNSUPPORTED, Signature, convert_params, convert_value
@@ -37,8 +38,9 @@ class Dispatcher:
     """Runs one parsed request against the repository and the providers."""
 
     def __init__(self, repo: Repository, registry: Registry, host: str,
-                 pulls: PullContexts | None = None):
+                 pulls: PullContexts | None = None, audit: AuditHook | None = None):
         self.repo = repo
+        self.audit = audit           # called with each modifying operation's AuditRecord
         self.registry = registry
         self.host = host
         self.pulls = pulls if pulls is not None else PullContexts()  # empty is falsy
@@ -47,7 +49,7 @@ class Dispatcher:
     # -- entry point ---------------------------------------------------------
 
     async def handle(self, req: CIMRequest, ctx: OperationContext) -> list[str]:
-        """Response body pieces for a parsed request; CIM errors become ERROR."""
+        """Response body pieces for a parsed request; CIM errors become ERROR; writes audited."""
         try:
             if req.duplicate is not None:
                 # DSP0200: each parameter at most once; names are case-insensitive
@@ -55,9 +57,7 @@ class Dispatcher:
                                f"parameter {req.duplicate[:64]!r} given twice")
             if req.intrinsic:
                 res = await self._intrinsic(req, ctx)
-                inner = []
-                if res.body is not None:
-                    inner = ["<IRETURNVALUE>", *res.body, "</IRETURNVALUE>"]
+                inner = [] if res.body is None else ["<IRETURNVALUE>", *res.body, "</IRETURNVALUE>"]
                 inner += res.params or []
             else:
                 inner = await invoke_method(self, req, ctx)
@@ -65,9 +65,12 @@ class Dispatcher:
             log.info("%s in %s: %s %s", req.method, req.namespace, exc.status_code_name,
                      exc.status_description)
             inner = [w.error_xml(exc.status_code, exc.status_description or "")]
+            ctx.outcome = exc
         except Exception:
             log.exception("internal error in %s", req.method)
             inner = [w.error_xml(pywbem.CIM_ERR_FAILED, "internal error; see the server log")]
+            ctx.outcome = CIMError(pywbem.CIM_ERR_FAILED)
+        report(self.audit, req, ctx, self.repo)
         return [w.message_start(req.msg_id, req.intrinsic, req.method), *inner,
                 w.message_end(req.intrinsic)]
 

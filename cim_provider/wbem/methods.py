@@ -67,6 +67,7 @@ async def invoke_method(d: Dispatcher, req: CIMRequest, ctx: OperationContext) -
         raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
                        f"{cls.classname}.{method.name} is not implemented")
     rv, out = await prov.invoke_method(target, method.name, params)
+    ctx.outcome = rv                     # for the audit record (audit.py)
     pieces = [w.returnvalue_xml(rv, method.return_type)]
     for name, value in (out or {}).items():
         decl = decls.get(name.lower())

@@ -60,7 +60,7 @@ async def op_CreateInstance(d: Dispatcher, ns: Namespace, p: dict[str, Any],
     cls = d.get_class(ns, p["NewInstance"].classname)
     prov = _writer(d, ns, cls.classname)
     inst = typed_instance(d, ns, cls, p["NewInstance"], None)
-    path = await prov.create_instance(inst, ctx)
+    path = ctx.outcome = await prov.create_instance(inst, ctx)     # outcome: for the audit
     return Result([w.instancename_xml(path)])
 
 async def op_ModifyInstance(d: Dispatcher, ns: Namespace, p: dict[str, Any],
