@@ -98,9 +98,12 @@ class IndicationService:
         self.publish(self.indication("modified", new, old, changed))
 
     def indication(self, kind: str, source: CIMInstance, previous: CIMInstance | None = None,
-                   changed: list[str] | None = None) -> CIMInstance:
-        """A lifecycle indication about `source` (an instance with its path)."""
-        cls = self.repo.namespace(SOURCE_NS).require(_CLASS_OF[kind])
+                   changed: list[str] | None = None,
+                   classname: str | None = None) -> CIMInstance:
+        """A lifecycle indication about `source` (an instance with its path); of the
+        VIRT_ComputerSystem class for `kind` unless `classname` (a CIM_InstIndication
+        subclass, e.g. CIM_InstModification for the host's health) says otherwise."""
+        cls = self.repo.namespace(SOURCE_NS).require(classname or _CLASS_OF[kind])
         path = source.path.copy()
         path.host = self.host
         values: dict[str, Any] = {

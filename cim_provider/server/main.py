@@ -27,6 +27,9 @@ from ..providers import Backend, virt_providers
 from ..providers.interop import interop_providers
 from . import security
 from .audit import AuditLog, AuditLogError
+from .health_watch import HealthWatcher
+from ..providers.host_system import HostSystemProvider
+from ..providers.management_service import ManagementServiceProvider
 from .connections import ConnectionGuard, GuardedSite
 from ..wbem.dispatch import Dispatcher
 from .http import DEFAULT_MAX_BODY, HTTPLimits, make_app
@@ -77,13 +80,16 @@ async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
                         manager_bus: str | None = "system", call_timeout: float = 10.0,
                         manager_timeout: float = 5.0, relist_interval: float = 5.0,
                         manager_start_timeout: float = 60.0,
-                        manager_list_timeout: float = 60.0) -> Sources:
-    """Connect libvirt (events on this loop) and follow the Manager; neither has to be up."""
+                        manager_list_timeout: float = 60.0,
+                        metrics_interval: float = 10.0) -> Sources:
+    """Connect libvirt (events on this loop) and follow the Manager; neither has to be up.
+    `metrics_interval`: seconds between usage samples of the running domains (0: none)."""
     from ..sources.libvirt import LibvirtSource
     from ..sources.manager import ManagerClient
     inv = Inventory()
     lv = LibvirtSource(libvirt_uri, conn=libvirt_conn, call_timeout=call_timeout,
-                       on_snapshot=inv.set_running, on_domain=inv.update_running)
+                       on_snapshot=inv.set_running, on_domain=inv.update_running,
+                       feed=inv.resources, metrics_interval=metrics_interval)
     await lv.start()
     mgr = None
     if manager_bus:
@@ -108,6 +114,7 @@ class ServerHandle:
     # Run on a reload request (SIGHUP in `serve`): reopen the audit log, ...
     on_reload: list[Callable[[], None]] = field(default_factory=list)
     audit: AuditLog | None = None
+    health: HealthWatcher | None = None
 
     def stats(self) -> dict[str, int]:
         """Counts for introspection (tests, SIGUSR1): connections, pull contexts, logins."""
@@ -121,6 +128,8 @@ class ServerHandle:
 
     async def close(self) -> None:
         await self.runner.cleanup()
+        if self.health is not None:
+            await self.health.close()
         # No request is served any more: stop what providers run in the background
         # (before the sources those tasks call are stopped).
         await self.dispatcher.registry.close()
@@ -167,9 +176,10 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     host = host or host_fqdn()
     registry = Registry()
     model: list[Provider] = []
+    backend = None
     if sources is not None:
-        model = virt_providers(Backend(repo, sources.inventory, host,
-                                       sources.libvirt, sources.manager))
+        backend = Backend(repo, sources.inventory, host, sources.libvirt, sources.manager)
+        model = virt_providers(backend)
     subs = Subscriptions(repo, host, state_dir)
     subs.load()
     indications = IndicationService(repo, host, subs, **(indication_options or {}))
@@ -194,6 +204,10 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     handle = ServerHandle(runner, dispatcher, sources=sources, indications=indications,
                           guard=guard, authenticate=authenticate, audit=audit)
     handle.on_reload.append(audit.reopen)
+    if backend is not None:
+        handle.health = HealthWatcher(
+            backend, next(p for p in model if isinstance(p, HostSystemProvider)),
+            next(p for p in model if isinstance(p, ManagementServiceProvider)), indications)
     try:
         for addrs, ctx, out in ((listen, None, handle.addresses),
                                 (https, ssl_context, handle.https_addresses)):
@@ -211,6 +225,8 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
         # tasks) instead of leaving it running behind the error.
         await handle.close()
         raise
+    if handle.health is not None:
+        await handle.health.start()
     log.info("serving CIM-XML on %s", ", ".join(
         [f"http://{show_address(h, p)}" for h, p in handle.addresses]
         + [f"https://{show_address(h, p)}" for h, p in handle.https_addresses]))
@@ -261,6 +277,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sources.add_argument("--manager-relist", type=float, default=5.0, metavar="SECONDS",
                          help="time between re-reads of a Manager without signals "
                               "(default: %(default)s)")
+    sources.add_argument("--metrics-interval", type=float, default=10.0, metavar="SECONDS",
+                         help="time between usage samples of the running domains (CPU, "
+                              "memory, disk and network, one getAllDomainStats call each); "
+                              "0 turns metrics off (default: %(default)s)")
     files = security.group(p, "files")
     add_cache_dir_argument(files)
     files.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
@@ -292,7 +312,8 @@ async def _serve(args: argparse.Namespace, repo: Repository, t0: float) -> int:
                                   manager_timeout=args.manager_timeout,
                                   manager_start_timeout=args.manager_start_timeout,
                                   manager_list_timeout=args.manager_list_timeout,
-                                  relist_interval=args.manager_relist)
+                                  relist_interval=args.manager_relist,
+                                  metrics_interval=args.metrics_interval)
     try:
         handle = await _start_server(sec, args, repo, sources, host, state_dir)
     except security.StartupError as exc:   # a listener (in use, ...): worth a restart
