@@ -2,7 +2,11 @@
 # Installs the Debian packages the project needs (as root), or prints the command to run.
 # Quick when everything is already there: one dpkg-query call.
 set -euo pipefail
-pkgs=(libvirt0 libvirt-dev pkg-config gcc python3-dev dbus-daemon libvirt-daemon libvirt-clients sblim-wbemcli)
+# systemd: systemd-analyze verifies contrib/systemd/ (tests/test_service_units.py);
+# openssl: the self-signed HTTPS pair and the certificate-rotation tests
+# postgresql: the farm tests start a throw-away server (tests/support/postgres.py)
+pkgs=(libvirt0 libvirt-dev pkg-config gcc python3-dev dbus-daemon libvirt-daemon libvirt-clients sblim-wbemcli
+      systemd openssl postgresql)
 missing=()
 for p in "${pkgs[@]}"; do
   st=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)

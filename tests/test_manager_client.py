@@ -313,12 +313,21 @@ def test_signals_replace_polling(dbus_address, tmp_path):
 
             def calls(seen, member=None):
                 return [s for s in seen if s.kind == "call" and member in (None, s.member)]
-            reads = await monitor.until(lambda seen: [c for c in seen if _generation_read(c)],
-                                        within=30.0, what="the safety read of Generation")
+            # The reference Manager offers the paged listing: the first sync is a walk in
+            # pages (Generation read first, the changes made meanwhile after), and the
+            # safety read is then ListChangesSince instead of a Generation read.
+            paged = client.offers("ListDomainsPage") and client.offers("ListChangesSince")
+            first_sync = (["Introspect", "Get", "ListDomainsPage", "ListChangesSince"] if paged
+                          else ["Introspect", "ListDomains"])
+
+            def safety_reads(seen):
+                later = calls(seen)[len(first_sync):]
+                return [c for c in later if _generation_read(c) or c.member == "ListChangesSince"]
+            reads = await monitor.until(safety_reads, within=30.0, what="the safety read")
             before = [c.member for c in calls(monitor.seen()) if c.at < reads[0].at]
-            assert before == ["Introspect", "ListDomains"], before
+            assert before == first_sync, before
             assert reads[0].at - called >= safety, \
-                f"Generation read {reads[0].at - called:.3f} s after start(), not after {safety}"
+                f"safety read {reads[0].at - called:.3f} s after start(), not after {safety}"
 
             mark = len(monitor.seen())
             uuids = await asyncio.gather(*(client.define_domain({"Name": f"d{i}"})
@@ -328,16 +337,21 @@ def test_signals_replace_polling(dbus_address, tmp_path):
 
             def listed_after_defines(seen):
                 defines = [i for i, s in enumerate(seen) if s.member == "DefineDomain"]
-                return len(defines) == 5 and calls(seen[defines[-1]:], "ListDomains") and seen
+                return len(defines) == 5 and listings(seen[defines[-1]:]) and seen
+
+            def listings(seen):
+                return [c for c in calls(seen)
+                        if c.member in ("ListDomains", "ListDomainsPage", "ListChangesSince")]
             after = (await monitor.until(lambda seen: listed_after_defines(seen[mark:]),
                                          within=30.0, what="a listing after the five defines"))
-            lists = calls(after, "ListDomains")
+            lists = listings(after)
             signals = [s for s in after if s.kind == "signal" and s.member in CHANGE_SIGNALS]
             reads = [c for c in after if _generation_read(c)]
             # Each listing has a cause the monitor saw before it: a change signal, or a
-            # safety read that found Generation moved. So at least one listing, and never
-            # more than one per cause (a burst of signals may share one: debounced).
-            assert signals and 1 <= len(lists) <= len(signals) + len(reads), \
+            # safety read (paged: itself a ListChangesSince, at most one in this window).
+            # So at least one listing, and never more than one per cause (a burst of
+            # signals may share one: debounced).
+            assert signals and 1 <= len(lists) <= len(signals) + len(reads) + int(paged), \
                 (len(lists), len(signals), len(reads))
         finally:
             await client.stop()

@@ -41,9 +41,12 @@ def test_contract_declares_required_and_optional_members():
     for s in ("DomainDefined", "DomainUndefined", "DomainChanged"):
         assert m[s] == Member("signal", s, "", "s")
     assert m["Generation"] == Member("property", "Generation", "", "t", "read")
+    assert m["ListDomainsPage"] == Member("method", "ListDomainsPage", "su", "aa{sv}s")
+    assert m["ListChangesSince"] == Member("method", "ListChangesSince", "t", "taa{sv}as")
     assert set(m) == {"ListInactiveDomains", "StartDomain", "ListDomains", "DefineDomain",
                       "UndefineDomain", "GetDomain", "UpdateDomain", "DomainDefined",
-                      "DomainUndefined", "DomainChanged", "Generation"}
+                      "DomainUndefined", "DomainChanged", "Generation", "ListDomainsPage",
+                      "ListChangesSince"}
 
 
 def test_reference_service_exports_exactly_the_contract(tmp_path):

@@ -34,11 +34,20 @@ ERROR_REFUSED = ERROR_PREFIX + "Refused"
 ERROR_INVALID_ARGUMENT = ERROR_PREFIX + "InvalidArgument"
 ERROR_NOT_SUPPORTED = ERROR_PREFIX + "NotSupported"
 ERROR_FAILED = ERROR_PREFIX + "Failed"
+# ListChangesSince: the Manager cannot say what changed since that generation (too old,
+# from another history, or too much changed); the client lists everything again.
+ERROR_GENERATION_UNKNOWN = ERROR_PREFIX + "GenerationUnknown"
 ERRORS = (ERROR_NOT_FOUND, ERROR_ALREADY_RUNNING, ERROR_REFUSED, ERROR_INVALID_ARGUMENT,
-          ERROR_NOT_SUPPORTED, ERROR_FAILED)
+          ERROR_NOT_SUPPORTED, ERROR_FAILED, ERROR_GENERATION_UNKNOWN)
 
 REQUIRED_METHODS = frozenset({"ListInactiveDomains", "StartDomain"})
 CHANGE_SIGNALS = frozenset({"DomainDefined", "DomainUndefined", "DomainChanged"})
+# The paged and incremental listings (optional; a Manager with many definitions needs
+# them: one D-Bus message is capped at 32 MiB by default, about 80,000 definitions).
+PAGED_METHODS = frozenset({"ListDomainsPage", "ListChangesSince"})
+# Most entries a ListDomainsPage answer may carry, whatever the client asks for; a
+# ListChangesSince answer with more changes than this is Error.GenerationUnknown.
+MAX_PAGE = 10_000
 
 # Limits past which a value is "absurd" rather than merely large.
 MAX_VCPUS = 4096
@@ -51,7 +60,7 @@ MAX_DEVICES = 256
 DOMAIN_KEYS: dict[str, str] = {
     "UUID": "s", "Name": "s", "Title": "s", "Type": "s", "OSType": "s", "Arch": "s",
     "VCPUs": "u", "MemoryKiB": "t", "MaxMemoryKiB": "t", "Autostart": "b",
-    "Disks": "aa{sv}", "NICs": "aa{sv}", "Active": "b",
+    "Disks": "aa{sv}", "NICs": "aa{sv}", "Active": "b", "Host": "s",
 }
 DISK_KEYS: dict[str, str] = {"Target": "s", "Source": "s", "Device": "s", "Bus": "s",
                              "CapacityBytes": "t"}
@@ -127,16 +136,30 @@ def compare_members(offered: Mapping[str, Member]) -> list[str]:
 
 # ---------------------------------------------------------------- dicts <-> DomainConfig
 
-def _value(d: Mapping[str, Any], key: str, sig: str, where: str) -> Any:
-    """The plain value of d[key] if present with the declared type, else None."""
+_PLAIN_LIMITS = {"u": 2 ** 32, "t": 2 ** 64}
+
+
+def _value(d: Mapping[str, Any], key: str, sig: str, where: str, plain: bool = False) -> Any:
+    """The plain value of d[key] if present with the declared type, else None.
+
+    `plain`: the values are plain Python (JSON from a database), not Variants; the
+    same rules apply, with the integer ranges a Variant of that type would enforce."""
     v = d.get(key)
     if v is None:
         return None
-    if not isinstance(v, Variant):
-        raise InvalidEntry(f"{where}{key} is not a variant")
-    if v.signature != sig:
-        raise InvalidEntry(f"{where}{key} has D-Bus type '{v.signature}', expected '{sig}'")
-    value = v.value
+    if plain:
+        value = v
+        if isinstance(value, Variant):
+            raise InvalidEntry(f"{where}{key} is a variant, expected a plain value")
+        limit = _PLAIN_LIMITS.get(sig)
+        if limit is not None and isinstance(value, int) and value >= limit:
+            raise InvalidEntry(f"{where}{key} {value} does not fit D-Bus type '{sig}'")
+    else:
+        if not isinstance(v, Variant):
+            raise InvalidEntry(f"{where}{key} is not a variant")
+        if v.signature != sig:
+            raise InvalidEntry(f"{where}{key} has D-Bus type '{v.signature}', expected '{sig}'")
+        value = v.value
     if sig == "s":
         if not isinstance(value, str):
             raise InvalidEntry(f"{where}{key} is not a string")
@@ -164,76 +187,95 @@ def _value(d: Mapping[str, Any], key: str, sig: str, where: str) -> Any:
     return value
 
 
-def _opt_str(d: Mapping[str, Any], key: str, where: str = "") -> str | None:
+def _opt_str(d: Mapping[str, Any], key: str, where: str = "", plain: bool = False) -> str | None:
     """Optional strings: an empty one means "not set"."""
-    return _value(d, key, "s", where) or None
+    return _value(d, key, "s", where, plain) or None
 
 
-def _disk(d: Mapping[str, Any], i: int) -> Disk:
+def _disk(d: Mapping[str, Any], i: int, plain: bool = False) -> Disk:
     where = f"Disks[{i}]."
-    target = (_value(d, "Target", "s", where) or "").strip()
+    target = (_value(d, "Target", "s", where, plain) or "").strip()
     if not target:
         raise InvalidEntry(f"{where}Target is missing or empty")
-    capacity = _value(d, "CapacityBytes", "t", where)
+    capacity = _value(d, "CapacityBytes", "t", where, plain)
     if capacity is not None and capacity > MAX_CAPACITY_BYTES:
         raise InvalidEntry(f"{where}CapacityBytes {capacity} is more than 16 EiB")
-    return Disk(target=target, source=_opt_str(d, "Source", where),
-                device=_opt_str(d, "Device", where) or "disk",
-                bus=_opt_str(d, "Bus", where), capacity_bytes=capacity)
+    return Disk(target=target, source=_opt_str(d, "Source", where, plain),
+                device=_opt_str(d, "Device", where, plain) or "disk",
+                bus=_opt_str(d, "Bus", where, plain), capacity_bytes=capacity)
 
 
-def _nic(d: Mapping[str, Any], i: int) -> Nic:
+def _nic(d: Mapping[str, Any], i: int, plain: bool = False) -> Nic:
     where = f"NICs[{i}]."
-    mac = (_value(d, "MAC", "s", where) or "").strip().lower()
+    mac = (_value(d, "MAC", "s", where, plain) or "").strip().lower()
     if not _MAC.match(mac):
         raise InvalidEntry(f"{where}MAC {mac!r} is not a MAC address")
-    return Nic(mac=mac, type=_opt_str(d, "Type", where), source=_opt_str(d, "Source", where),
-               model=_opt_str(d, "Model", where))
+    return Nic(mac=mac, type=_opt_str(d, "Type", where, plain),
+               source=_opt_str(d, "Source", where, plain),
+               model=_opt_str(d, "Model", where, plain))
 
 
-def config_from_dbus(d: Any) -> DomainConfig:
+def config_from_values(d: Any) -> DomainConfig:
+    """Plain contract values (a JSON object from a database, as `config_to_values`
+    writes them) as a DomainConfig, or InvalidEntry: the same rules as
+    `config_from_dbus`, without building a Variant per value."""
+    return config_from_dbus(d, plain=True)
+
+
+def config_from_dbus(d: Any, plain: bool = False) -> DomainConfig:
     """A contract dict (`a{sv}`, values are Variants) as a DomainConfig, or InvalidEntry.
 
-    Unknown keys (and `Active`, which is not configuration) are ignored.
+    Unknown keys (and `Active` and `Host`, which are not configuration) are ignored.
+    `plain`: see `config_from_values`.
     """
     if not isinstance(d, Mapping):
         raise InvalidEntry("entry is not a dict")
     if not all(isinstance(k, str) for k in d):
         raise InvalidEntry("entry has a key that is not a string")
-    raw_uuid = _value(d, "UUID", "s", "")
+    raw_uuid = _value(d, "UUID", "s", "", plain)
     if raw_uuid is None:
         raise InvalidEntry("UUID is missing")
     uuid = canonical_uuid(raw_uuid)
     if uuid is None:
         raise InvalidEntry(f"UUID {raw_uuid[:80]!r} is not a UUID")
-    name = (_value(d, "Name", "s", "") or "").strip()
+    name = (_value(d, "Name", "s", "", plain) or "").strip()
     if not name:
         raise InvalidEntry("Name is missing or empty")
-    vcpus = _value(d, "VCPUs", "u", "")
+    vcpus = _value(d, "VCPUs", "u", "", plain)
     if vcpus is not None and not 1 <= vcpus <= MAX_VCPUS:
         raise InvalidEntry(f"VCPUs {vcpus} is not between 1 and {MAX_VCPUS}")
-    memory = _value(d, "MemoryKiB", "t", "")
-    max_memory = _value(d, "MaxMemoryKiB", "t", "")
+    memory = _value(d, "MemoryKiB", "t", "", plain)
+    max_memory = _value(d, "MaxMemoryKiB", "t", "", plain)
     for key, v in (("MemoryKiB", memory), ("MaxMemoryKiB", max_memory)):
         if v is not None and v > MAX_MEMORY_KIB:
             raise InvalidEntry(f"{key} {v} is more than 16 EiB")
-    _value(d, "Active", "b", "")      # checked so a wrong type is reported, not used here
-    disks = tuple(_disk(x, i) for i, x in enumerate(_value(d, "Disks", "aa{sv}", "") or ()))
-    nics = tuple(_nic(x, i) for i, x in enumerate(_value(d, "NICs", "aa{sv}", "") or ()))
+    # checked so a wrong type is reported, not used here
+    _value(d, "Active", "b", "", plain)
+    _value(d, "Host", "s", "", plain)
+    disks = tuple(_disk(x, i, plain)
+                  for i, x in enumerate(_value(d, "Disks", "aa{sv}", "", plain) or ()))
+    nics = tuple(_nic(x, i, plain)
+                 for i, x in enumerate(_value(d, "NICs", "aa{sv}", "", plain) or ()))
     if len({x.target for x in disks}) != len(disks):
         raise InvalidEntry("two disks have the same Target")
     if len({x.mac for x in nics}) != len(nics):
         raise InvalidEntry("two NICs have the same MAC")
     return DomainConfig(
-        uuid=uuid, name=name, title=_opt_str(d, "Title"), type=_opt_str(d, "Type"),
-        os_type=_opt_str(d, "OSType"), arch=_opt_str(d, "Arch"), vcpus=vcpus,
+        uuid=uuid, name=name, title=_opt_str(d, "Title", "", plain),
+        type=_opt_str(d, "Type", "", plain), os_type=_opt_str(d, "OSType", "", plain),
+        arch=_opt_str(d, "Arch", "", plain), vcpus=vcpus,
         memory_kib=memory, max_memory_kib=max_memory,
-        autostart=_value(d, "Autostart", "b", ""), disks=disks, nics=nics)
+        autostart=_value(d, "Autostart", "b", "", plain), disks=disks, nics=nics)
 
 
 def active_from_dbus(d: Mapping[str, Any]) -> bool:
     """The `Active` key of a ListDomains entry (absent means not running)."""
     return bool(_value(d, "Active", "b", ""))
+
+
+def host_from_dbus(d: Mapping[str, Any]) -> str | None:
+    """The `Host` key of an entry (the farm host it is placed on), None when absent."""
+    return _value(d, "Host", "s", "") or None
 
 
 def config_to_values(cfg: DomainConfig) -> dict[str, Any]:
@@ -293,9 +335,13 @@ def values_to_dbus(values: Mapping[str, Any],
     return out
 
 
-def config_to_dbus(cfg: DomainConfig, active: bool | None = None) -> dict[str, Variant]:
-    """A DomainConfig as a contract dict; `active` adds the ListDomains key `Active`."""
+def config_to_dbus(cfg: DomainConfig, active: bool | None = None,
+                   host: str | None = None) -> dict[str, Variant]:
+    """A DomainConfig as a contract dict; `active` adds the ListDomains key `Active`,
+    `host` the key `Host` (the farm host the definition is placed on)."""
     values = config_to_values(cfg)
     if active is not None:
         values["Active"] = bool(active)
+    if host:
+        values["Host"] = host
     return values_to_dbus(values)

@@ -33,6 +33,83 @@ else:
     from dbus_fast.aio import MessageBus  # noqa: F401
     from dbus_fast.service import ServiceInterface, dbus_property, method, signal  # noqa: F401
 
+
+
+def _fix_dbus_fast_writer() -> None:
+    """dbus-fast (5.2 at least) drops the connection when the socket is full: it
+    writes a new message at once when its queue is empty, even while an earlier,
+    larger message is still half written, and its write callback treats send()'s
+    BlockingIOError as fatal. A Manager that sends
+    a large reply (a page of definitions) and then a signal hits exactly that. Write at
+    once only when nothing is in flight; otherwise the writer callback, already
+    registered, sends the messages in order as the socket drains. (A private class:
+    left alone when it does not look as expected.)"""
+    try:
+        from dbus_fast.aio import message_bus as amb
+        writer = amb._MessageWriter
+        original = writer.schedule_write
+    except (ImportError, AttributeError):
+        return
+    if getattr(original, "_in_order", False):
+        return
+
+    def schedule_write(self: Any, msg: Any = None, future: Any = None) -> None:
+        if getattr(self, "buf", None) is not None and self.bus.unique_name:
+            if msg is not None:
+                self.buffer_message(msg, future)
+            self.loop.add_writer(self.fd, self.write_callback)
+            return
+        original(self, msg, future)
+    def write_callback(self: Any, remove_writer: bool = True) -> None:
+        """dbus-fast's own, except that a full socket (BlockingIOError) means "wait
+        until writable", not "drop the connection"."""
+        import array
+        import socket
+        sock = self.sock
+        try:
+            while True:
+                if self.buf is None:
+                    if not self.messages:
+                        if remove_writer:
+                            self.loop.remove_writer(self.fd)
+                        return
+                    buf, unix_fds, fut = self.messages.popleft()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
+                try:
+                    if self.unix_fds and self.negotiate_unix_fd:
+                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", self.unix_fds))]
+                        self.offset += sock.sendmsg([self.buf[self.offset:]], ancdata)
+                        self.unix_fds = None
+                    else:
+                        self.offset += sock.send(self.buf[self.offset:])
+                except (BlockingIOError, InterruptedError):
+                    self.loop.add_writer(self.fd, self.write_callback)
+                    return
+                if self.offset < len(self.buf):
+                    self.loop.add_writer(self.fd, self.write_callback)
+                    return
+                self.buf = None
+                amb._future_set_result(self.fut, None)
+        except Exception as exc:
+            if self.bus._user_disconnect:
+                amb._future_set_result(self.fut, None)
+            else:
+                amb._future_set_exception(self.fut, exc)
+            self.bus._finalize(exc)
+
+    schedule_write._in_order = True     # type: ignore[attr-defined]  # reason: a marker
+    writer.schedule_write = schedule_write  # type: ignore[method-assign]  # reason: the fix itself
+    if hasattr(amb, "_future_set_result") and hasattr(amb, "_future_set_exception"):
+        writer.write_callback = write_callback  # type: ignore[method-assign]  # reason: the fix itself
+
+
+if LIBRARY == "dbus_fast":
+    _fix_dbus_fast_writer()
+
 __all__ = ["LIBRARY", "BusType", "DBusError", "ErrorType", "Message", "MessageFlag",
            "MessageType", "NameFlag", "PropertyAccess", "ReleaseNameReply",
            "RequestNameReply", "Variant", "intr", "MessageBus", "ServiceInterface",

@@ -1,4 +1,9 @@
-"""`cim-provider manager`: run the reference org.example.virt.Manager until stopped."""
+"""`cim-provider manager`: run the reference org.example.virt.Manager until stopped.
+
+SIGHUP reads the configuration file again and applies the log level; every other
+option needs a restart (the log says which changed). A reload never stops the service:
+a broken file is logged (ERROR) and the running settings stay.
+"""
 from __future__ import annotations
 
 import argparse
@@ -7,30 +12,93 @@ import contextlib
 import logging
 import signal
 
+import libvirt
+
+from .. import logsetup
 from .store import LibvirtConnection, Store, default_db_path, open_store
 
 log = logging.getLogger(__name__)
+# attributes of the parsed options that are not options (cli.py, server/config.py)
+_NOT_OPTIONS = {"command", "config", "reread_config"}
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--bus", default="system",
-                        help="system (default), session, or a D-Bus address (unix:path=...)")
-    parser.add_argument("--store", action="append", default=None,
-                        metavar="sqlite:PATH|libvirt:URI",
+    # --manager-bus as on `serve` (the bus both meet on); --bus is the older name
+    bus = parser.add_argument_group("bus")
+    bus.add_argument("--manager-bus", "--bus", dest="bus", default="system",
+                     metavar="system|session|ADDRESS",
+                     help="bus to serve org.example.virt.Manager on: system, session, or a "
+                          "D-Bus address (unix:path=...); honours $DBUS_SYSTEM_BUS_ADDRESS / "
+                          "$DBUS_SESSION_BUS_ADDRESS (default: %(default)s)")
+    stores = parser.add_argument_group("stores")
+    stores.add_argument("--store", action="append", default=None,
+                        metavar="sqlite:FILE|libvirt:URI|postgresql:CONNINFO",
                         help="where definitions live; repeatable, DefineDomain writes to the "
-                             f"first (default: sqlite:{default_db_path()})")
-    parser.add_argument("--libvirt-uri", default=None,
+                             "first (default: sqlite:/var/lib/cim-provider/manager.db as "
+                             "root, else sqlite:$XDG_STATE_HOME/cim-provider/manager.db). "
+                             "postgresql: a farm database shared by every host (a libpq URI "
+                             "or key=value string; the password from PGPASSFILE, "
+                             "PGPASSWORD or passfile=, never needed here)")
+    stores.add_argument("--libvirt-uri", default=None, metavar="URI",
                         help="hypervisor that StartDomain uses for SQLite definitions "
-                             "(default: LIBVIRT_DEFAULT_URI, else libvirt's default)")
-    parser.add_argument("--poll-interval", type=float, default=1.0,
-                        help="seconds between checks for changes made outside the Manager")
+                             "(default: $LIBVIRT_DEFAULT_URI, else libvirt's default)")
+    stores.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
+                        help="time between checks for changes made outside the Manager "
+                             "(default: %(default)s)")
+    farm = parser.add_argument_group("farm (with a postgresql: store)")
+    farm.add_argument("--host-id", default=None, metavar="ID",
+                      help="this host's identity in the farm (default: /etc/machine-id)")
+    farm.add_argument("--host-name", default=None, metavar="NAME",
+                      help="this host's name as other hosts and clients see it (default: "
+                           "the host name)")
+    farm.add_argument("--lease", type=float, default=30.0, metavar="SECONDS",
+                      help="this host's lease, renewed every third of it; when it expires "
+                           "other hosts may start its domains (default: %(default)s)")
+
+
+def _libvirt_error(_ctx: object, err: object) -> None:
+    """libvirt prints every error on stderr ("libvirt: XML-RPC error : ...") unless a
+    handler is registered; the stores turn errors into exceptions and log what matters."""
+    message = err[2] if isinstance(err, (tuple, list)) and len(err) > 2 else err
+    log.debug("libvirt: %s", message)
+
+
+def reload(args: argparse.Namespace) -> argparse.Namespace:
+    """SIGHUP: the options read again, the log level applied; `args` (the running
+    options) with the new level, or unchanged when the file is unusable."""
+    try:
+        reread = getattr(args, "reread_config", None)
+        new = reread() if reread is not None else args
+        before = logsetup.set_level(new.log_level)
+        keys = (set(vars(args)) | set(vars(new))) - _NOT_OPTIONS - {"log_level"}
+        restart = sorted("--" + k.replace("_", "-") for k in keys
+                         if getattr(args, k, None) != getattr(new, k, None))
+        log.info("reloaded%s: log level %s%s", f" {new.config}" if getattr(new, "config", None)
+                 else "", new.log_level, "" if before == new.log_level else f" (was {before})")
+        if restart:
+            log.warning("changed but applied only on restart: %s", ", ".join(restart))
+        args.log_level = new.log_level
+    except Exception as exc:       # a reload must never stop the service
+        log.error("reload failed, keeping the current settings: %s", exc)
+    return args
 
 
 def run(args: argparse.Namespace) -> int:
+    libvirt.registerErrorHandler(_libvirt_error, None)
     try:
         return asyncio.run(_serve(args))
     except KeyboardInterrupt:
         return 0
+
+
+def _libvirt_events() -> None:
+    """libvirt lifecycle events on this loop (a farm Manager releases a placement the
+    moment its domain stops); before any connection is opened, as libvirt requires."""
+    try:
+        import libvirtaio
+        libvirtaio.virEventRegisterAsyncIOImpl()
+    except Exception as exc:      # polling still notices stopped domains
+        log.warning("no libvirt events (%s); noticing stopped domains by polling", exc)
 
 
 async def _serve(args: argparse.Namespace) -> int:
@@ -40,11 +108,15 @@ async def _serve(args: argparse.Namespace) -> int:
     service_conn = connections.setdefault(args.libvirt_uri, LibvirtConnection(args.libvirt_uri))
     specs = args.store or [f"sqlite:{default_db_path()}"]
     stores: list[Store] = []
+    farm = {"host_id": getattr(args, "host_id", None), "host_name": getattr(args, "host_name", None),
+            "lease": getattr(args, "lease", 30.0), "poll_interval": args.poll_interval}
+    if any(spec.startswith("postgres") for spec in specs):
+        _libvirt_events()
     try:
         for spec in specs:
             if spec.startswith("libvirt:") and not spec[len("libvirt:"):]:
                 spec = f"libvirt:{args.libvirt_uri or ''}"
-            stores.append(open_store(spec, connections))
+            stores.append(open_store(spec, connections, farm=farm))
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2
@@ -60,6 +132,7 @@ async def _serve(args: argparse.Namespace) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload, args)
     closed = asyncio.create_task(handle.wait_closed())
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait({closed, waiter}, return_when=asyncio.FIRST_COMPLETED)

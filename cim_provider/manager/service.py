@@ -6,10 +6,24 @@ bus or behind our back (virsh define, a domain that stopped), is found by compar
 snapshots and announced with DomainDefined / DomainUndefined / DomainChanged and a new
 Generation.
 
+The snapshot is kept incrementally: the local stores (SQLite, libvirt) are small and
+re-read on every poll, the farm store (PostgreSQL, pgstore.py) says which UUIDs
+changed. A journal of (generation, UUID) answers ListChangesSince; a sorted index of
+the listed UUIDs answers ListDomainsPage. With a farm store, StartDomain places the
+definition in the database first (exactly one host wins), and this service releases
+and adopts its host's placements as libvirt starts and stops domains (lifecycle
+events when libvirt can deliver them, else the poll).
+
+The module is longer than most (about 800 lines) because the snapshot, the journal,
+the paging index and the farm's placements change together under one sync lock, and
+their invariants are easier to check in one place.
+
 (No `from __future__ import annotations` here: the D-Bus decorators read the
 annotations, which are D-Bus type strings, not Python types.)
 """
 import asyncio
+import bisect
+import collections
 import contextlib
 import functools
 import logging
@@ -21,8 +35,9 @@ from typing import Any, Optional, Union
 
 import libvirt
 
-from ..contract import (BUS_NAME, ERROR_ALREADY_RUNNING, ERROR_FAILED, ERROR_INVALID_ARGUMENT,
-                        ERROR_NOT_FOUND, ERROR_REFUSED, INTERFACE, OBJECT_PATH, InvalidEntry,
+from ..contract import (BUS_NAME, ERROR_ALREADY_RUNNING, ERROR_FAILED,
+                        ERROR_GENERATION_UNKNOWN, ERROR_INVALID_ARGUMENT, ERROR_NOT_FOUND,
+                        ERROR_REFUSED, INTERFACE, MAX_PAGE, OBJECT_PATH, InvalidEntry,
                         compare_members, config_from_dbus, config_to_dbus, interface_members)
 from ..contract.bus import (DBusError, MessageBus, NameFlag, PropertyAccess, RequestNameReply,
                             ServiceInterface, Variant, connect, dbus_property, method, signal)
@@ -35,14 +50,30 @@ from .store import (LibvirtConnection, LibvirtStore, Store, Stored, StoreError,
 
 log = logging.getLogger(__name__)
 
+# ListChangesSince answers from a journal of this many (generation, UUID) pairs; a
+# client further behind lists again (with a farm store, the database's change log
+# reaches further back).
+JOURNAL_MAX = 200_000
+DEFAULT_PAGE = 1000
+# More changes than this in one sync are announced with one signal of each kind.
+SIGNAL_BURST = 1000
+
+
+def _is_farm(store: Store) -> bool:
+    return bool(getattr(store, "farm", False))
 
 
 @dataclass(frozen=True, slots=True)
 class Entry:
-    """One definition as the service sees it: which store holds it, is it running."""
+    """One definition as the service sees it: which store holds it, is it running.
+
+    Farm definitions: `active` means placed on this host, `host` names the host it
+    is placed on, `elsewhere` means placed on another (live) host: not offered here."""
     config: DomainConfig
     active: bool
     store: Store
+    host: Optional[str] = None
+    elsewhere: bool = False
 
 
 def _size(kib: int) -> str:
@@ -94,9 +125,26 @@ class ManagerService(ServiceInterface):
         else:
             self.libvirt = LibvirtConnection(None, libvirt_conn)
         self.poll_interval = poll_interval
-        # Starts from the clock so that a restarted Manager never repeats an old value.
-        self._generation = time.time_ns() // 1000
+        farms = [s for s in self.stores if _is_farm(s)]
+        if len(farms) > 1:
+            raise ValueError("at most one postgresql store")
+        self.farm: Any = farms[0] if farms else None
+        # Only a farm store: Generation is the farm's (so it survives our restarts);
+        # otherwise it starts from the clock so a restart never repeats an old value.
+        self._farm_only = self.farm is not None and len(self.stores) == 1
+        self._generation = 0 if self._farm_only else time.time_ns() // 1000
         self._snapshot: dict[str, Entry] = {}
+        self._local: dict[str, Entry] = {}          # what the local stores hold
+        self._listed: list[str] = []                # sorted UUIDs the lists offer
+        self._journal: collections.deque[tuple[int, str]] = collections.deque()
+        self._journal_floor: Optional[int] = None   # complete for changes after this
+        self._sync_wanted = asyncio.Event()
+        self._starting: set[str] = set()            # farm starts in progress
+        self._placed_at: dict[str, float] = {}      # monotonic time we (re)claimed a UUID
+        self._place_lock = asyncio.Lock()           # policy + placement, one at a time
+        self._start_locks: dict[str, asyncio.Lock] = {}   # one start per UUID at a time
+        self._events_conn: Any = None               # the virConnect with our callback
+        self._warned_twice: set[tuple[str, int]] = set()
         self._change_lock = asyncio.Lock()      # defines, undefines, updates, starts
         self._sync_lock = asyncio.Lock()        # snapshot comparison and signals
         self._poller: Optional[asyncio.Task] = None
@@ -115,8 +163,44 @@ class ManagerService(ServiceInterface):
 
     async def start(self) -> None:
         self._stopping = False
+        self._loop = asyncio.get_running_loop()
+        if self.farm is not None:
+            self.farm.on_change = self._want_sync
+            await self.farm.open()
         await self._sync(emit=False)
+        await self._blocking(self._watch_libvirt)
         self._poller = asyncio.create_task(self._poll(), name="manager-service-poll")
+
+    def _want_sync(self) -> None:
+        """Something changed (a farm notification, a libvirt lifecycle event): sync now."""
+        self._sync_wanted.set()
+
+    def _watch_libvirt(self) -> None:
+        """Follow libvirt's lifecycle events on the service's connection, when this
+        process has an event loop implementation registered (`cim-provider manager`
+        with a farm store registers libvirtaio); otherwise the poll notices stops.
+        Blocking; called again after every poll so a reopened connection is followed."""
+        if self.farm is None:
+            return
+        try:
+            conn = self.libvirt.get()
+        except StoreError:
+            return
+        if conn is self._events_conn:
+            return
+        loop = self._loop
+
+        def lifecycle(_conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:
+            loop.call_soon_threadsafe(self._want_sync)
+        try:
+            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
+                                        lifecycle, None)
+            self._events_conn = conn
+            log.info("following libvirt lifecycle events")
+        except libvirt.libvirtError as exc:
+            self._events_conn = conn       # do not ask again on this connection
+            log.info("no libvirt lifecycle events (%s); noticing stopped domains every %g s",
+                     exc.get_error_message() or exc, self.poll_interval)
 
     async def stop(self) -> None:
         """Stop polling. The flag as well as the cancel: asyncio.wait_for (in
@@ -127,6 +211,8 @@ class ManagerService(ServiceInterface):
         if poller is not None:
             poller.cancel()
             await asyncio.wait({poller})     # never swallows a cancel of our own
+        if self.farm is not None:
+            await self.farm.aclose()
 
     async def close(self) -> None:
         """Stop polling, let the calls already running finish (for at most
@@ -155,13 +241,18 @@ class ManagerService(ServiceInterface):
                 log.warning("%s: cannot close: %s", store.spec, exc)
 
     async def _poll(self) -> None:
-        """Notice changes made behind our back (virsh, a guest shutting down)."""
+        """Notice changes made behind our back (virsh, a guest shutting down), at once
+        when a farm notification or a libvirt event asks for it."""
         while not self._stopping:
-            await asyncio.sleep(self.poll_interval)
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._sync_wanted.wait(), self.poll_interval)
+            self._sync_wanted.clear()
             if self._stopping:
                 return
             try:
                 await self._sync()
+                if self.farm is not None:
+                    await self._blocking(self._watch_libvirt)
                 self._trouble("polling", None)
             except Exception as exc:
                 # Once when it starts failing, once when it works again: not per poll.
@@ -183,8 +274,10 @@ class ManagerService(ServiceInterface):
         conn = self.libvirt.get()
         return {d.UUIDString() for d in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
 
-    def _collect(self) -> dict[str, Entry]:
-        """Every definition in every store (blocking). A UUID held twice: first store wins."""
+    def _collect(self) -> tuple[dict[str, Entry], Optional[set[str]]]:
+        """Every definition in every local store (blocking), and the UUIDs libvirt runs
+        (None: libvirt did not answer). A UUID held twice: first store wins. The farm
+        store is merged on the loop (`_merged`)."""
         try:
             running: Optional[set[str]] = self._running_uuids()
             self._trouble("libvirt", None)
@@ -193,6 +286,8 @@ class ManagerService(ServiceInterface):
             running = None
         out: dict[str, Entry] = {}
         for store in self.stores:
+            if _is_farm(store):
+                continue
             try:
                 listed = store.list()
                 self._trouble(store.spec, None)
@@ -219,7 +314,7 @@ class ManagerService(ServiceInterface):
                         known = self._snapshot.get(uuid)
                         active = known.active if known is not None else False
                 out[uuid] = Entry(item.config, active, store)
-        return out
+        return out, running
 
     def _trouble(self, key: str, problem: Optional[str]) -> None:
         """Log a failing dependency once when it starts failing and once when it
@@ -233,30 +328,156 @@ class ManagerService(ServiceInterface):
             self._troubles[key] = problem
             log.warning("%s", problem)
 
+    def _merged(self, uuid: str) -> Optional[Entry]:
+        """The entry for `uuid` across the stores, first store first."""
+        for store in self.stores:
+            if _is_farm(store):
+                fe = self.farm.entries.get(uuid)
+                if fe is None:
+                    continue
+                p = fe.placement
+                here = p is not None and p.host_id == self.farm.host_id
+                return Entry(fe.config, here, store,
+                             self.farm.host_name_of(p.host_id) if p is not None else None,
+                             p is not None and not here)
+            e = self._local.get(uuid)
+            if e is not None and e.store is store:
+                return e
+        return None
+
     async def _sync(self, emit: bool = True) -> dict[str, Entry]:
-        """Re-read everything; announce what changed since the last read."""
+        """Re-read the local stores, take the farm's changes; announce what changed."""
         async with self._sync_lock:
-            new = await self._blocking(self._collect)
-            old = self._snapshot
-            self._snapshot = new
-            if not emit:
-                return new
-            defined = [u for u in new if u not in old]
-            undefined = [u for u in old if u not in new]
-            changed = [u for u in new if u in old and
-                       (new[u].config != old[u].config or new[u].active != old[u].active)]
-            if defined or undefined or changed:
+            t_running = time.monotonic()
+            local, running = await self._blocking(self._collect)
+            if self.farm is not None and running is not None:
+                await self._reconcile(running, t_running)
+            dirty = self.farm.take_dirty() if self.farm is not None else set()
+            touched = {u for u in local.keys() | self._local.keys()
+                       if local.get(u) != self._local.get(u)}
+            if dirty is None:
+                touched |= set(self.farm.entries) | set(self._snapshot)
+            else:
+                touched |= dirty
+            self._local = local
+            defined: list[str] = []
+            undefined: list[str] = []
+            changed: list[str] = []
+            snap = self._snapshot
+            bulk = len(touched) > 1000        # then sort once rather than insert each
+            for u in touched:
+                old = snap.get(u)
+                new = self._merged(u)
+                if new == old:
+                    continue
+                if new is None:
+                    del snap[u]
+                    undefined.append(u)
+                else:
+                    snap[u] = new
+                    (defined if old is None else changed).append(u)
+                if not bulk:
+                    self._index(u, old, new)
+            if bulk:
+                self._listed = sorted(u for u, e in snap.items() if not e.elsewhere)
+            before = self._generation
+            if self._farm_only:
+                self._generation = max(self._generation, self.farm.generation or 0)
+            elif defined or undefined or changed:
                 self._generation += 1
-                for u in defined:
-                    self.DomainDefined(u)
-                for u in undefined:
-                    self.DomainUndefined(u)
-                for u in changed:
-                    self.DomainChanged(u)
+            for u in (*defined, *undefined, *changed):
+                self._journal.append((self._generation, u))
+            while len(self._journal) > JOURNAL_MAX:
+                self._journal_floor = self._journal.popleft()[0]
+            if self._journal_floor is None:
+                self._journal_floor = self._generation
+            if not emit:
+                return snap
+            await self._signal(defined, undefined, changed)
+            if self._generation != before:
                 self.emit_properties_changed({"Generation": self._generation})
+            if defined or undefined or changed:
                 log.info("generation %d: %d defined, %d undefined, %d changed",
                          self._generation, len(defined), len(undefined), len(changed))
-            return new
+            return snap
+
+    async def _signal(self, defined: list[str], undefined: list[str],
+                      changed: list[str]) -> None:
+        """One signal per change, letting the bus connection drain every hundred; a
+        bulk change (over SIGNAL_BURST, e.g. thousands of rows written at once into the
+        farm) is announced with one signal of each kind instead: clients re-read on any
+        signal, and a burst of thousands would only flood the bus."""
+        kinds = ((self.DomainDefined, defined), (self.DomainUndefined, undefined),
+                 (self.DomainChanged, changed))
+        if len(defined) + len(undefined) + len(changed) > SIGNAL_BURST:
+            for emit, uuids in kinds:
+                if uuids:
+                    emit(uuids[0])
+            return
+        sent = 0
+        for emit, uuids in kinds:
+            for u in uuids:
+                emit(u)
+                sent += 1
+                if sent % 100 == 0:
+                    await asyncio.sleep(0)
+
+    def _index(self, uuid: str, old: Optional[Entry], new: Optional[Entry]) -> None:
+        """Keep `_listed` (sorted UUIDs the lists offer) in step with the snapshot."""
+        was = old is not None and not old.elsewhere
+        now = new is not None and not new.elsewhere
+        if was == now:
+            return
+        i = bisect.bisect_left(self._listed, uuid)
+        if now:
+            self._listed.insert(i, uuid)
+        elif i < len(self._listed) and self._listed[i] == uuid:
+            del self._listed[i]
+
+    async def _reconcile(self, running: set[str], t_running: float) -> None:
+        """Make this host's placements match what libvirt runs: release the placement
+        of a domain that stopped (or never started), adopt a running farm definition
+        nobody holds. `running` was read at `t_running`: a placement made since is
+        left alone, its domain may not have shown up in that read."""
+        farm = self.farm
+        if not farm.connected or farm.generation is None:
+            return
+        try:
+            for u, token in list(farm.mine.items()):
+                if u in running or u in self._starting or self._placed_at.get(u, 0) > t_running:
+                    continue
+                if await farm.release(u, token):
+                    log.info("%s stopped on this host: released its placement", u)
+                self._placed_at.pop(u, None)
+            for u in running:
+                fe = farm.entries.get(u)
+                if fe is None or u in self._starting or u in farm.mine:
+                    continue
+                if fe.placement is not None:
+                    key = (u, fe.placement.token)
+                    if key not in self._warned_twice:
+                        self._warned_twice.add(key)
+                        log.error("%s (%s) runs on this host, but the farm has it placed on %s: "
+                                  "it runs twice (this host's lease had expired); stop one",
+                                  fe.config.name, u, farm.host_name_of(fe.placement.host_id))
+                    continue
+                if not farm.lease_ok:
+                    continue
+                self._placed_at[u] = time.monotonic()
+                token, other = await farm.adopt(u)
+                if token is not None:
+                    log.info("%s (%s) runs on this host: adopted its placement",
+                             fe.config.name, u)
+        except StoreError as exc:
+            self._trouble("reconcile", f"cannot reconcile this host's placements: {exc.message}")
+        else:
+            self._trouble("reconcile", None)
+
+    async def _store_call(self, store: Store, name: str, *args: Any) -> Any:
+        """A store's define/undefine/update: awaited for the farm, off the loop otherwise."""
+        if _is_farm(store):
+            return await getattr(store, name)(*args)
+        return await self._blocking(getattr(store, name), *args)
 
     async def _entry(self, uuid: str) -> Entry:
         canonical = canonical_uuid(uuid)
@@ -318,29 +539,182 @@ class ManagerService(ServiceInterface):
 
     # ------------------------------------------------------------ the contract
 
+    def _warn_stale(self) -> None:
+        """Lists answered while the farm database is away are the last state read."""
+        if self.farm is not None and not self.farm.connected and self.farm.generation is not None:
+            log.warning("answering from the farm as last read (generation %s): %s",
+                        self.farm.generation, self.farm.down_reason)
+
+    async def _current(self) -> dict[str, Entry]:
+        """The snapshot, re-read first unless the farm makes a full re-read costly
+        (then it is kept current by notifications and the poll)."""
+        if self.farm is not None:
+            self._warn_stale()
+            return self._snapshot
+        return await self._sync()
+
+    @staticmethod
+    def _dbus_entry(e: Entry) -> dict[str, Variant]:
+        return config_to_dbus(e.config, active=e.active, host=e.host)
+
     @method()
     @_contract_errors
     async def ListInactiveDomains(self) -> "aa{sv}":  # type: ignore[valid-type]  # reason: D-Bus signature annotation
-        snap = await self._sync()
-        return [config_to_dbus(e.config) for e in snap.values() if not e.active]
+        snap = await self._current()
+        return [config_to_dbus(e.config) for e in snap.values()
+                if not e.active and not e.elsewhere]
 
     @method()
     @_contract_errors
     async def ListDomains(self) -> "aa{sv}":  # type: ignore[valid-type]  # reason: D-Bus signature annotation
-        snap = await self._sync()
-        return [config_to_dbus(e.config, active=e.active) for e in snap.values()]
+        snap = await self._current()
+        return [self._dbus_entry(e) for e in snap.values() if not e.elsewhere]
+
+    @method()
+    @_contract_errors
+    async def ListDomainsPage(self, cursor: "s", limit: "u") -> "aa{sv}s":  # type: ignore[name-defined,valid-type]  # reason: D-Bus signature annotation
+        """ListDomains in UUID order, from just after `cursor` ("" = the start)."""
+        snap = await self._current()
+        limit = min(limit or DEFAULT_PAGE, MAX_PAGE)
+        start = bisect.bisect_right(self._listed, cursor) if cursor else 0
+        page = self._listed[start:start + limit]
+        more = start + limit < len(self._listed)
+        return [[self._dbus_entry(snap[u]) for u in page], page[-1] if more and page else ""]
+
+    @method()
+    @_contract_errors
+    async def ListChangesSince(self, generation: "t") -> "taa{sv}as":  # type: ignore[name-defined,valid-type]  # reason: D-Bus signature annotation
+        """What the lists would show differently now than at `generation`."""
+        snap = await self._current()
+        current = self._generation
+        if generation == current:
+            return [current, [], []]
+        uuids: Optional[set[str]] = None
+        if generation < current and self._journal_floor is not None \
+                and generation >= self._journal_floor:
+            uuids = set()
+            for gen, u in reversed(self._journal):
+                if gen <= generation:
+                    break
+                uuids.add(u)
+                if len(uuids) > MAX_PAGE:
+                    uuids = None
+                    break
+        elif generation < current and self._farm_only and self.farm.connected:
+            uuids = await self.farm.changed_since(generation, MAX_PAGE)
+        if uuids is None:
+            raise DBusError(ERROR_GENERATION_UNKNOWN,
+                            f"cannot say what changed since generation {generation} (now "
+                            f"{current}; known since {self._journal_floor}): list again")
+        changed = []
+        removed = []
+        for u in sorted(uuids):
+            e = snap.get(u)
+            if e is None or e.elsewhere:
+                removed.append(u)
+            else:
+                changed.append(self._dbus_entry(e))
+        return [current, changed, removed]
 
     @method()
     @_contract_errors
     async def StartDomain(self, uuid: "s") -> "s":  # type: ignore[name-defined]  # reason: D-Bus signature annotation
+        canonical = canonical_uuid(uuid)
+        if self.farm is not None and canonical is not None:
+            entry = self._snapshot.get(canonical)
+            if entry is not None and _is_farm(entry.store):
+                return await self._start_farm(entry)
         async with self._change_lock:
             entry = await self._entry(uuid)
+            if _is_farm(entry.store):
+                return await self._start_farm(entry)
             if entry.active:
                 raise DBusError(ERROR_ALREADY_RUNNING,
                                 f"{entry.config.name} ({entry.config.uuid}) is already running")
             running = await self._blocking(self._start_blocking, entry)
             await self._sync()
             return canonical_uuid(running) or running
+
+    async def _start_farm(self, entry: Entry) -> str:
+        """Place the definition on this host (one transaction: exactly one host wins),
+        then start it in libvirt; if libvirt fails, remove the placement again.
+        Concurrent starts of one definition here wait for each other, so each loser
+        hears from the database which host won."""
+        lock = self._start_locks.setdefault(entry.config.uuid, asyncio.Lock())
+        try:
+            async with lock:
+                current = self._snapshot.get(entry.config.uuid, entry)
+                return await self._start_farm_locked(current)
+        finally:
+            if not lock.locked() and self._start_locks.get(entry.config.uuid) is lock:
+                del self._start_locks[entry.config.uuid]
+
+    async def _start_farm_locked(self, entry: Entry) -> str:
+        farm = self.farm
+        cfg = entry.config
+        if entry.active:
+            raise DBusError(ERROR_ALREADY_RUNNING, f"{cfg.name} ({cfg.uuid}) is already "
+                            f"running on this host {farm.host_name}")
+        farm.require_lease(f"starting {cfg.name}")
+        needed = cfg.memory_kib or cfg.max_memory_kib or DEFAULT_MEMORY_KIB
+        async with self._place_lock:
+            host, used, free = await self._blocking(self._farm_memory_kib)
+
+            def policy() -> None:
+                if needed > free:
+                    raise DBusError(ERROR_REFUSED,
+                                    f"starting {cfg.name} needs {_size(needed)} of memory but "
+                                    f"only {_size(free)} is free on {farm.host_name} (host "
+                                    f"{_size(host)}, running domains use {_size(used)})")
+            self._placed_at[cfg.uuid] = time.monotonic()
+            self._starting.add(cfg.uuid)
+            try:
+                token = await farm.place(cfg.uuid, policy)
+            except BaseException:
+                self._starting.discard(cfg.uuid)
+                raise
+        try:
+            running = await self._blocking(self._create_transient, cfg)
+        except BaseException as exc:
+            log.warning("starting %s (%s) failed, releasing its placement: %s", cfg.name,
+                        cfg.uuid, exc)
+            with contextlib.suppress(StoreError):
+                await farm.release(cfg.uuid, token)
+            raise
+        finally:
+            # A sync whose libvirt read began before this moment may not show the new
+            # domain: _reconcile leaves the placement alone for such a sync.
+            self._placed_at[cfg.uuid] = time.monotonic()
+            self._starting.discard(cfg.uuid)
+        log.info("started %s (%s) on %s, placement token %d", cfg.name, cfg.uuid,
+                 farm.host_name, token)
+        self._want_sync()
+        return canonical_uuid(running) or running
+
+    def _farm_memory_kib(self) -> tuple[int, int, int]:
+        """(host, used, free) KiB for a farm start: the host's memory minus what runs
+        (a farm domain counts its definition's memory, without asking libvirt) and
+        what is being started (blocking)."""
+        conn = self.libvirt.get()
+        host = int(conn.getInfo()[1]) * 1024
+        mine = self.farm.mine
+        counted = set(mine) | self._starting
+        used = 0
+        for u in counted:
+            fe = self.farm.entries.get(u)
+            if fe is not None:
+                c = fe.config
+                used += c.memory_kib or c.max_memory_kib or DEFAULT_MEMORY_KIB
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            with contextlib.suppress(libvirt.libvirtError):   # stopped meanwhile
+                if dom.UUIDString() not in counted:
+                    used += int(dom.info()[2])
+        return host, used, max(host - used, 0)
+
+    def _create_transient(self, cfg: DomainConfig) -> str:
+        conn = self.libvirt.get()
+        dom = conn.createXML(config_to_domain_xml(cfg, libvirt_type_for(conn, cfg)), 0)
+        return str(dom.UUIDString())
 
     @method()
     @_contract_errors
@@ -355,7 +729,7 @@ class ManagerService(ServiceInterface):
                 raise DBusError(ERROR_INVALID_ARGUMENT, f"UUID {cfg.uuid} is already defined "
                                 f"(as {snap[cfg.uuid].config.name})")
             self._check_name(cfg)
-            await self._blocking(self.stores[0].define, cfg)
+            await self._store_call(self.stores[0], "define", cfg)
             await self._sync()
         log.info("defined %s (%s) in %s", cfg.name, cfg.uuid, self.stores[0].spec)
         return cfg.uuid
@@ -365,7 +739,7 @@ class ManagerService(ServiceInterface):
     async def UndefineDomain(self, uuid: "s"):  # type: ignore[name-defined]  # reason: D-Bus signature annotation
         async with self._change_lock:
             entry = await self._entry(uuid)
-            await self._blocking(entry.store.undefine, entry.config.uuid)
+            await self._store_call(entry.store, "undefine", entry.config.uuid)
             await self._sync()
         log.info("undefined %s (%s)", entry.config.name, entry.config.uuid)
 
@@ -373,7 +747,9 @@ class ManagerService(ServiceInterface):
     @_contract_errors
     async def GetDomain(self, uuid: "s") -> "a{sv}":  # type: ignore[name-defined,valid-type]  # reason: D-Bus signature annotation
         entry = await self._entry(uuid)
-        return config_to_dbus(entry.config, active=entry.active)
+        # A farm definition placed on another host runs (there): Active, and Host says where.
+        return config_to_dbus(entry.config, active=entry.active or entry.elsewhere,
+                              host=entry.host)
 
     @method()
     @_contract_errors
@@ -390,7 +766,7 @@ class ManagerService(ServiceInterface):
             if new == old:
                 return
             self._check_name(new)
-            await self._blocking(entry.store.update, old, new)
+            await self._store_call(entry.store, "update", old, new)
             await self._sync()
 
     @signal()

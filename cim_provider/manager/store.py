@@ -330,13 +330,22 @@ class LibvirtStore(Store):
             raise _libvirt_error(f"updating {old.name}", exc) from None
 
 
-def open_store(spec: str, connections: dict[str | None, LibvirtConnection]) -> Store:
-    """`sqlite:PATH` or `libvirt:URI` (an empty URI means libvirt's default).
+def open_store(spec: str, connections: dict[str | None, LibvirtConnection],
+               farm: dict[str, Any] | None = None) -> Store:
+    """`sqlite:PATH`, `libvirt:URI` (an empty URI means libvirt's default) or
+    `postgresql:CONNINFO` (the farm store, pgstore.py; `farm` holds its options:
+    host_id, host_name, lease, poll_interval). A bare `postgresql://...` URI works too.
 
     `connections` maps URIs to shared connections, so a libvirt store and the service
     talk to the same hypervisor connection when their URIs match.
     """
     kind, _, rest = spec.partition(":")
+    if kind in ("postgresql", "postgres"):
+        from .pgstore import FarmStore        # psycopg only when a farm is used
+        conninfo = spec if rest.startswith("//") else rest
+        if not conninfo:
+            raise ValueError("postgresql store needs a connection string: postgresql:CONNINFO")
+        return FarmStore(conninfo, **(farm or {}))
     if kind == "sqlite":
         if not rest:
             raise ValueError("sqlite store needs a path: sqlite:PATH")
@@ -346,7 +355,8 @@ def open_store(spec: str, connections: dict[str | None, LibvirtConnection]) -> S
         if uri not in connections:
             connections[uri] = LibvirtConnection(uri)
         return LibvirtStore(connections[uri])
-    raise ValueError(f"unknown store {spec!r}: use sqlite:PATH or libvirt:URI")
+    raise ValueError(f"unknown store {spec!r}: use sqlite:PATH, libvirt:URI or "
+                     "postgresql:CONNINFO")
 
 
 __all__ = ["Store", "SqliteStore", "LibvirtStore", "LibvirtConnection", "Stored",

@@ -50,7 +50,32 @@ START_TIMEOUT = 60.0
 # them from libvirt or a database first) it takes far longer than a simple call.
 LIST_TIMEOUT = 60.0
 
+# Entries asked for per ListDomainsPage call (a Manager may return fewer).
+PAGE_SIZE = 2000
+
 OnChange = Callable[[dict[str, DomainConfig] | None], None]
+
+
+def _count_types(signature: str) -> int:
+    """How many complete D-Bus types a signature holds ("aa{sv}s" -> 2)."""
+    count = depth = 0
+    for ch in signature:
+        if ch in "({":
+            depth += 1
+        elif ch in ")}":
+            depth -= 1
+        if depth == 0 and ch != "a":
+            count += 1
+    return count
+
+
+def _entry_uuid(entry: Any) -> str | None:
+    """The canonical UUID an entry names, if any (to drop it when it is unusable)."""
+    if isinstance(entry, Mapping):
+        value = getattr(entry.get("UUID"), "value", None)
+        if isinstance(value, str):
+            return canonical_uuid(value)
+    return None
 
 def _ident(entry: Any) -> str:
     """A short way to name an entry in a warning, from whatever it carries."""
@@ -421,17 +446,21 @@ class ManagerClient:
                                  "required methods", exc)
                     if epoch != self._epoch:
                         return
-                polling = not CHANGE_SIGNALS <= self._offered
-                generation = None
-                if (polling or periodic) and self.offers("Generation") and not force:
-                    # A cheap question first: has anything changed since the last list?
-                    generation = await self._get_generation()
-                    if (generation is not None and generation == self.generation
-                            and self.definitions is not None):
-                        self._refresh_failed = False
-                        self._failing_since = None
-                        return
-                entries, with_active = await self._list()
+                if self.offers("ListDomainsPage"):
+                    defs, active, generation = await self._read_paged()
+                else:
+                    polling = not CHANGE_SIGNALS <= self._offered
+                    generation = None
+                    if (polling or periodic) and self.offers("Generation") and not force:
+                        # A cheap question first: has anything changed since the last list?
+                        generation = await self._get_generation()
+                        if (generation is not None and generation == self.generation
+                                and self.definitions is not None):
+                            self._refresh_failed = False
+                            self._failing_since = None
+                            return
+                    entries, with_active = await self._list()
+                    defs, active = self._parse(entries, with_active)
             except ManagerError as exc:
                 if epoch == self._epoch:
                     # Retried every relist_interval (see _wait_timeout) until a read
@@ -458,7 +487,6 @@ class ManagerClient:
             self.generation = generation
             if wakes == self._wakes:
                 self._wake.clear()     # nothing new arrived while we listed
-            defs, active = self._parse(entries, with_active)
             if defs != self.definitions or active != self.active:
                 self.definitions = defs
                 self.active = active
@@ -478,6 +506,87 @@ class ManagerClient:
             return None
         value = getattr(reply[0], "value", None) if reply else None
         return value if isinstance(value, int) else None
+
+    async def _read_paged(self) -> tuple[dict[str, DomainConfig], set[str], int | None]:
+        """A Manager with ListDomainsPage: only the changes since the generation we
+        hold when it offers ListChangesSince and Generation; else (or when it cannot
+        say) everything in pages, then the changes made during the walk."""
+        incremental = self.offers("ListChangesSince") and self.offers("Generation")
+        if incremental and self.definitions is not None and self.generation is not None:
+            try:
+                result = await self._changes_since(self.generation, self.definitions,
+                                                   self.active)
+                if result is not None:
+                    return result
+            except (ManagerUnavailable, ManagerTimeout):
+                raise
+            except ManagerError as exc:
+                log.info("listing the Manager's domains again: %s", exc)
+        generation = await self._get_generation() if self.offers("Generation") else None
+        entries: list[Any] = []
+        cursor = ""
+        started = time.monotonic()
+        while True:
+            page, cursor_next = await self._call_multi("ListDomainsPage", cursor, PAGE_SIZE,
+                                                       timeout=self.list_timeout)
+            if not isinstance(page, (list, tuple)) or not isinstance(cursor_next, str):
+                raise ManagerFailed(ERR_BAD_REPLY, "ListDomainsPage returned the wrong types")
+            entries.extend(page)
+            if not cursor_next:
+                break
+            if cursor_next == cursor or time.monotonic() - started > self.list_timeout:
+                raise ManagerFailed(ERR_BAD_REPLY, "ListDomainsPage does not come to an end")
+            cursor = cursor_next
+        defs, active = self._parse(entries, True)
+        log.debug("listed %d entries in pages in %.2f s", len(entries),
+                  time.monotonic() - started)
+        if incremental and generation is not None:
+            try:
+                result = await self._changes_since(generation, defs, active)
+            except (ManagerUnavailable, ManagerTimeout):
+                raise
+            except ManagerError as exc:
+                log.info("cannot ask what changed while listing (%s); listing again next "
+                         "time", exc)
+                result = None
+            return result if result is not None else (defs, active, None)
+        return defs, active, generation
+
+    async def _changes_since(self, generation: int, defs: Mapping[str, DomainConfig],
+                             active: set[str]
+                             ) -> tuple[dict[str, DomainConfig], set[str], int] | None:
+        """`defs` and `active` brought from `generation` to now with ListChangesSince;
+        None when the generations do not follow (the caller lists again)."""
+        current, changed, removed = await self._call_multi("ListChangesSince", generation)
+        if (not isinstance(current, int) or not isinstance(changed, (list, tuple))
+                or not isinstance(removed, (list, tuple))):
+            raise ManagerFailed(ERR_BAD_REPLY, "ListChangesSince returned the wrong types")
+        if current < generation:
+            log.info("the Manager's generation went back from %d to %d; listing again",
+                     generation, current)
+            return None
+        if current == generation and not changed and not removed:
+            return dict(defs), set(active), current
+        new_defs = dict(defs)
+        new_active = set(active)
+        for u in removed:
+            cu = canonical_uuid(u) if isinstance(u, str) else None
+            if cu is not None:
+                new_defs.pop(cu, None)
+                new_active.discard(cu)
+        good, good_active = self._parse(list(changed), True)
+        for entry in changed:          # a changed entry that is now unusable is gone
+            cu = _entry_uuid(entry)
+            if cu is not None and cu not in good:
+                new_defs.pop(cu, None)
+                new_active.discard(cu)
+        for u, cfg in good.items():
+            new_defs[u] = cfg
+            if u in good_active:
+                new_active.add(u)
+            else:
+                new_active.discard(u)
+        return new_defs, new_active, current
 
     async def _list(self) -> tuple[list[Any], bool]:
         if self.offers("ListDomains"):
@@ -552,6 +661,23 @@ class ManagerClient:
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
             raise error_from_dbus(reply.error_name or "", text, what)
         return list(reply.body)
+
+    async def _call_multi(self, member: str, *args: Any, timeout: float | None = None
+                          ) -> list[Any]:
+        """Call a contract method with several results; returns them as a list."""
+        m = members()[member]
+        if self._owner is None:
+            raise ManagerUnavailable(ERR_UNAVAILABLE, f"no Manager on the bus for {member}")
+        if member not in self._offered:
+            raise ManagerNotSupported(ERROR_NOT_SUPPORTED,
+                                      f"the Manager does not offer {member}")
+        body = await self._raw_call(BUS_NAME, OBJECT_PATH, INTERFACE, member,
+                                    m.in_signature, list(args), timeout=timeout)
+        expected = _count_types(m.out_signature)
+        if len(body) != expected:
+            raise ManagerFailed(ERR_BAD_REPLY, f"{member} returned {len(body)} values, "
+                                f"expected {expected}")
+        return body
 
     async def _call(self, member: str, *args: Any, timeout: float | None = None) -> Any:
         """Call a contract method with the contract's signatures; return its one result."""
