@@ -19,10 +19,10 @@ from typing import Set
 import pytest
 
 try:
-    from tests.support.model import (HOST, MinimalModel, RecordingManager, cs_path,
+    from tests.support.model import (MinimalModel, RecordingManager, cs_path,
                                       domain_config, host_path, poll_until, rsc, vsms_path)
 except ImportError:
-    from support.model import (HOST, MinimalModel, RecordingManager, cs_path,  # type: ignore
+    from support.model import (MinimalModel, RecordingManager, cs_path,  # type: ignore
                                domain_config, host_path, poll_until, rsc, vsms_path)
 
 from cim_provider.contract import config_to_dbus
@@ -74,38 +74,11 @@ class SlowListManager(RecordingManager):
         return [config_to_dbus(c) for c in self.entries.values()]
 
 
-class Model(MinimalModel):
-    """MinimalModel with another Manager class and the client's list timeout."""
-
-    def __init__(self, manager_cls, configs, *, manager_timeout: float = 5.0,
-                 list_timeout: float = 60.0) -> None:
-        self.manager_cls = manager_cls
-        self.list_timeout = list_timeout
-        super().__init__(configs, relist=60.0, manager_timeout=manager_timeout)
-
-    async def _start(self) -> None:
-        import libvirt
-
-        from cim_provider.server.main import start_server, start_sources
-        from cim_provider.sources.libvirt import ensure_event_loop_impl
-        loop = asyncio.get_running_loop()
-        ensure_event_loop_impl(loop)
-        self.libvirt = await loop.run_in_executor(None, libvirt.open, "test:///default")
-        await self.start_manager(self.configs)
-        sources = await start_sources(libvirt_conn=self.libvirt, manager_bus=self.bus.address,
-                                      manager_timeout=self.manager_timeout,
-                                      manager_list_timeout=self.list_timeout,
-                                      relist_interval=self.relist)
-        self.server = await start_server([("127.0.0.1", 0)], sources=sources, host=HOST)
-
-    async def start_manager(self, configs=()):
-        from cim_provider.contract import BUS_NAME, OBJECT_PATH
-        from cim_provider.contract.bus import NameFlag, connect
-        self._mbus = await connect(self.bus.address)
-        self.manager = self.manager_cls(self.libvirt, configs)
-        self._mbus.export(OBJECT_PATH, self.manager)
-        await self._mbus.request_name(BUS_NAME, NameFlag.DO_NOT_QUEUE)
-        return self.manager
+def Model(manager_cls, configs, *, manager_timeout: float = 5.0,
+          list_timeout: float = 60.0) -> MinimalModel:
+    """The periodic re-list 60 s away: only the bridge's own updates can show a change."""
+    return MinimalModel(configs, relist=60.0, manager_timeout=manager_timeout,
+                        manager_class=manager_cls, manager_list_timeout=list_timeout)
 
 
 def twins(conn, uuid):

@@ -317,7 +317,8 @@ class MinimalModel:
 
     def __init__(self, configs=(), relist: float = 0.5, manager_timeout: float = 5.0,
                  manager_start_timeout: float = 60.0,
-                 manager_class: type = RecordingManager) -> None:
+                 manager_class: type = RecordingManager,
+                 manager_list_timeout: float = 60.0) -> None:
         from cim_provider.busdaemon import PrivateBus
         reset_test_default()
         self.lt = LoopThread()
@@ -327,6 +328,7 @@ class MinimalModel:
         self.relist = relist
         self.manager_timeout = manager_timeout
         self.manager_start_timeout = manager_start_timeout
+        self.manager_list_timeout = manager_list_timeout
         self.manager: Optional[RecordingManager] = None
         self._mbus = None
         self.server = None
@@ -349,6 +351,7 @@ class MinimalModel:
         sources = await start_sources(libvirt_conn=self.libvirt, manager_bus=self.bus.address,
                                       manager_timeout=self.manager_timeout,
                                       manager_start_timeout=self.manager_start_timeout,
+                                      manager_list_timeout=self.manager_list_timeout,
                                       relist_interval=self.relist)
         self.server = await start_server([("127.0.0.1", 0)], sources=sources, host=HOST)
 
