@@ -5,8 +5,10 @@ set -euo pipefail
 # systemd: systemd-analyze verifies contrib/systemd/ (tests/test_service_units.py);
 # openssl: the self-signed HTTPS pair and the certificate-rotation tests
 # postgresql: the farm tests start a throw-away server (tests/support/postgres.py)
+# qemu-system-x86, qemu-utils, libvirt-daemon-driver-qemu: tiny TCG guests under a private
+# libvirtd, where hypervisor behaviour is the point (tests/test_hotplug_qemu.py)
 pkgs=(libvirt0 libvirt-dev pkg-config gcc python3-dev dbus-daemon libvirt-daemon libvirt-clients sblim-wbemcli
-      systemd openssl postgresql)
+      systemd openssl postgresql qemu-system-x86 qemu-utils libvirt-daemon-driver-qemu)
 missing=()
 for p in "${pkgs[@]}"; do
   st=$(dpkg-query -W -f='${Status}' "$p" 2>/dev/null || true)
