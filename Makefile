@@ -20,7 +20,7 @@ sysdeps:
 $(VENV)/.installed: pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q --disable-pip-version-check -e '.[test,bench]' 2>&1 | grep -v '^WARNING: Location' || true
-	@$(PY) -c 'import pywbem, aiohttp, libvirt, dbus_fast, dbus_next, pytest, uvloop, pam, psutil, psycopg'
+	@$(PY) -c 'import pywbem, aiohttp, libvirt, dbus_fast, dbus_next, pytest, uvloop, pam, psutil, psycopg, jinja2'
 	@touch $@
 
 # Fetched once from pywbem's source distribution on the package index (never committed),

@@ -7,7 +7,9 @@ and libvirt's own persistent domains; one transient domain; the server on
 127.0.0.1:5988. So all three kinds of system are there from the first request:
 "test" (running, with its libvirt definition as passive twin), "transient-demo"
 (running, no twin), "gnome-test" and "kde-dev" (passive only; kde-dev is too large
-for the host, so the Manager's policy refuses to start it).
+for the host, so the Manager's policy refuses to start it). `cim-provider demo` also
+ships two templates (TEMPLATES, in the demo's folder) and three passive domains
+rendered from them ("app-1", "app-2", "desk-alice"), so templates are there too.
 """
 from __future__ import annotations
 
@@ -22,7 +24,7 @@ import uuid as uuidlib
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from .domain.records import Disk, DomainConfig, Nic
 
@@ -30,6 +32,7 @@ if TYPE_CHECKING:
     import libvirt
 
     from .busdaemon import PrivateBus
+    from .manager.policy import PolicyOptions
     from .manager.service import ManagerHandle
     from .manager.store import Store
     from .server.main import ServerHandle, Sources
@@ -51,6 +54,71 @@ SEED = [
                  disks=(Disk("vda", "/var/lib/images/kde-dev.qcow2", "disk", "virtio",
                              40 * 1024 ** 3),),
                  nics=(Nic("52:54:00:6a:10:02", "network", "default", "virtio"),)),
+]
+# The demo's templates (`cim-provider manager --templates DIR` reads such files).
+TEMPLATES = {
+    "small-server": """{#
+A small server: one virtio disk named after the domain, one NIC on a libvirt network.
+@var vcpus: int[1..64] = 1 -- virtual CPUs
+@var memory_kib: int[16384..] = 262144 -- memory in KiB
+@var images: string = /var/lib/images -- directory of the disk image (NAME.qcow2)
+@var network: string = default -- libvirt network of its NIC
+#}
+<domain type='{{ hypervisor }}'>
+  <name>{{ name }}</name>
+  <uuid>{{ uuid }}</uuid>
+  <title>Small server {{ name }}</title>
+  <memory unit='KiB'>{{ memory_kib }}</memory>
+  <currentMemory unit='KiB'>{{ memory_kib }}</currentMemory>
+  <vcpu>{{ vcpus }}</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <source file='{{ images }}/{{ name }}.qcow2'/><target dev='vda' bus='virtio'/>
+    </disk>
+    <interface type='network'>
+      <mac address='{{ mac(0) }}'/><source network='{{ network }}'/><model type='virtio'/>
+    </interface>
+  </devices>
+</domain>
+""",
+    "desktop": """{#
+A desktop: two vCPUs, a disk and a CD-ROM, two NICs (virtio and e1000).
+@var owner: string -- who it is for (shown in its title)
+@var vcpus: int[1..16] = 2 -- virtual CPUs
+@var memory_kib: int[65536..] = 393216 -- memory in KiB
+@var install_iso: string = /var/lib/images/install.iso -- the CD-ROM's medium
+#}
+<domain type='{{ hypervisor }}'>
+  <name>{{ name }}</name>
+  <uuid>{{ uuid }}</uuid>
+  <title>Desktop of {{ owner }}</title>
+  <memory unit='KiB'>{{ memory_kib }}</memory>
+  <vcpu>{{ vcpus }}</vcpu>
+  <os><type arch='x86_64'>hvm</type></os>
+  <devices>
+    <disk type='file' device='disk'>
+      <source file='/var/lib/images/{{ name }}.qcow2'/><target dev='vda' bus='virtio'/>
+    </disk>
+    <disk type='file' device='cdrom'>
+      <source file='{{ install_iso }}'/><target dev='sda' bus='sata'/>
+    </disk>
+    <interface type='network'>
+      <mac address='{{ mac(0) }}'/><source network='default'/><model type='virtio'/>
+    </interface>
+    <interface type='network'>
+      <mac address='{{ mac(1) }}'/><source network='default'/><model type='e1000'/>
+    </interface>
+  </devices>
+</domain>
+""",
+}
+# (uuid, name, template, variables): the demo's templated passive domains
+TEMPLATED: list[tuple[str, str, str, dict[str, Any]]] = [
+    ("1f0c2a53-5d3e-4b8e-9a55-6a2f3d7c0101", "app-1", "small-server", {}),
+    ("1f0c2a53-5d3e-4b8e-9a55-6a2f3d7c0102", "app-2", "small-server",
+     {"vcpus": 2, "memory_kib": 393216}),
+    ("1f0c2a53-5d3e-4b8e-9a55-6a2f3d7c0103", "desk-alice", "desktop", {"owner": "Alice"}),
 ]
 TRANSIENT = DomainConfig(uuid=str(uuidlib.uuid4()), name="transient-demo",
                          title="A running domain no tool has a definition for", type="Test",
@@ -90,16 +158,20 @@ class Demo:
 async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
                      state_dir: Path | None = None, https: Sequence[tuple[str, int]] = (),
                      options: argparse.Namespace | None = None,
-                     repo: Repository | None = None) -> Demo:
+                     repo: Repository | None = None, templates: bool = False,
+                     policy: PolicyOptions | None = None) -> Demo:
     """Start everything; subscriptions (and the self-signed HTTPS pair) live in
     `state_dir` (default: the demo's folder). `options`: the security options of
     security.add_arguments (users file, PAM, --cert/--key, --insecure-http); `repo`:
-    the class repository (default: Repository.load())."""
+    the class repository (default: Repository.load()); `templates`: also ship
+    TEMPLATES and the TEMPLATED passive domains (what `cim-provider demo` does);
+    `policy`: the Manager's start policy (default: refuse what does not fit)."""
     import libvirt
 
     from .busdaemon import PrivateBus
     from .manager.service import serve_manager
-    from .manager.store import LibvirtConnection, LibvirtStore, SqliteStore
+    from .manager.store import LibvirtConnection, LibvirtStore, SqliteStore, Templated
+    from .manager.templates import SUFFIX, TemplateLibrary, variables_json
     from .server import security
     from .server.main import host_fqdn, start_server, start_sources
     from .domain.domxml import config_to_domain_xml
@@ -120,9 +192,19 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
         sqlite = SqliteStore(demo.workdir / "definitions.db")
         for cfg in SEED:
             await loop.run_in_executor(None, sqlite.define, cfg)
+        library = None
+        if templates:
+            folder = demo.workdir / "templates"
+            folder.mkdir()
+            for name, text in TEMPLATES.items():
+                (folder / f"{name}{SUFFIX}").write_text(text)
+            library = TemplateLibrary(folder)
+            await loop.run_in_executor(None, sqlite.define_many_templated, [
+                Templated(u, n, t, variables_json(v)) for u, n, t, v in TEMPLATED])
         shared = LibvirtConnection("test:///default", conn=demo.conn)
         demo.stores = [sqlite, LibvirtStore(shared)]
-        demo.manager = await serve_manager(demo.bus.address, demo.stores, shared)
+        demo.manager = await serve_manager(demo.bus.address, demo.stores, shared,
+                                           templates=library, policy=policy)
         demo.sources = await start_sources(libvirt_conn=demo.conn,
                                            manager_bus=demo.bus.address)
         demo.server = await start_server(sec.listen, repo=repo, sources=demo.sources, host=host,
@@ -168,7 +250,7 @@ async def _run(args: argparse.Namespace, repo: Repository) -> int:
     try:
         demo = await start_demo(args.listen or [("127.0.0.1", 5988)],
                                 https=args.https_listen or [("127.0.0.1", 5989)], options=args,
-                                repo=repo)
+                                repo=repo, templates=True)
     except StartupError as exc:
         log.error("not starting: %s", exc)
         return 2

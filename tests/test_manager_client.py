@@ -319,6 +319,8 @@ def test_signals_replace_polling(dbus_address, tmp_path):
             paged = client.offers("ListDomainsPage") and client.offers("ListChangesSince")
             first_sync = (["Introspect", "Get", "ListDomainsPage", "ListChangesSince"] if paged
                           else ["Introspect", "ListDomains"])
+            if client.offers("ListTemplates"):      # read once, then on TemplatesChanged
+                first_sync.insert(1, "ListTemplates")
 
             def safety_reads(seen):
                 later = calls(seen)[len(first_sync):]

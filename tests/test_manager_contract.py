@@ -43,10 +43,15 @@ def test_contract_declares_required_and_optional_members():
     assert m["Generation"] == Member("property", "Generation", "", "t", "read")
     assert m["ListDomainsPage"] == Member("method", "ListDomainsPage", "su", "aa{sv}s")
     assert m["ListChangesSince"] == Member("method", "ListChangesSince", "t", "taa{sv}as")
+    assert m["ListTemplates"] == Member("method", "ListTemplates", "", "aa{sv}")
+    assert m["DefineFromTemplate"] == Member("method", "DefineFromTemplate", "sa{sv}", "s")
+    assert m["TemplatesChanged"] == Member("signal", "TemplatesChanged", "", "")
+    assert m["DomainsDisplaced"] == Member("signal", "DomainsDisplaced", "", "saa{sv}")
     assert set(m) == {"ListInactiveDomains", "StartDomain", "ListDomains", "DefineDomain",
                       "UndefineDomain", "GetDomain", "UpdateDomain", "DomainDefined",
                       "DomainUndefined", "DomainChanged", "Generation", "ListDomainsPage",
-                      "ListChangesSince"}
+                      "ListChangesSince", "ListTemplates", "DefineFromTemplate",
+                      "TemplatesChanged", "DomainsDisplaced"}
 
 
 def test_reference_service_exports_exactly_the_contract(tmp_path):

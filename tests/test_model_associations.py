@@ -56,23 +56,77 @@ def guests():
     return [cs_path(u) for u in GUESTS]
 
 
+# What the model grew (devices, pools, allocation, metrics, the indication service).
+
+def device(cls, uuid, dev):
+    return CIMInstanceName(cls, {"SystemCreationClassName": CS, "SystemName": uuid,
+                                 "CreationClassName": cls, "DeviceID": dev}, namespace=VIRT)
+
+
+def guest_devices():
+    return [device("VIRT_Processor", TEST_UUID, "0"), device("VIRT_Processor", TEST_UUID, "1"),
+            device("VIRT_Memory", TEST_UUID, "mem"), device("VIRT_LogicalDisk", TEST_UUID, "vda"),
+            device("VIRT_NetworkPort", TEST_UUID, TEST_NIC)]
+
+
+def pool(iid):
+    cls = {"processor": "VIRT_ProcessorPool", "memory": "VIRT_MemoryPool",
+           "disk": "VIRT_DiskPool", "network": "VIRT_NetworkPool"}[iid.split(":")[2]]
+    return iid_path(cls, iid)
+
+
+def pools():
+    return [pool(i) for i in ("VIRT:pool:processor", "VIRT:pool:memory",
+                              "VIRT:pool:disk:default-pool", "VIRT:pool:network:default")]
+
+
+def type_capabilities():
+    return [iid_path("VIRT_AllocationCapabilities", f"VIRT:AC:type:{rt}") for rt in (3, 4, 10, 17)]
+
+
+def indication_service():
+    return CIMInstanceName("VIRT_IndicationService", {
+        "SystemCreationClassName": "VIRT_HostSystem", "SystemName": HOST,
+        "CreationClassName": "VIRT_IndicationService",
+        "Name": "cim-provider:IndicationService"}, namespace=INTEROP)
+
+
+METRICS = ("cpu", "memory", "disk-read", "disk-write", "net-rx", "net-tx")
+
+
+def metric_defs():
+    return [CIMInstanceName("VIRT_BaseMetricDefinition", {"Id": f"VIRT:metric:{m}"},
+                            namespace=VIRT) for m in METRICS]
+
+
+def metric_values(uuid, names=METRICS):
+    return [iid_path("VIRT_BaseMetricValue", f"VIRT:metric:{uuid}:{m}") for m in names]
+
+
+TRANSIENT_METRICS = ("cpu", "memory")        # no disk, no NIC
+
+
 # (desc, source, filters, expected targets)
 ASSOCIATORS = [
     ("host: everything", host_path(), {},
-     guests() + [vsms_path(), profile_path("DSP1042")]),
+     guests() + [vsms_path(), profile_path("DSP1042"), indication_service()] + pools()
+     + type_capabilities()),
     ("host: HostedDependency", host_path(), {"AssocClass": "VIRT_HostedDependency"}, guests()),
     ("host: CIM_HostedDependency and its subclass HostedService",
-     host_path(), {"AssocClass": "CIM_HostedDependency"}, guests() + [vsms_path()]),
-    ("host: HostedService", host_path(), {"AssocClass": "VIRT_HostedService"}, [vsms_path()]),
+     host_path(), {"AssocClass": "CIM_HostedDependency"},
+     guests() + [vsms_path(), indication_service()]),
+    ("host: HostedService", host_path(), {"AssocClass": "VIRT_HostedService"},
+     [vsms_path(), indication_service()]),
     ("host: ResultClass guests", host_path(), {"ResultClass": "VIRT_ComputerSystem"}, guests()),
     ("host: ResultClass CIM_Service", host_path(), {"ResultClass": "CIM_Service"},
-     [vsms_path()]),
+     [vsms_path(), indication_service()]),
     ("host: ResultClass profile (other namespace)", host_path(),
      {"ResultClass": "CIM_RegisteredProfile"}, [profile_path("DSP1042")]),
-    ("host: Role Antecedent", host_path(), {"Role": "Antecedent"}, guests() + [vsms_path()]),
+    ("host: Role Antecedent", host_path(), {"Role": "Antecedent"},
+     guests() + [vsms_path(), indication_service()]),
     ("host: Role Dependent", host_path(), {"Role": "Dependent"}, []),
     ("host: ResultRole Dependent", host_path(), {"ResultRole": "Dependent"},
-     guests() + [vsms_path()]),
+     guests() + [vsms_path(), indication_service()]),
     ("host: ResultRole ConformantStandard", host_path(), {"ResultRole": "ConformantStandard"},
      [profile_path("DSP1042")]),
     ("host: all four filters", host_path(),
@@ -83,7 +137,8 @@ ASSOCIATORS = [
 
     ("both: everything", cs_path(TEST_UUID), {},
      [host_path(), vssd_path("state", TEST_UUID), vssd_path("defined", TEST_UUID),
-      elec(TEST_UUID), profile_path("DSP1057")]),
+      elec(TEST_UUID), profile_path("DSP1057")] + guest_devices() + metric_defs()
+     + metric_values(TEST_UUID)),
     ("both: SettingsDefineState -> state VSSD", cs_path(TEST_UUID),
      {"AssocClass": "VIRT_SettingsDefineState"}, [vssd_path("state", TEST_UUID)]),
     ("both: ElementSettingData -> defined VSSD", cs_path(TEST_UUID),
@@ -95,7 +150,8 @@ ASSOCIATORS = [
     ("both: Role Dependent -> host", cs_path(TEST_UUID), {"Role": "Dependent"}, [host_path()]),
     ("both: ResultRole Antecedent -> host", cs_path(TEST_UUID), {"ResultRole": "Antecedent"},
      [host_path()]),
-    ("both: Role Antecedent", cs_path(TEST_UUID), {"Role": "Antecedent"}, []),
+    ("both: Role Antecedent (its metrics)", cs_path(TEST_UUID), {"Role": "Antecedent"},
+     metric_defs() + metric_values(TEST_UUID)),
     ("both: ResultClass CIM_ComputerSystem -> host", cs_path(TEST_UUID),
      {"ResultClass": "CIM_ComputerSystem"}, [host_path()]),
     ("both: ResultClass sibling class", cs_path(TEST_UUID),
@@ -137,8 +193,8 @@ ASSOCIATORS = [
      [cs_path(GNOME_UUID), part(RASD, "defined", GNOME_UUID, "proc"),
       part(RASD, "defined", GNOME_UUID, "mem"), part(SASD, "defined", GNOME_UUID, "vda"),
       part(EPASD, "defined", GNOME_UUID, GNOME_NIC)]),
-    ("memory RASD: its VSSD", part(RASD, "defined", GNOME_UUID, "mem"), {},
-     [vssd_path("defined", GNOME_UUID)]),
+    ("memory RASD: its VSSD and pool", part(RASD, "defined", GNOME_UUID, "mem"), {},
+     [vssd_path("defined", GNOME_UUID), pool("VIRT:pool:memory")]),
     ("memory RASD: Role PartComponent", part(RASD, "defined", GNOME_UUID, "mem"),
      {"Role": "PartComponent"}, [vssd_path("defined", GNOME_UUID)]),
     ("memory RASD: Role GroupComponent", part(RASD, "defined", GNOME_UUID, "mem"),
@@ -169,11 +225,13 @@ ASSOCIATORS = [
      {"AssocClass": "CIM_ReferencedProfile", "ResultRole": "Antecedent"},
      [profile_path("DSP1041")]),
     ("DSP1042: the host and referenced profiles", profile_path("DSP1042"), {},
-     [host_path(), profile_path("DSP1057"), profile_path("DSP1041")]),
+     [host_path()] + [profile_path(p) for p in ("DSP1057", "DSP1041", "DSP1044", "DSP1045",
+                                                "DSP1047", "DSP1050")]),
     ("DSP1042: ResultRole ManagedElement -> host", profile_path("DSP1042"),
      {"ResultRole": "ManagedElement"}, [host_path()]),
-    ("DSP1041: referenced by both", profile_path("DSP1041"), {},
-     [profile_path("DSP1042"), profile_path("DSP1057")]),
+    ("DSP1041: referenced by the others, its pools", profile_path("DSP1041"), {},
+     [profile_path(p) for p in ("DSP1042", "DSP1057", "DSP1044", "DSP1045", "DSP1047",
+                                "DSP1050")] + pools()),
     ("DSP1033: the object manager", profile_path("DSP1033"), {}, [object_manager()]),
     ("object manager: DSP1033", object_manager(), {}, [profile_path("DSP1033")]),
 ]
@@ -181,6 +239,10 @@ ASSOCIATORS = [
 
 @pytest.fixture(scope="module")
 def transient(demo):
+    # Two usage samples now, so every running system has all its metric values (the
+    # set of them stays the same from then on; only their figures move).
+    for _ in range(2):
+        demo.lt.run(demo.demo.sources.libvirt.sample_usage())
     return next(r.uuid for r in demo.inventory.records() if r.name == "transient-demo")
 
 
@@ -214,6 +276,8 @@ def test_associators_with_filters(demo, transient, desc, source, filters, expect
         insts = c.Associators(source, **filters)
         assert keys(insts) == expected
         for inst in insts:           # the instances are what GetInstance gives
+            if inst.classname == "VIRT_BaseMetricValue":
+                continue             # volatile: the next sample may land in between
             other = demo.conn(inst.path.namespace)
             assert dict(other.GetInstance(inst.path).items()) == dict(inst.items())
             other.close()
@@ -248,7 +312,8 @@ def test_walked_both_ways(demo, transient, desc, source):
 REFERENCES = [
     ("both: every reference", cs_path(TEST_UUID), {},
      ["VIRT_HostedDependency", "VIRT_SettingsDefineState", "VIRT_ElementSettingData",
-      "VIRT_ElementCapabilities", "VIRT_ElementConformsToProfile"]),
+      "VIRT_ElementCapabilities", "VIRT_ElementConformsToProfile"]
+     + ["VIRT_SystemDevice"] * 5 + ["VIRT_MetricDefForME"] * 6 + ["VIRT_MetricForME"] * 6),
     ("both: ResultClass CIM_SettingsDefineState", cs_path(TEST_UUID),
      {"ResultClass": "CIM_SettingsDefineState"}, ["VIRT_SettingsDefineState"]),
     ("both: Role ManagedElement", cs_path(TEST_UUID), {"Role": "ManagedElement"},
@@ -258,11 +323,12 @@ REFERENCES = [
      ["VIRT_HostedDependency"]),
     ("transient: no ElementSettingData", cs_path(TRANSIENT), {},
      ["VIRT_HostedDependency", "VIRT_SettingsDefineState", "VIRT_ElementCapabilities",
-      "VIRT_ElementConformsToProfile"]),
+      "VIRT_ElementConformsToProfile"] + ["VIRT_SystemDevice"] * 2
+     + ["VIRT_MetricDefForME"] * 6 + ["VIRT_MetricForME"] * len(TRANSIENT_METRICS)),
     ("host: Role Antecedent", host_path(), {"Role": "Antecedent"},
-     ["VIRT_HostedDependency"] * 4 + ["VIRT_HostedService"]),
+     ["VIRT_HostedDependency"] * 4 + ["VIRT_HostedService"] * 2),
     ("host: ResultClass HostedService", host_path(), {"ResultClass": "CIM_HostedService"},
-     ["VIRT_HostedService"]),
+     ["VIRT_HostedService"] * 2),
 ]
 
 
@@ -326,10 +392,21 @@ def test_conforms_to_profile_crosses_namespaces(demo):
         def as_pairs(links):
             return {(key(a["ConformantStandard"]), key(a["ManagedElement"])) for a in links}
         assert as_pairs(links_i) == as_pairs(links_v)
-        assert len(links_i) == 4 + 2       # 4 guests, the host, the object manager
+        # 4 guests, the host, the object manager, 4 pools (DSP1041) and each in its
+        # resource profile, 6 metric definitions, the indication service
+        assert len(links_i) == 4 + 2 + 4 + 4 + 6 + 1
     finally:
         interop.close()
         virt.close()
+
+
+ALL_PROFILES = [
+    ("System Virtualization", "1.0.0"), ("Virtual System", "1.0.0"),
+    ("Resource Allocation", "1.1.0"), ("Profile Registration", "1.0.0"),
+    ("Processor Device Resource Virtualization", "1.0.0"),
+    ("Memory Resource Virtualization", "1.0.0"), ("Storage Resource Virtualization", "1.0.0"),
+    ("Ethernet Port Resource Virtualization", "1.0.0"), ("Base Metrics", "1.0.1"),
+    ("Indications", "1.2.0")]
 
 
 def test_registered_profiles(demo):
@@ -337,9 +414,7 @@ def test_registered_profiles(demo):
     profs = c.EnumerateInstances("CIM_RegisteredProfile")
     c.close()
     assert sorted((p["RegisteredOrganization"], p["RegisteredName"], p["RegisteredVersion"])
-                  for p in profs) == sorted([
-        (2, "System Virtualization", "1.0.0"), (2, "Virtual System", "1.0.0"),
-        (2, "Resource Allocation", "1.1.0"), (2, "Profile Registration", "1.0.0")])
+                  for p in profs) == sorted((2, n, v) for n, v in ALL_PROFILES)
 
 
 def test_pywbemcli_profile_list(demo, tmp_path):
@@ -347,8 +422,7 @@ def test_pywbemcli_profile_list(demo, tmp_path):
     assert proc.returncode == 0, proc.stderr
     rows = [line.split() for line in proc.stdout.splitlines() if line.startswith("DMTF")]
     got = sorted((" ".join(r[1:-1]), r[-1]) for r in rows)
-    assert got == sorted([("System Virtualization", "1.0.0"), ("Virtual System", "1.0.0"),
-                          ("Resource Allocation", "1.1.0"), ("Profile Registration", "1.0.0")])
+    assert got == sorted(ALL_PROFILES)
 
 
 def test_pywbemcli_associators_from_host(demo, tmp_path):
@@ -390,12 +464,15 @@ def test_association_errors(conn):
 
 # (namespace, association class, how many instances in the demo)
 ASSOC_CLASSES = [
-    (VIRT, "VIRT_HostedDependency", 4), (VIRT, "VIRT_SettingsDefineState", 4),
+    # SettingsDefineState: 4 systems, then the devices of test (5) and transient-demo (2)
+    (VIRT, "VIRT_HostedDependency", 4), (VIRT, "VIRT_SettingsDefineState", 4 + 5 + 2),
     (VIRT, "VIRT_ElementSettingData", 3),
     (VIRT, "VIRT_VirtualSystemSettingDataComponent", 4 + 4 + 4 + 4 + 2),
-    (VIRT, "VIRT_HostedService", 1), (VIRT, "VIRT_ElementCapabilities", 5),
-    (VIRT, "VIRT_ElementConformsToProfile", 6), (INTEROP, "VIRT_ElementConformsToProfile", 6),
-    (INTEROP, "VIRT_ReferencedProfile", 3),
+    (VIRT, "VIRT_HostedService", 2), (VIRT, "VIRT_ElementCapabilities", 5 + 8),
+    (VIRT, "VIRT_ElementConformsToProfile", 21), (INTEROP, "VIRT_ElementConformsToProfile", 21),
+    (INTEROP, "VIRT_ReferencedProfile", 11), (INTEROP, "VIRT_HostedService", 1),
+    (INTEROP, "VIRT_ElementCapabilities", 1), (VIRT, "VIRT_SystemDevice", 7),
+    (VIRT, "VIRT_HostedResourcePool", 4),
 ]
 
 

@@ -42,6 +42,11 @@ ERRORS = (ERROR_NOT_FOUND, ERROR_ALREADY_RUNNING, ERROR_REFUSED, ERROR_INVALID_A
 
 REQUIRED_METHODS = frozenset({"ListInactiveDomains", "StartDomain"})
 CHANGE_SIGNALS = frozenset({"DomainDefined", "DomainUndefined", "DomainChanged"})
+# Templates (optional): ListTemplates, DefineFromTemplate, and the signal that the
+# templates changed; DomainsDisplaced: what a start displaced to make room.
+TEMPLATE_METHODS = frozenset({"ListTemplates", "DefineFromTemplate"})
+TEMPLATES_CHANGED = "TemplatesChanged"
+DOMAINS_DISPLACED = "DomainsDisplaced"
 # The paged and incremental listings (optional; a Manager with many definitions needs
 # them: one D-Bus message is capped at 32 MiB by default, about 80,000 definitions).
 PAGED_METHODS = frozenset({"ListDomainsPage", "ListChangesSince"})
@@ -55,16 +60,29 @@ MAX_MEMORY_KIB = 16 * 2 ** 60 // 1024      # 16 EiB
 MAX_CAPACITY_BYTES = 16 * 2 ** 60          # 16 EiB
 MAX_STRING = 4096
 MAX_DEVICES = 256
+MAX_VARIABLES = 256                        # template variables of one definition
+PRIORITY_RANGE = (-2 ** 31, 2 ** 31 - 1)   # D-Bus 'i'
 
 # The D-Bus type of every key the contract defines (unknown keys are ignored).
 DOMAIN_KEYS: dict[str, str] = {
     "UUID": "s", "Name": "s", "Title": "s", "Type": "s", "OSType": "s", "Arch": "s",
     "VCPUs": "u", "MemoryKiB": "t", "MaxMemoryKiB": "t", "Autostart": "b",
     "Disks": "aa{sv}", "NICs": "aa{sv}", "Active": "b", "Host": "s",
+    "Priority": "i", "MinMemoryKiB": "t", "Template": "s", "TemplateVariables": "a{sv}",
 }
 DISK_KEYS: dict[str, str] = {"Target": "s", "Source": "s", "Device": "s", "Bus": "s",
                              "CapacityBytes": "t"}
 NIC_KEYS: dict[str, str] = {"MAC": "s", "Type": "s", "Source": "s", "Model": "s"}
+# ListTemplates: one dict per template, its Variables one dict each. A variable's
+# Default has the variable's own type (s, x or b) and is absent when it is required.
+TEMPLATE_KEYS: dict[str, str] = {"Name": "s", "Description": "s", "Variables": "aa{sv}",
+                                 "Version": "s"}
+VARIABLE_KEYS: dict[str, str] = {"Name": "s", "Type": "s", "Description": "s"}
+VARIABLE_TYPES = ("string", "int", "bool")
+# DomainsDisplaced: one dict per action a start took to make room (Action: shrunk,
+# paused, saved; MemoryKiB: what a displaced domain held, or what a shrunk one got).
+ACTION_KEYS: dict[str, str] = {"UUID": "s", "Name": "s", "Action": "s", "MemoryKiB": "t",
+                               "Priority": "i", "RequestedMemoryKiB": "t"}
 
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 
@@ -136,7 +154,7 @@ def compare_members(offered: Mapping[str, Member]) -> list[str]:
 
 # ---------------------------------------------------------------- dicts <-> DomainConfig
 
-_PLAIN_LIMITS = {"u": 2 ** 32, "t": 2 ** 64}
+_PLAIN_LIMITS = {"u": 2 ** 32, "t": 2 ** 64, "i": 2 ** 31}
 
 
 def _value(d: Mapping[str, Any], key: str, sig: str, where: str, plain: bool = False) -> Any:
@@ -172,6 +190,17 @@ def _value(d: Mapping[str, Any], key: str, sig: str, where: str, plain: bool = F
             raise InvalidEntry(f"{where}{key} is not an integer")
         if value < 0:
             raise InvalidEntry(f"{where}{key} is negative")
+    elif sig == "i":
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise InvalidEntry(f"{where}{key} is not an integer")
+        if not PRIORITY_RANGE[0] <= value <= PRIORITY_RANGE[1]:
+            raise InvalidEntry(f"{where}{key} {value} does not fit D-Bus type 'i'")
+    elif sig == "a{sv}":
+        if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+            raise InvalidEntry(f"{where}{key} is not a dict with string keys")
+        if len(value) > MAX_VARIABLES:
+            raise InvalidEntry(f"{where}{key} has {len(value)} entries (more than "
+                               f"{MAX_VARIABLES})")
     elif sig == "b":
         if not isinstance(value, bool):
             # D-Bus booleans arrive as bool; an int here is a type confusion.
@@ -246,12 +275,17 @@ def config_from_dbus(d: Any, plain: bool = False) -> DomainConfig:
         raise InvalidEntry(f"VCPUs {vcpus} is not between 1 and {MAX_VCPUS}")
     memory = _value(d, "MemoryKiB", "t", "", plain)
     max_memory = _value(d, "MaxMemoryKiB", "t", "", plain)
-    for key, v in (("MemoryKiB", memory), ("MaxMemoryKiB", max_memory)):
+    min_memory = _value(d, "MinMemoryKiB", "t", "", plain)
+    for key, v in (("MemoryKiB", memory), ("MaxMemoryKiB", max_memory),
+                   ("MinMemoryKiB", min_memory)):
         if v is not None and v > MAX_MEMORY_KIB:
             raise InvalidEntry(f"{key} {v} is more than 16 EiB")
+    priority = _value(d, "Priority", "i", "", plain)
     # checked so a wrong type is reported, not used here
     _value(d, "Active", "b", "", plain)
     _value(d, "Host", "s", "", plain)
+    _value(d, "Template", "s", "", plain)
+    _value(d, "TemplateVariables", "a{sv}", "", plain)
     disks = tuple(_disk(x, i, plain)
                   for i, x in enumerate(_value(d, "Disks", "aa{sv}", "", plain) or ()))
     nics = tuple(_nic(x, i, plain)
@@ -265,7 +299,8 @@ def config_from_dbus(d: Any, plain: bool = False) -> DomainConfig:
         type=_opt_str(d, "Type", "", plain), os_type=_opt_str(d, "OSType", "", plain),
         arch=_opt_str(d, "Arch", "", plain), vcpus=vcpus,
         memory_kib=memory, max_memory_kib=max_memory,
-        autostart=_value(d, "Autostart", "b", "", plain), disks=disks, nics=nics)
+        autostart=_value(d, "Autostart", "b", "", plain), disks=disks, nics=nics,
+        priority=priority, min_memory_kib=min_memory)
 
 
 def active_from_dbus(d: Mapping[str, Any]) -> bool:
@@ -283,7 +318,8 @@ def config_to_values(cfg: DomainConfig) -> dict[str, Any]:
     out: dict[str, Any] = {"UUID": cfg.uuid, "Name": cfg.name}
     for key, v in (("Title", cfg.title), ("Type", cfg.type), ("OSType", cfg.os_type),
                    ("Arch", cfg.arch), ("VCPUs", cfg.vcpus), ("MemoryKiB", cfg.memory_kib),
-                   ("MaxMemoryKiB", cfg.max_memory_kib), ("Autostart", cfg.autostart)):
+                   ("MaxMemoryKiB", cfg.max_memory_kib), ("Autostart", cfg.autostart),
+                   ("Priority", cfg.priority), ("MinMemoryKiB", cfg.min_memory_kib)):
         if v is not None:
             out[key] = v
     if cfg.disks:
@@ -300,9 +336,30 @@ def config_to_values(cfg: DomainConfig) -> dict[str, Any]:
     return out
 
 
+def variant_of(value: Any, where: str = "value") -> Variant:
+    """A plain value as a Variant of its natural type: str s, bool b, int x (a
+    Variant passes through). Template variables travel this way."""
+    if isinstance(value, Variant):
+        return value
+    if isinstance(value, bool):
+        return Variant("b", value)
+    if isinstance(value, int):
+        if not -2 ** 63 <= value < 2 ** 63:
+            raise InvalidEntry(f"{where}: {value} does not fit D-Bus type 'x'")
+        return Variant("x", value)
+    if isinstance(value, str):
+        return Variant("s", value)
+    raise InvalidEntry(f"{where}: a {type(value).__name__} is not a string, integer or "
+                       "boolean")
+
+
 def _to_variant(key: str, value: Any, sig: str) -> Variant:
     if isinstance(value, Variant):
         return value
+    if sig == "a{sv}":
+        if not isinstance(value, Mapping):
+            raise InvalidEntry(f"{key} must be a dict")
+        value = {str(k): variant_of(v, f"{key}.{k}") for k, v in value.items()}
     if sig == "aa{sv}":
         inner = DISK_KEYS if key == "Disks" else NIC_KEYS
         if not isinstance(value, (list, tuple)):
@@ -345,3 +402,68 @@ def config_to_dbus(cfg: DomainConfig, active: bool | None = None,
     if host:
         values["Host"] = host
     return values_to_dbus(values)
+
+
+# ---------------------------------------------------------------- templates
+
+def _plain_default(var: Mapping[str, Any], where: str) -> Any:
+    v = var.get("Default")
+    if v is None:
+        return None
+    if not isinstance(v, Variant) or v.signature not in ("s", "x", "b"):
+        raise InvalidEntry(f"{where}Default is not a string, integer (x) or boolean")
+    value = v.value
+    if isinstance(value, str) and len(value) > MAX_STRING:
+        raise InvalidEntry(f"{where}Default is longer than {MAX_STRING} characters")
+    return value
+
+
+def templates_from_dbus(entries: Any) -> list[dict[str, Any]]:
+    """ListTemplates' answer as plain dicts (Name, Description, Version, Variables:
+    Name, Type, Default (absent: required), Description); a malformed template is
+    left out with a warning, the others are kept."""
+    if not isinstance(entries, (list, tuple)):
+        raise InvalidEntry("ListTemplates did not return an array")
+    out: list[dict[str, Any]] = []
+    seen: set[str] = set()
+    for i, t in enumerate(entries):
+        try:
+            if not isinstance(t, Mapping):
+                raise InvalidEntry("not a dict")
+            name = _value(t, "Name", "s", "")
+            if not name:
+                raise InvalidEntry("Name is missing or empty")
+            variables = []
+            for j, var in enumerate(_value(t, "Variables", "aa{sv}", "") or ()):
+                where = f"Variables[{j}]."
+                vname = _value(var, "Name", "s", where)
+                vtype = _value(var, "Type", "s", where)
+                if not vname or vtype not in VARIABLE_TYPES:
+                    raise InvalidEntry(f"{where}Name or Type is missing or unknown")
+                variables.append({"Name": vname, "Type": vtype,
+                                  "Default": _plain_default(var, where),
+                                  "Description": _value(var, "Description", "s", where) or ""})
+            if name in seen:
+                raise InvalidEntry(f"template {name!r} is listed twice")
+            seen.add(name)
+            out.append({"Name": name,
+                        "Description": _value(t, "Description", "s", "") or "",
+                        "Version": _value(t, "Version", "s", "") or "",
+                        "Variables": variables})
+        except InvalidEntry as exc:
+            log.warning("skipping template #%d of ListTemplates: %s", i, exc)
+    return out
+
+
+def template_to_dbus(name: str, description: str, version: str,
+                     variables: list[tuple[str, str, Any, str]]) -> dict[str, Variant]:
+    """One ListTemplates entry; `variables`: (name, type, default or None, description)."""
+    vs = []
+    for vname, vtype, default, text in variables:
+        d = {"Name": Variant("s", vname), "Type": Variant("s", vtype),
+             "Description": Variant("s", text)}
+        if default is not None:
+            d["Default"] = variant_of(default, f"{name}.{vname}")
+        vs.append(d)
+    return {"Name": Variant("s", name), "Description": Variant("s", description),
+            "Version": Variant("s", version), "Variables": Variant("aa{sv}", vs)}

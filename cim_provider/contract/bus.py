@@ -107,8 +107,62 @@ def _fix_dbus_fast_writer() -> None:
         writer.write_callback = write_callback  # type: ignore[method-assign]  # reason: the fix itself
 
 
+def _fix_dbus_next_writer() -> None:
+    """dbus-next (0.2.3) has the second half of the same bug: its write callback
+    treats send()'s BlockingIOError (the socket is full: a burst of signals, a large
+    reply) as fatal and drops the connection. A full socket means "wait until
+    writable": the callback stays registered and goes on from where it stopped. (A
+    private class: left alone when it does not look as expected.)"""
+    try:
+        from dbus_next.aio import message_bus as nmb
+        writer = nmb._MessageWriter
+        original = writer.write_callback
+    except (ImportError, AttributeError):
+        return
+    if getattr(original, "_waits_when_full", False):
+        return
+
+    def write_callback(self: Any) -> None:
+        import array
+        import socket
+        try:
+            while True:
+                if self.buf is None:
+                    if self.messages.qsize() == 0:
+                        self.loop.remove_writer(self.fd)
+                        return
+                    buf, unix_fds, fut = self.messages.get_nowait()
+                    self.unix_fds = unix_fds
+                    self.buf = memoryview(buf)
+                    self.offset = 0
+                    self.fut = fut
+                try:
+                    if self.unix_fds and self.negotiate_unix_fd:
+                        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS,
+                                    array.array("i", self.unix_fds))]
+                        self.offset += self.sock.sendmsg([self.buf[self.offset:]], ancdata)
+                        self.unix_fds = None
+                    else:
+                        self.offset += self.sock.send(self.buf[self.offset:])
+                except (BlockingIOError, InterruptedError):
+                    return                      # still registered: called when writable
+                if self.offset < len(self.buf):
+                    return
+                self.buf = None
+                nmb._future_set_result(self.fut, None)
+        except Exception as exc:
+            nmb._future_set_exception(self.fut, exc)
+            self.bus._finalize(exc)
+
+    write_callback._waits_when_full = True   # type: ignore[attr-defined]  # reason: a marker
+    if hasattr(nmb, "_future_set_result") and hasattr(nmb, "_future_set_exception"):
+        writer.write_callback = write_callback  # type: ignore[method-assign]  # reason: the fix itself
+
+
 if LIBRARY == "dbus_fast":
     _fix_dbus_fast_writer()
+else:
+    _fix_dbus_next_writer()
 
 __all__ = ["LIBRARY", "BusType", "DBusError", "ErrorType", "Message", "MessageFlag",
            "MessageType", "NameFlag", "PropertyAccess", "ReleaseNameReply",

@@ -12,7 +12,7 @@ import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
 from .defaults import DEFAULT_ARCH, DEFAULT_MEMORY_KIB, DEFAULT_OS_TYPE, DEFAULT_VCPUS
-from .records import Disk, DomainConfig, Nic, canonical_uuid
+from .records import Disk, DomainConfig, Graphics, Nic, canonical_uuid
 
 # libvirt's <domain type=...> spelled the way CIM's VirtualSystemType shows it.
 _TYPE_NAMES = {"kvm": "KVM", "qemu": "QEMU", "xen": "Xen", "lxc": "LXC", "test": "Test",
@@ -45,8 +45,14 @@ def _kib(elem: ET.Element | None) -> int | None:
     return int(value * factor)
 
 
-def parse_domain_xml(xml: str, autostart: bool | None = None) -> DomainConfig:
-    """Parse libvirt's domain XML (virDomainGetXMLDesc) into a DomainConfig."""
+def parse_domain_xml(xml: str, autostart: bool | None = None, *,
+                     detail: bool = False) -> DomainConfig:
+    """Parse libvirt's domain XML (virDomainGetXMLDesc) into a DomainConfig.
+
+    `detail`: also what only a running domain's devices show (the disks' source type,
+    pool and block size, the NICs' link state, the consoles): the libvirt source asks
+    for it; a definition (the reference Manager's libvirt store) keeps to what the
+    Manager contract carries, so that it compares equal to its D-Bus round trip."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
@@ -65,11 +71,17 @@ def parse_domain_xml(xml: str, autostart: bool | None = None) -> DomainConfig:
         if target is None or not dev:
             continue
         src = d.find("source")
-        source = None
+        source = pool = None
         if src is not None:
             source = src.get("file") or src.get("dev") or src.get("volume") or src.get("name")
+            pool = src.get("pool")
+        blockio = d.find("blockio") if detail else None
         disks.append(Disk(target=dev, source=source,
-                          device=d.get("device") or "disk", bus=target.get("bus")))
+                          device=d.get("device") or "disk", bus=target.get("bus"),
+                          source_type=d.get("type") if detail else None,
+                          pool=pool if detail else None,
+                          block_size=_int(blockio.get("logical_block_size"))
+                          if blockio is not None else None))
     nics = []
     for n in root.findall("devices/interface"):
         mac = n.find("mac")
@@ -81,8 +93,21 @@ def parse_domain_xml(xml: str, autostart: bool | None = None) -> DomainConfig:
         if src is not None:
             source = src.get("network") or src.get("bridge") or src.get("dev")
         model = n.find("model")
+        link = n.find("link") if detail else None
         nics.append(Nic(mac=address.lower(), type=n.get("type"), source=source,
-                        model=model.get("type") if model is not None else None))
+                        model=model.get("type") if model is not None else None,
+                        link_state=link.get("state") if link is not None else None))
+    graphics = []
+    for g in root.findall("devices/graphics") if detail else ():
+        if not g.get("type"):
+            continue
+        port = _int(g.get("port"))
+        listen = g.get("listen")
+        if listen is None:
+            first = g.find("listen")
+            listen = first.get("address") if first is not None else None
+        graphics.append(Graphics(type=g.get("type") or "", port=port or None, listen=listen,
+                                 autoport=g.get("autoport") == "yes"))
     vcpu = root.find("vcpu")
     vcpus = _int(vcpu.get("current")) if vcpu is not None and vcpu.get("current") else None
     if vcpus is None and vcpu is not None:
@@ -95,10 +120,11 @@ def parse_domain_xml(xml: str, autostart: bool | None = None) -> DomainConfig:
         os_type=os_type.text.strip() if os_type is not None and os_type.text else None,
         arch=os_type.get("arch") if os_type is not None else None,
         vcpus=vcpus,
+        max_vcpus=_int(vcpu.text) if vcpu is not None else None,
         memory_kib=_kib(root.find("currentMemory")) or _kib(root.find("memory")),
         max_memory_kib=_kib(root.find("memory")),
         autostart=None if autostart is None else bool(autostart),
-        disks=tuple(disks), nics=tuple(nics))
+        disks=tuple(disks), nics=tuple(nics), graphics=tuple(graphics))
 
 
 def config_to_domain_xml(cfg: DomainConfig, libvirt_type: str = "test") -> str:
@@ -114,18 +140,35 @@ def config_to_domain_xml(cfg: DomainConfig, libvirt_type: str = "test") -> str:
               f"<vcpu>{cfg.vcpus or DEFAULT_VCPUS}</vcpu>",
               f"<os><type arch={quoteattr(cfg.arch or DEFAULT_ARCH)}>"
               f"{escape(cfg.os_type or DEFAULT_OS_TYPE)}</type></os>", "<devices>"]
-    for d in cfg.disks:
-        src = f"<source file={quoteattr(d.source)}/>" if d.source else ""
-        bus = f" bus={quoteattr(d.bus)}" if d.bus else ""
-        parts.append(f"<disk type='file' device={quoteattr(d.device or 'disk')}>{src}"
-                     f"<target dev={quoteattr(d.target)}{bus}/></disk>")
-    for n in cfg.nics:
-        ntype = n.type if n.type in ("network", "bridge", "user") else "user"
-        src = ""
-        if n.source and ntype in ("network", "bridge"):
-            src = f"<source {ntype}={quoteattr(n.source)}/>"
-        model = f"<model type={quoteattr(n.model)}/>" if n.model else ""
-        parts.append(f"<interface type='{ntype}'><mac address={quoteattr(n.mac)}/>"
-                     f"{src}{model}</interface>")
+    parts += [disk_to_xml(d) for d in cfg.disks]
+    parts += [nic_to_xml(n) for n in cfg.nics]
     parts.append("</devices></domain>")
     return "".join(parts)
+
+
+def disk_to_xml(d: Disk) -> str:
+    """One <disk> element (domain XML, or a device to attach, detach or update)."""
+    kind = d.source_type if d.source_type in ("file", "block", "volume") else "file"
+    src = ""
+    if d.source:
+        if kind == "volume":
+            pool = f" pool={quoteattr(d.pool)}" if d.pool else ""
+            src = f"<source{pool} volume={quoteattr(d.source)}/>"
+        else:
+            src = f"<source {'dev' if kind == 'block' else 'file'}={quoteattr(d.source)}/>"
+    bus = f" bus={quoteattr(d.bus)}" if d.bus else ""
+    blockio = f"<blockio logical_block_size='{int(d.block_size)}'/>" if d.block_size else ""
+    return (f"<disk type='{kind}' device={quoteattr(d.device or 'disk')}>{src}"
+            f"<target dev={quoteattr(d.target)}{bus}/>{blockio}</disk>")
+
+
+def nic_to_xml(n: Nic) -> str:
+    """One <interface> element (domain XML, or a device to attach, detach or update)."""
+    ntype = n.type if n.type in ("network", "bridge", "user") else "user"
+    src = ""
+    if n.source and ntype in ("network", "bridge"):
+        src = f"<source {ntype}={quoteattr(n.source)}/>"
+    model = f"<model type={quoteattr(n.model)}/>" if n.model else ""
+    link = f"<link state={quoteattr(n.link_state)}/>" if n.link_state else ""
+    return (f"<interface type='{ntype}'><mac address={quoteattr(n.mac)}/>"
+            f"{src}{model}{link}</interface>")

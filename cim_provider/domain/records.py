@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import enum
 import uuid as uuidlib
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
@@ -39,6 +40,9 @@ class Disk:
     device: str = "disk"             # disk | cdrom | floppy | lun
     bus: str | None = None           # virtio, ide, sata, scsi, ...
     capacity_bytes: int | None = None
+    source_type: str | None = None   # file | block | volume | network | dir (libvirt's type=)
+    pool: str | None = None          # storage pool of a volume source (<source pool=>)
+    block_size: int | None = None    # logical block size (<blockio>), None: 512
 
 
 @dataclass(frozen=True, slots=True)
@@ -47,6 +51,16 @@ class Nic:
     type: str | None = None          # network | bridge | user | direct ...
     source: str | None = None        # network or bridge name
     model: str | None = None         # virtio, e1000, ...
+    link_state: str | None = None    # "up" | "down" (<link state=>); None: up
+
+
+@dataclass(frozen=True, slots=True)
+class Graphics:
+    """A remote console of a domain (<graphics>): VNC, SPICE, ..."""
+    type: str                        # vnc | spice | rdp | sdl | ...
+    port: int | None = None          # the TCP port; None while unknown (autoport)
+    listen: str | None = None        # the address it listens on
+    autoport: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,12 +72,18 @@ class DomainConfig:
     type: str | None = None          # KVM, QEMU, Xen, LXC, Test
     os_type: str | None = None       # hvm, xen, exe, linux
     arch: str | None = None          # x86_64, ...
-    vcpus: int | None = None
+    vcpus: int | None = None         # current vCPUs
+    max_vcpus: int | None = None     # the most vCPUs it may have (<vcpu>): hot-plug limit
     memory_kib: int | None = None    # current memory
     max_memory_kib: int | None = None
     autostart: bool | None = None
     disks: tuple[Disk, ...] = ()
     nics: tuple[Nic, ...] = ()
+    graphics: tuple[Graphics, ...] = ()
+    # A Manager definition's start policy (contract keys Priority, MinMemoryKiB): higher
+    # priority may displace lower; the least memory a start may be shrunk to.
+    priority: int | None = None
+    min_memory_kib: int | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -100,6 +120,10 @@ class DomainRecord:
     # Bumped by the inventory on every change of this record; lets consumers cache
     # whatever they derive from it (rendered CIM-XML, for example).
     version: int = field(default=0, compare=False)
+    # Why libvirt last stopped this domain, when that was a failure (it crashed, its
+    # hypervisor process died, its start failed in the guest); set only while it is
+    # not running, cleared by the next start. docs/architecture.md, "States".
+    stop_reason: str | None = None
 
     @property
     def kind(self) -> Kind:
@@ -115,3 +139,60 @@ class DomainRecord:
     def current(self) -> DomainConfig:
         """The configuration in force now: live if running, else the definition."""
         return self.running.config if self.running else self.defined  # type: ignore[return-value]  # reason: a record is running, defined or both
+
+
+# ---- the host's resources (libvirt: node info, storage pools, networks) ---------------
+
+@dataclass(frozen=True, slots=True)
+class HostCapacity:
+    """What the host offers to virtual systems (virNodeGetInfo)."""
+    cpus: int                        # logical CPUs
+    memory_kib: int
+
+
+@dataclass(frozen=True, slots=True)
+class StoragePool:
+    """A libvirt storage pool (virStoragePoolGetInfo + its XML)."""
+    uuid: str
+    name: str
+    type: str | None = None          # dir | logical | netfs | ...
+    active: bool = False
+    capacity: int | None = None      # bytes
+    allocation: int | None = None
+    available: int | None = None
+    path: str | None = None          # <target><path>
+    autostart: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Network:
+    """A libvirt virtual network."""
+    uuid: str
+    name: str
+    active: bool = False
+    bridge: str | None = None
+    forward: str | None = None       # nat | route | bridge | ... ; None: isolated
+    autostart: bool | None = None
+
+
+# ---- usage samples ----------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class DomainStats:
+    """One domain's counters at one moment (getAllDomainStats, or per-domain calls)."""
+    cpu_time_ns: int | None = None           # total CPU time used since start
+    vcpus: int | None = None                 # vcpu.current
+    max_vcpus: int | None = None             # vcpu.maximum
+    memory_used_kib: int | None = None       # from the balloon: available - unused, or rss
+    block_rd_bytes: int | None = None        # summed over the disks
+    block_wr_bytes: int | None = None
+    net_rx_bytes: int | None = None          # summed over the NICs
+    net_tx_bytes: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class StatsSample:
+    """Every running domain's counters, taken together once per interval."""
+    time: float                              # wall clock (time.time()) of the sample
+    monotonic: float                         # time.monotonic() of the sample
+    stats: Mapping[str, DomainStats] = field(default_factory=dict)   # by UUID

@@ -13,7 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
-from .records import DomainConfig, RunningDomain
+from .records import (Disk, DomainConfig, HostCapacity, Network, Nic, RunningDomain,
+                      StatsSample, StoragePool)
 
 
 class SourceError(Exception):
@@ -98,6 +99,37 @@ class RunningSource(Protocol):
     async def reset(self, uuid: str) -> None: ...
 
     async def host_info(self) -> dict[str, Any]: ...
+
+    # Devices of a running domain (hot-plug). Each acts on the live domain, and with
+    # `config` on its persistent libvirt definition too; when the second part fails the
+    # first is undone. The domain is read back before they return.
+
+    async def attach_device(self, uuid: str, device: Disk | Nic, *, config: bool) -> None: ...
+
+    async def detach_device(self, uuid: str, device: Disk | Nic, *, config: bool) -> None: ...
+
+    async def update_device(self, uuid: str, device: Disk | Nic, old: Disk | Nic, *,
+                            config: bool) -> None:
+        """Change a device in place (a disk's medium, a NIC's link state); `old` is the
+        device as it is now, put back if the persistent part fails."""
+
+
+class ResourceFeed(Protocol):
+    """Where the libvirt source puts what it learns of the host besides its domains
+    (inventory.resources.HostResources): read in full at each connect, then kept fresh
+    by storage-pool and network events and by the usage sampler."""
+
+    def set_host(self, capacity: HostCapacity | None, pools: Mapping[str, StoragePool],
+                 networks: Mapping[str, Network]) -> None: ...
+
+    def update_pool(self, name: str, pool: StoragePool | None) -> None: ...
+
+    def update_network(self, name: str, network: Network | None) -> None: ...
+
+    def set_sample(self, sample: StatsSample) -> None: ...
+
+    def set_sampling(self, interval: float) -> None:
+        """Usage is sampled every `interval` seconds (0: not at all)."""
 
 
 class DefinitionSource(Protocol):

@@ -14,6 +14,10 @@ Error codes at creation (our choice):
   property or class: CIM_ERR_INVALID_PARAMETER. DSP0200 lists INVALID_PARAMETER (not
   INVALID_QUERY) among CreateInstance's errors, and the bad value is a property of the
   NewInstance parameter.
+
+Subscriptions may expire (SubscriptionDuration) and ModifyInstance changes their
+SubscriptionState and SubscriptionDuration (lifetime.py); filters and destinations
+cannot be modified.
 """
 from __future__ import annotations
 
@@ -34,9 +38,12 @@ import pywbem
 from pywbem import (CIMDateTime, CIMError, CIMInstance, CIMInstanceName, CIMProperty)
 
 from ..statefile import write_private
+from . import lifetime
+from .jsonform import to_json as _to_json
+from .jsonform import typed
 from ..wbem import wql
 from ..wbem.provider import Provider, path_key
-from ..wbem.repository import Namespace, Repository
+from ..wbem.repository import Repository
 from .delivery import listener_url
 
 log = logging.getLogger(__name__)
@@ -62,46 +69,6 @@ def default_state_dir() -> Path:
     base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
                                                             ".local", "state")
     return Path(base) / "cim-provider"
-
-
-# --- JSON form of instances -------------------------------------------------------------
-
-def _to_json(value: Any) -> Any:
-    if isinstance(value, list):
-        return [_to_json(v) for v in value]
-    if isinstance(value, CIMInstanceName):
-        return {"classname": value.classname, "namespace": value.namespace,
-                "keybindings": {k: _to_json(v) for k, v in value.keybindings.items()}}
-    if isinstance(value, bool) or value is None:
-        return value
-    if isinstance(value, int):
-        return int(value)
-    if isinstance(value, float):
-        return float(value)
-    return str(value)        # strings, Char16, CIMDateTime
-
-
-def _ref_from_json(d: dict) -> CIMInstanceName:
-    return CIMInstanceName(d["classname"], {k: (_ref_from_json(v) if isinstance(v, dict) else v)
-                                            for k, v in d["keybindings"].items()},
-                           namespace=d.get("namespace"))
-
-
-def _typed(ns: Namespace, classname: str, values: dict[str, Any]) -> CIMInstance:
-    """An instance from JSON values, typed by the class (unknown names are dropped)."""
-    cls = ns.require(classname)
-    props = {}
-    for name, value in values.items():
-        decl = cls.properties.get(name)
-        if decl is None:
-            log.warning("%s in %s: ignoring unknown property %s", classname, STATE_FILE, name)
-            continue
-        if decl.type == "reference" and value is not None:
-            value = _ref_from_json(value)
-        props[decl.name] = CIMProperty(decl.name, value, type=decl.type,
-                                       reference_class=decl.reference_class,
-                                       is_array=decl.is_array)
-    return CIMInstance(cls.classname, properties=props)
 
 
 # --- the subscription set ----------------------------------------------------------------
@@ -150,6 +117,7 @@ class Subscriptions:
         self.subscriptions: dict[tuple, CIMInstance] = {}
         self.listeners: list[Callable[[], None]] = []
         self._write_lock = asyncio.Lock()
+        self.expiry = lifetime.Expiry(self.subscriptions, self.delete)
         self._keys: dict[str, list[str]] = {}
 
     # ---- keys and paths ----------------------------------------------------------
@@ -285,7 +253,28 @@ class Subscriptions:
                 from None
         log.info("created %s", path)
         self._notify()
+        self.expiry.schedule()
         return path
+
+    async def modify(self, inst: CIMInstance, property_list: list[str] | None) -> None:
+        """ModifyInstance of a subscription: SubscriptionState, SubscriptionDuration."""
+        path = inst.path
+        if path is None or path.classname != SUB_CLASS:
+            raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
+                           f"{inst.classname} cannot be modified")
+        key = interop_key(path)
+        old = self.subscriptions.get(key)
+        if old is None:
+            raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no instance {path}")
+        self.subscriptions[key] = lifetime.modified(old, inst, property_list)
+        try:
+            await self.save()
+        except OSError as exc:
+            self.subscriptions[key] = old
+            raise CIMError(pywbem.CIM_ERR_FAILED, f"cannot persist the change: {exc}") from None
+        log.info("modified %s", path)
+        self._notify()
+        self.expiry.schedule()
 
     async def delete(self, path: CIMInstanceName) -> None:
         key = interop_key(path)
@@ -356,9 +345,7 @@ class Subscriptions:
         if state is not None and state not in (STATE_ENABLED, STATE_DISABLED):
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                            "SubscriptionState must be 2 (Enabled) or 4 (Disabled)")
-        if inst.get("SubscriptionDuration") is not None:
-            raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED,
-                           "subscriptions that expire (SubscriptionDuration) are not supported")
+        lifetime.check_duration(inst.get("SubscriptionDuration"))
 
     def _notify(self) -> None:
         for cb in tuple(self.listeners):
@@ -371,8 +358,10 @@ class Subscriptions:
 
     def active(self) -> Iterable[tuple[CIMInstance, Filter, CIMInstance]]:
         """(subscription, filter, destination) for every enabled subscription."""
+        now = time.time()
         for sub in self.subscriptions.values():
-            if sub.get("SubscriptionState", STATE_ENABLED) != STATE_ENABLED:
+            if sub.get("SubscriptionState", STATE_ENABLED) != STATE_ENABLED \
+                    or lifetime.expired(sub, now):
                 continue
             flt = self.filters.get(interop_key(sub["Filter"]))
             dest = self.destinations.get(interop_key(sub["Handler"]))
@@ -419,7 +408,7 @@ class Subscriptions:
         for section in ("filters", "destinations", "subscriptions"):
             for row in data.get(section, ()):
                 try:
-                    inst = _typed(self.ns, row["classname"], row["properties"])
+                    inst = typed(self.ns, row["classname"], row["properties"], STATE_FILE)
                     inst.path = self.path_of(inst)
                     key = interop_key(inst.path)
                     if section == "filters":
@@ -434,6 +423,7 @@ class Subscriptions:
                     log.warning("skipping a saved %s entry: %s", section[:-1], exc)
         log.info("loaded %d filter(s), %d destination(s), %d subscription(s) from %s",
                  len(self.filters), len(self.destinations), len(self.subscriptions), self.path)
+        self.expiry.schedule()                 # those that expired while we were down, too
 
 
 # --- providers ---------------------------------------------------------------------------
@@ -495,9 +485,21 @@ class DestinationProvider(_SubscriptionClassProvider):
 
 
 class SubscriptionProvider(_SubscriptionClassProvider):
+    """CIM_IndicationSubscription: SubscriptionTimeRemaining computed when read;
+    ModifyInstance changes SubscriptionState and SubscriptionDuration (lifetime.py)."""
     classnames = (SUB_CLASS,)
 
     TABLE = "subscriptions"
+
+    async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
+        return [lifetime.shown(i) for i in await super().enumerate_instances(classname)]
+
+    async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
+        return lifetime.shown(await super().get_instance(path))
+
+    async def modify_instance(self, instance: CIMInstance, property_list: list[str] | None,
+                              ctx: Any) -> None:
+        await self.subs.modify(instance, property_list)
 
 
 def subscription_providers(subs: Subscriptions) -> list[Provider]:

@@ -17,12 +17,14 @@ from dataclasses import dataclass
 from typing import Callable, Iterable, Literal, Mapping, Sequence
 
 from ..domain.records import DomainConfig, DomainRecord, Kind, RunningDomain
+from .resources import HostResources
 
 log = logging.getLogger(__name__)
 
 # One counter for the whole process: a (uuid, version) pair then names one record
 # value even across Inventory instances, so a consumer's cache can never confuse two.
 _versions = itertools.count(1)
+BULK = 64       # records changed at once above which the name order is sorted afresh
 
 
 def merge(running: Mapping[str, RunningDomain],
@@ -56,12 +58,16 @@ class Inventory:
     def __init__(self) -> None:
         self._running: dict[str, RunningDomain] = {}
         self._defined: dict[str, DomainConfig] = {}
+        self._stop_reasons: dict[str, str] = {}          # libvirt's, shown while not running
         self._records: dict[str, DomainRecord] = {}
         self._keys: list[tuple[str, str]] = []          # sorted (name, uuid)
         self._ordered: tuple[DomainRecord, ...] | None = ()
         self._counts: dict[Kind, int] = {k: 0 for k in Kind}
         self._subscribers: list[Callable[[Change], None]] = []
         self.generation = 0
+        # The host's capacity, storage pools, networks and usage samples (fed by the
+        # libvirt source like the running domains; read by the pool and metric providers).
+        self.resources = HostResources()
 
     # ---- writes -------------------------------------------------------------------
 
@@ -92,6 +98,15 @@ class Inventory:
         touched = [u for u, cfg in new.items() if old.get(u) != cfg]
         touched += [u for u in old if u not in new]
         self._defined = new
+        self._apply(touched)
+
+    def set_stop_reasons(self, reasons: Mapping[str, str]) -> None:
+        """Replace why libvirt last stopped domains on a failure (by UUID)."""
+        old = self._stop_reasons
+        new = dict(reasons)
+        touched = [u for u, r in new.items() if old.get(u) != r]
+        touched += [u for u in old if u not in new]
+        self._stop_reasons = new
         self._apply(touched)
 
     # ---- reads --------------------------------------------------------------------
@@ -137,14 +152,20 @@ class Inventory:
     # ---- internals ----------------------------------------------------------------
 
     def _apply(self, uuids: Iterable[str]) -> None:
-        """Recompute the given records; notify only after all of them are in place."""
+        """Recompute the given records; notify only after all of them are in place.
+        Many at once (a full snapshot at start-up or reconnect): the name order is
+        sorted once at the end instead of kept by one insertion per record."""
+        uuids = list(uuids)
+        bulk = len(uuids) > BULK
         changes: list[Change] = []
         for uuid in uuids:
-            change = self._recompute(uuid)
+            change = self._recompute(uuid, bulk)
             if change is not None:
                 changes.append(change)
         if not changes:
             return
+        if bulk:
+            self._keys = sorted(_sort_key(r) for r in self._records.values())
         self._ordered = None
         for change in changes:
             for cb in tuple(self._subscribers):
@@ -154,7 +175,8 @@ class Inventory:
                     log.exception("inventory subscriber %r failed on %s %s",
                                   cb, change.kind, change.uuid)
 
-    def _recompute(self, uuid: str) -> Change | None:
+    def _recompute(self, uuid: str, bulk: bool = False) -> Change | None:
+        """One record from the sources; `bulk`: the caller sorts the name order."""
         old = self._records.get(uuid)
         run = self._running.get(uuid)
         cfg = self._defined.get(uuid)
@@ -162,21 +184,26 @@ class Inventory:
             if old is None:
                 return None
             del self._records[uuid]
-            self._remove_key(_sort_key(old))
+            if not bulk:
+                self._remove_key(_sort_key(old))
             self._counts[old.kind] -= 1
             self.generation += 1
             return Change("deleted", uuid, old, None)
-        if old is not None and old.running == run and old.defined == cfg:
+        stop = self._stop_reasons.get(uuid) if run is None else None
+        if old is not None and old.running == run and old.defined == cfg \
+                and old.stop_reason == stop:
             return None
-        new = DomainRecord(uuid=uuid, running=run, defined=cfg, version=next(_versions))
+        new = DomainRecord(uuid=uuid, running=run, defined=cfg, version=next(_versions),
+                           stop_reason=stop)
         self._records[uuid] = new
         self._counts[new.kind] += 1
         self.generation += 1
         if old is None:
-            bisect.insort(self._keys, _sort_key(new))
+            if not bulk:
+                bisect.insort(self._keys, _sort_key(new))
             return Change("created", uuid, None, new)
         self._counts[old.kind] -= 1
-        if old.name != new.name:
+        if old.name != new.name and not bulk:
             self._remove_key(_sort_key(old))
             bisect.insort(self._keys, _sort_key(new))
         return Change("modified", uuid, old, new)

@@ -15,6 +15,7 @@ import signal
 import libvirt
 
 from .. import logsetup
+from .policy import PolicyOptions
 from .store import LibvirtConnection, Store, default_db_path, open_store
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,26 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     stores.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
                         help="time between checks for changes made outside the Manager "
                              "(default: %(default)s)")
+    tpl = parser.add_argument_group("templates")
+    tpl.add_argument("--templates", default=None, metavar="DIR",
+                     help="directory of domain XML templates, one NAME.xml.j2 each "
+                          "(ListTemplates, DefineFromTemplate); re-read when a file changes "
+                          "(default: none)")
+    policy = parser.add_argument_group("start policy")
+    policy.add_argument("--overcommit", choices=("refuse", "make-room"), default="refuse",
+                        help="a start that does not fit in memory: refuse it, or make room "
+                             "by starting it smaller (down to its MinMemoryKiB), then "
+                             "pausing, then managed-saving running domains of lower Priority "
+                             "(default: %(default)s)")
+    policy.add_argument("--overcommit-others", action="store_true", default=False,
+                        help="make-room may also pause and save domains the Manager did not "
+                             "start (default: only its own)")
+    policy.add_argument("--host-memory-kib", type=int, default=None, metavar="KIB",
+                        help="host memory the policy assumes, instead of libvirt's "
+                             "(virNodeGetInfo; for tests, or a host that keeps memory back)")
+    policy.add_argument("--pause-budget-kib", type=int, default=None, metavar="KIB",
+                        help="memory of paused domains that make-room counts as free (the "
+                             "host may page it out) (default: this machine's swap size)")
     farm = parser.add_argument_group("farm (with a postgresql: store)")
     farm.add_argument("--host-id", default=None, metavar="ID",
                       help="this host's identity in the farm (default: /etc/machine-id)")
@@ -103,6 +124,7 @@ def _libvirt_events() -> None:
 
 async def _serve(args: argparse.Namespace) -> int:
     from .service import serve_manager      # the D-Bus stack only when actually serving
+    from .templates import TemplateLibrary
 
     connections: dict[str | None, LibvirtConnection] = {}
     service_conn = connections.setdefault(args.libvirt_uri, LibvirtConnection(args.libvirt_uri))
@@ -113,6 +135,21 @@ async def _serve(args: argparse.Namespace) -> int:
     if any(spec.startswith("postgres") for spec in specs):
         _libvirt_events()
     try:
+        policy = PolicyOptions(getattr(args, "overcommit", "refuse"),
+                               bool(getattr(args, "overcommit_others", False)),
+                               getattr(args, "host_memory_kib", None),
+                               getattr(args, "pause_budget_kib", None))
+    except ValueError as exc:
+        log.error("%s", exc)
+        return 2
+    templates = None
+    if getattr(args, "templates", None):
+        templates = TemplateLibrary(args.templates)
+        if not templates.directory or not templates.directory.is_dir():
+            log.error("--templates %s is not a directory", args.templates)
+            return 2
+        templates.refresh()
+    try:
         for spec in specs:
             if spec.startswith("libvirt:") and not spec[len("libvirt:"):]:
                 spec = f"libvirt:{args.libvirt_uri or ''}"
@@ -122,7 +159,8 @@ async def _serve(args: argparse.Namespace) -> int:
         return 2
     try:
         handle = await serve_manager(args.bus, stores, service_conn,
-                                     poll_interval=args.poll_interval)
+                                     poll_interval=args.poll_interval, templates=templates,
+                                     policy=policy)
     except Exception as exc:
         log.error("cannot serve the Manager on %s: %s", args.bus, exc or type(exc).__name__)
         for store in stores:

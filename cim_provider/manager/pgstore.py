@@ -47,7 +47,7 @@ from psycopg.types.json import Jsonb
 from ..contract import (ERROR_ALREADY_RUNNING, ERROR_FAILED, ERROR_INVALID_ARGUMENT,
                         ERROR_NOT_FOUND, InvalidEntry, config_from_values, config_to_values)
 from ..domain.records import DomainConfig
-from .store import Store, Stored, StoreError
+from .store import Store, Stored, StoreError, Templated, templated_row
 
 log = logging.getLogger(__name__)
 
@@ -131,9 +131,18 @@ CREATE TRIGGER placements_changed BEFORE INSERT OR UPDATE OR DELETE ON placement
     FOR EACH ROW EXECUTE FUNCTION farm_row_changed();
 """
 
+# Templated definitions: the template's name and the variables (nothing rendered is
+# stored); `config` then holds only the start policy (Priority, MinMemoryKiB).
+_V2 = """
+ALTER TABLE definitions ADD COLUMN template text, ADD COLUMN variables jsonb;
+ALTER TABLE definitions ADD CONSTRAINT definitions_templated
+    CHECK ((template IS NULL) = (variables IS NULL));
+"""
+
 # (version, what it does, SQL). Append only: a released migration never changes.
 MIGRATIONS: list[tuple[int, str, str]] = [
     (1, "farm, hosts, definitions, placements, changes; the change trigger", _V1),
+    (2, "templated definitions: definitions.template, definitions.variables", _V2),
 ]
 
 
@@ -167,10 +176,12 @@ class Placement:
 
 @dataclass(frozen=True, slots=True)
 class FarmEntry:
-    """One valid definition: its config, the generation of its row, its placement."""
+    """One valid definition: its config, the generation of its row, its placement;
+    a templated one its row (`config` is then a placeholder the service renders)."""
     config: DomainConfig
     generation: int
     placement: Placement | None
+    template: Templated | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -548,8 +559,8 @@ class FarmStore(Store):
                 known = self.generation
                 full = known is None or known < horizon or known > generation
                 select = ("SELECT d.uuid, d.name, d.config, d.generation, p.host_id, p.token, "
-                          "extract(epoch from p.since) FROM definitions d "
-                          "LEFT JOIN placements p ON p.uuid = d.uuid")
+                          "extract(epoch from p.since), d.template, d.variables "
+                          "FROM definitions d LEFT JOIN placements p ON p.uuid = d.uuid")
                 if full:
                     await cur.execute(select)
                     rows = await cur.fetchall()
@@ -588,21 +599,23 @@ class FarmStore(Store):
         new_entries = {} if full else self.entries
         dirty: set[str] = set()
         seen: set[str] = set()
-        for uuid_obj, name, config, gen, host_id, token, since in rows:
+        for uuid_obj, name, config, gen, host_id, token, since, template, variables in rows:
             uuid = str(uuid_obj)
             seen.add(uuid)
             old = self.entries.get(uuid)
+            row: Templated | None = None
             if old is not None and old.generation == gen:
                 cfg: DomainConfig | None = old.config
+                row = old.template
             else:
-                cfg = self._config(uuid, name, config, gen)
+                cfg, row = self._config(uuid, name, config, gen, template, variables)
             if cfg is None:
                 if not full and uuid in new_entries:
                     del new_entries[uuid]
                     dirty.add(uuid)
                 continue
             placement = None if host_id is None else Placement(host_id, int(token), float(since))
-            entry = FarmEntry(cfg, int(gen), placement)
+            entry = FarmEntry(cfg, int(gen), placement, row)
             if old is None or old != entry:
                 dirty.add(uuid)
                 new_entries[uuid] = entry
@@ -626,22 +639,27 @@ class FarmStore(Store):
             self._dirty |= dirty
         return bool(dirty)
 
-    def _config(self, uuid: str, name: Any, config: Any, gen: Any) -> DomainConfig | None:
-        """A row as a DomainConfig; a malformed one is skipped with one warning."""
+    def _config(self, uuid: str, name: Any, config: Any, gen: Any, template: Any = None,
+                variables: Any = None) -> tuple[DomainConfig | None, Templated | None]:
+        """A row as a DomainConfig (and its template row, if templated); a malformed
+        one is skipped with one warning."""
         try:
             if not isinstance(config, dict):
                 raise InvalidEntry("config is not a JSON object")
+            if template is not None:
+                row = templated_row(uuid, name, config, template, variables)
+                return row.placeholder(), row
             values = dict(config)
             values["UUID"] = uuid
             values["Name"] = name
-            return config_from_values(values)
+            return config_from_values(values), None
         except (InvalidEntry, TypeError, ValueError) as exc:
             key = ("row", (uuid, gen))
             if key not in self._warned:
                 self._warned.add(key)
                 log.warning("%s: skipping definition %s (generation %s) in the farm database: "
                             "%s", self.spec, uuid, gen, exc)
-            return None
+            return None, None
 
     def _changed(self) -> None:
         if self.on_change is not None:
@@ -695,6 +713,49 @@ class FarmStore(Store):
                                   [(c.uuid, c.name, Jsonb(config_to_values(c))) for c in cfgs])
         await self._refresh_quietly()
 
+    async def define_templated(self, row: Templated) -> None:  # type: ignore[override]  # reason: async in this store
+        action = f"defining {row.name}"
+        self._writable(action)
+        try:
+            async with self._tx(action) as cur:
+                await cur.execute("INSERT INTO definitions (uuid, name, config, template, "
+                                  "variables) VALUES (%s, %s, %s, %s, %s)",
+                                  (row.uuid, row.name, Jsonb(row.policy_values()), row.template,
+                                   Jsonb(row.values())))
+        except StoreError as exc:
+            if exc.name == ERROR_INVALID_ARGUMENT:
+                raise StoreError(ERROR_INVALID_ARGUMENT, f"the farm already has a definition "
+                                 f"with UUID {row.uuid} or name {row.name!r}") from None
+            raise
+        await self._refresh_quietly()
+
+    async def define_many_templated(self, rows: list[Templated]) -> None:
+        """Seed many templated definitions in one transaction (tests)."""
+        async with self._tx(f"defining {len(rows)} domains") as cur:
+            await cur.executemany("INSERT INTO definitions (uuid, name, config, template, "
+                                  "variables) VALUES (%s, %s, %s, %s, %s)",
+                                  [(r.uuid, r.name, Jsonb(r.policy_values()), r.template,
+                                    Jsonb(r.values())) for r in rows])
+        await self._refresh_quietly()
+
+    async def update_templated(self, row: Templated) -> None:  # type: ignore[override]  # reason: async in this store
+        action = f"updating {row.uuid}"
+        self._writable(action)
+        try:
+            async with self._tx(action) as cur:
+                await cur.execute("UPDATE definitions SET name = %s, config = %s, template = %s, "
+                                  "variables = %s WHERE uuid = %s",
+                                  (row.name, Jsonb(row.policy_values()), row.template,
+                                   Jsonb(row.values()), row.uuid))
+                if cur.rowcount == 0:
+                    raise StoreError(ERROR_NOT_FOUND, f"no definition with UUID {row.uuid}")
+        except StoreError as exc:
+            if exc.name == ERROR_INVALID_ARGUMENT:
+                raise StoreError(ERROR_INVALID_ARGUMENT, f"the name {row.name!r} is already "
+                                 "used by another definition in the farm") from None
+            raise
+        await self._refresh_quietly()
+
     async def undefine(self, uuid: str) -> None:  # type: ignore[override]  # reason: async in this store
         action = f"undefining {uuid}"
         self._writable(action)
@@ -719,6 +780,14 @@ class FarmStore(Store):
                 raise StoreError(ERROR_INVALID_ARGUMENT, f"the name {new.name!r} is already "
                                  "used by another definition in the farm") from None
             raise
+        await self._refresh_quietly()
+
+    async def touch(self, uuids: list[str]) -> None:
+        """Log `uuids` as changed under a new farm generation without changing them
+        (a Manager whose template changed renders them differently now)."""
+        async with self._tx("recording re-rendered definitions") as cur:
+            await cur.execute("SELECT farm_touch(u) FROM unnest(%s::uuid[]) AS u "
+                              "WHERE u IN (SELECT uuid FROM definitions)", (uuids,))
         await self._refresh_quietly()
 
     async def _refresh_quietly(self) -> None:
@@ -842,7 +911,8 @@ class FarmStore(Store):
     # Last in the class: the name `list` would shadow the builtin in annotations.
     def list(self) -> list[Stored]:
         """Store's blocking list (define, undefine and update are coroutines here)."""
-        return [Stored(e.config, e.placement is not None and e.placement.host_id == self.host_id)
+        return [Stored(e.config, e.placement is not None and e.placement.host_id == self.host_id,
+                       e.template)
                 for e in self.entries.values()]
 
 

@@ -14,9 +14,13 @@ definition in the database first (exactly one host wins), and this service relea
 and adopts its host's placements as libvirt starts and stops domains (lifecycle
 events when libvirt can deliver them, else the poll).
 
-The module is longer than most (about 800 lines) because the snapshot, the journal,
-the paging index and the farm's placements change together under one sync lock, and
-their invariants are easier to check in one place.
+Templated definitions (templates.py) are rendered here, when listed (cached by row
+and template version) and again at StartDomain; the start policy (refuse, or make room
+by shrinking, pausing and managed-saving) is planned in policy.py and carried out here.
+
+The module is longer than most (about 1200 lines) because the snapshot, the journal,
+the paging index, the farm's placements, templated rows and the start policy change
+together under one sync lock, and their invariants are easier to check in one place.
 
 (No `from __future__ import annotations` here: the D-Bus decorators read the
 annotations, which are D-Bus type strings, not Python types.)
@@ -30,23 +34,29 @@ import logging
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Optional, Union
 
 import libvirt
 
-from ..contract import (BUS_NAME, ERROR_ALREADY_RUNNING, ERROR_FAILED,
+from ..contract import (ACTION_KEYS, BUS_NAME, ERROR_ALREADY_RUNNING, ERROR_FAILED,
                         ERROR_GENERATION_UNKNOWN, ERROR_INVALID_ARGUMENT, ERROR_NOT_FOUND,
-                        ERROR_REFUSED, INTERFACE, MAX_PAGE, OBJECT_PATH, InvalidEntry,
-                        compare_members, config_from_dbus, config_to_dbus, interface_members)
+                        ERROR_NOT_SUPPORTED, ERROR_REFUSED, INTERFACE, MAX_PAGE, MAX_STRING,
+                        OBJECT_PATH, InvalidEntry, compare_members, config_from_dbus,
+                        config_to_dbus, interface_members, template_to_dbus, values_to_dbus)
 from ..contract.bus import (DBusError, MessageBus, NameFlag, PropertyAccess, RequestNameReply,
-                            ServiceInterface, Variant, connect, dbus_property, method, signal)
+                            ServiceInterface, Variant, connect, dbus_property, method, signal,
+                            plain)
 from ..domain.records import DomainConfig
 from ..domain.defaults import DEFAULT_MEMORY_KIB
-from ..domain.domxml import config_to_domain_xml
+from ..domain.domxml import DomainXMLError, config_to_domain_xml, parse_domain_xml
 from ..domain.records import canonical_uuid
-from .store import (LibvirtConnection, LibvirtStore, Store, Stored, StoreError,
+from .policy import (MAKE_ROOM, Action, Done, Plan, PolicyOptions, Refusal, Running,
+                     displace, plan_start, undo, with_current_memory)
+from .policy import size_text as _size
+from .store import (LibvirtConnection, LibvirtStore, Store, Stored, StoreError, Templated,
                     libvirt_type_for, open_store)
+from .templates import TemplateError, TemplateLibrary, UnknownTemplate, variables_json
 
 log = logging.getLogger(__name__)
 
@@ -74,14 +84,12 @@ class Entry:
     store: Store
     host: Optional[str] = None
     elsewhere: bool = False
+    template: Optional[Templated] = None        # a templated definition's row
 
 
-def _size(kib: int) -> str:
-    """Memory in a form a person reads at a glance, with the exact KiB beside it."""
-    for unit, factor in (("TiB", 1024 ** 3), ("GiB", 1024 ** 2), ("MiB", 1024)):
-        if kib >= factor:
-            return f"{kib / factor:.1f} {unit} ({kib} KiB)"
-    return f"{kib} KiB"
+def _needed(cfg: DomainConfig) -> int:
+    """The memory a definition starts with (the policy's "needed")."""
+    return cfg.memory_kib or cfg.max_memory_kib or DEFAULT_MEMORY_KIB
 
 
 def _contract_errors(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitable[Any]]:
@@ -94,8 +102,12 @@ def _contract_errors(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitab
             raise
         except StoreError as exc:
             raise DBusError(exc.name, exc.message) from None
-        except InvalidEntry as exc:
+        except (InvalidEntry, TemplateError) as exc:
             raise DBusError(ERROR_INVALID_ARGUMENT, str(exc)) from None
+        except UnknownTemplate as exc:
+            raise DBusError(ERROR_NOT_FOUND, str(exc.args[0])) from None
+        except Refusal as exc:
+            raise DBusError(ERROR_REFUSED, str(exc)) from None
         except libvirt.libvirtError as exc:
             raise DBusError(ERROR_FAILED, f"libvirt: {exc.get_error_message() or exc}") from None
         except Exception as exc:
@@ -114,9 +126,21 @@ class ManagerService(ServiceInterface):
 
     def __init__(self, stores: Sequence[Store],
                  libvirt_conn: Union[libvirt.virConnect, LibvirtConnection, None] = None,
-                 *, poll_interval: float = 1.0, call_timeout: float = 30.0) -> None:
+                 *, poll_interval: float = 1.0, call_timeout: float = 30.0,
+                 templates: Optional[TemplateLibrary] = None,
+                 policy: Optional[PolicyOptions] = None) -> None:
         super().__init__(INTERFACE)
         self.call_timeout = call_timeout
+        # A start may first pause and save other guests (managed save writes their
+        # memory to disk): it gets longer than a list.
+        self.start_timeout = max(call_timeout, 300.0)
+        self.templates = templates if templates is not None else TemplateLibrary(None)
+        self.policy = policy if policy is not None else PolicyOptions()
+        self._hypervisor: Optional[str] = None      # the libvirt domain type, for templates
+        self._templates_changed: set[str] = set()   # by the last _collect
+        self._warned_render: set[tuple[str, str]] = set()
+        self._started: set[str] = set()             # UUIDs this Manager started
+        self._parked: set[str] = set()              # UUIDs it managed-saved to make room
         if not stores:
             raise ValueError("the Manager needs at least one store")
         self.stores = list(stores)
@@ -258,15 +282,17 @@ class ManagerService(ServiceInterface):
                 # Once when it starts failing, once when it works again: not per poll.
                 self._trouble("polling", f"cannot re-read the definitions: {exc}")
 
-    async def _blocking(self, fn: Callable[..., Any], *args: Any) -> Any:
+    async def _blocking(self, fn: Callable[..., Any], *args: Any,
+                        timeout: Optional[float] = None) -> Any:
         """Run a blocking store or libvirt call off the loop, with a deadline: a hung
         libvirtd must not leave our own callers without an answer."""
+        limit = self.call_timeout if timeout is None else timeout
         future = asyncio.get_running_loop().run_in_executor(None, fn, *args)
         try:
-            return await asyncio.wait_for(future, self.call_timeout)
+            return await asyncio.wait_for(future, limit)
         except asyncio.TimeoutError:
             raise DBusError(ERROR_FAILED, f"{getattr(fn, '__name__', 'a call')} did not "
-                            f"finish within {self.call_timeout:g} s (libvirt or storage "
+                            f"finish within {limit:g} s (libvirt or storage "
                             "not answering)") from None
 
     def _running_uuids(self) -> set[str]:
@@ -281,9 +307,13 @@ class ManagerService(ServiceInterface):
         try:
             running: Optional[set[str]] = self._running_uuids()
             self._trouble("libvirt", None)
+            if self._hypervisor is None:
+                self._hypervisor = libvirt_type_for(self.libvirt.get(),
+                                                    DomainConfig(uuid="", name=""))
         except (StoreError, libvirt.libvirtError) as exc:
             self._trouble("libvirt", f"cannot ask libvirt which domains run: {exc}")
             running = None
+        self._templates_changed |= self.templates.refresh()
         out: dict[str, Entry] = {}
         for store in self.stores:
             if _is_farm(store):
@@ -298,7 +328,8 @@ class ManagerService(ServiceInterface):
             for item in listed:
                 uuid = item.config.uuid
                 if uuid in out:
-                    if uuid not in self._warned_dupes:
+                    # A guest saved to make room is a libvirt definition meanwhile: no news.
+                    if uuid not in self._warned_dupes and uuid not in self._parked:
                         self._warned_dupes.add(uuid)
                         log.warning("UUID %s is defined in %s and in %s; using the first",
                                     uuid, out[uuid].store.spec, store.spec)
@@ -313,8 +344,28 @@ class ManagerService(ServiceInterface):
                         # stopped would offer running domains to be started).
                         known = self._snapshot.get(uuid)
                         active = known.active if known is not None else False
-                out[uuid] = Entry(item.config, active, store)
+                cfg = item.config if item.template is None else self._rendered(item.template)
+                out[uuid] = Entry(cfg, active, store, template=item.template)
+        if self.templates.cached:
+            self.templates.forget(set(out) | (set(self.farm.entries) if self.farm else set()))
         return out, running
+
+    def _rendered(self, row: Templated) -> DomainConfig:
+        """A templated definition as the lists show it: rendered (cached), or, when it
+        cannot be, its UUID and name with the reason as its title (a StartDomain then
+        says the same), so it can still be seen, fixed or undefined."""
+        try:
+            cfg = self.templates.config(row.uuid, row.name, row.template, row.variables,
+                                        self._hypervisor or "kvm")
+        except (TemplateError, UnknownTemplate) as exc:
+            reason = str(exc.args[0] if exc.args else exc)
+            if (row.uuid, reason) not in self._warned_render:
+                self._warned_render.add((row.uuid, reason))
+                log.warning("templated definition %s (%s) cannot be rendered: %s", row.name,
+                            row.uuid, reason)
+            return replace(row.placeholder(),
+                           title=f"cannot be rendered: {reason}"[:MAX_STRING])
+        return replace(cfg, priority=row.priority, min_memory_kib=row.min_memory_kib)
 
     def _trouble(self, key: str, problem: Optional[str]) -> None:
         """Log a failing dependency once when it starts failing and once when it
@@ -337,9 +388,10 @@ class ManagerService(ServiceInterface):
                     continue
                 p = fe.placement
                 here = p is not None and p.host_id == self.farm.host_id
-                return Entry(fe.config, here, store,
+                cfg = fe.config if fe.template is None else self._rendered(fe.template)
+                return Entry(cfg, here, store,
                              self.farm.host_name_of(p.host_id) if p is not None else None,
-                             p is not None and not here)
+                             p is not None and not here, fe.template)
             e = self._local.get(uuid)
             if e is not None and e.store is store:
                 return e
@@ -359,6 +411,20 @@ class ManagerService(ServiceInterface):
                 touched |= set(self.farm.entries) | set(self._snapshot)
             else:
                 touched |= dirty
+            templates_changed, self._templates_changed = self._templates_changed, set()
+            if templates_changed and self.farm is not None:
+                rerendered = {u for u, fe in self.farm.entries.items() if fe.template is not None
+                              and fe.template.template in templates_changed}
+                touched |= rerendered
+                if rerendered and self._farm_only:
+                    # Generation is the farm's: log the re-rendered definitions in the
+                    # farm's change log under a new generation (ListChangesSince)
+                    try:
+                        await self.farm.touch(sorted(rerendered))
+                    except StoreError as exc:
+                        log.warning("cannot record the re-rendered definitions in the farm "
+                                    "(clients see them at their next full listing): %s",
+                                    exc.message)
             self._local = local
             defined: list[str] = []
             undefined: list[str] = []
@@ -393,6 +459,8 @@ class ManagerService(ServiceInterface):
                 self._journal_floor = self._generation
             if not emit:
                 return snap
+            if templates_changed:
+                self.TemplatesChanged()
             await self._signal(defined, undefined, changed)
             if self._generation != before:
                 self.emit_properties_changed({"Generation": self._generation})
@@ -497,45 +565,145 @@ class ManagerService(ServiceInterface):
 
     # ------------------------------------------------------------ starting
 
-    def _free_memory_kib(self, conn: libvirt.virConnect) -> tuple[int, int, int]:
-        """(host, used, free) KiB: host memory from getInfo() minus the current memory
-        of every running domain. getFreeMemory() is not used: it counts page cache
-        and the host's own processes, and the test driver returns a fixed number."""
-        host = int(conn.getInfo()[1]) * 1024
-        used = 0
-        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-            with contextlib.suppress(libvirt.libvirtError):   # stopped meanwhile
-                used += int(dom.info()[2])
-        return host, used, max(host - used, 0)
+    def _host_kib(self, conn: libvirt.virConnect) -> int:
+        """The host's memory: --host-memory-kib, else virNodeGetInfo. getFreeMemory()
+        is not used: it counts page cache and the host's own processes, and the test
+        driver returns a fixed number."""
+        if self.policy.host_memory_kib is not None:
+            return self.policy.host_memory_kib
+        return int(conn.getInfo()[1]) * 1024
 
-    def _start_blocking(self, entry: Entry) -> str:
+    def _policy_running(self, conn: libvirt.virConnect) -> list[Running]:
+        """The running domains as the policy sees them (blocking): their current
+        memory and, to make room, whether they are paused, their priority and whether
+        the policy may pause or save them."""
+        rich = self.policy.overcommit == MAKE_ROOM
+        out = []
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            try:                               # each may stop meanwhile
+                memory = int(dom.info()[2])
+                if not rich:
+                    out.append(Running("", "", memory))
+                    continue
+                uuid = dom.UUIDString()
+                paused = dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+                name = dom.name()
+                persistent = bool(dom.isPersistent())
+            except libvirt.libvirtError:
+                continue
+            entry = self._snapshot.get(uuid)
+            ours = uuid in self._started or (entry is not None
+                                             and not isinstance(entry.store, LibvirtStore))
+            movable = ours or self.policy.others
+            farm = entry is not None and _is_farm(entry.store)
+            priority = (entry.config.priority or 0) if entry is not None else 0
+            out.append(Running(uuid, name, memory, paused, priority, movable,
+                               movable and not farm and (persistent or ours)))
+        return out
+
+    def _plan(self, conn: libvirt.virConnect, cfg: DomainConfig, needed: int,
+              shrinkable: bool, reserved: Sequence[Running] = ()) -> Plan:
+        """The policy's plan for starting `cfg` (blocking), or Refusal."""
+        return plan_start(name=cfg.name, uuid=cfg.uuid, needed=needed,
+                          minimum=cfg.min_memory_kib if shrinkable else None,
+                          priority=cfg.priority or 0, host_kib=self._host_kib(conn),
+                          running=[*self._policy_running(conn), *reserved],
+                          options=self.policy)
+
+    def _start_xml(self, entry: Entry, conn: libvirt.virConnect) -> tuple[str, DomainConfig]:
+        """The domain XML to start a (non-libvirt) definition with, and its config: a
+        templated one rendered again now."""
+        row = entry.template
+        if row is None:
+            return config_to_domain_xml(entry.config, libvirt_type_for(conn, entry.config)), \
+                entry.config
+        try:
+            xml, cfg = self.templates.render(row.template, row.uuid, row.name, row.values(),
+                                             self._hypervisor or libvirt_type_for(
+                                                 conn, entry.config))
+        except UnknownTemplate as exc:
+            raise DBusError(ERROR_FAILED, f"cannot start {row.name}: {exc.args[0]}") from None
+        except TemplateError as exc:
+            raise DBusError(ERROR_INVALID_ARGUMENT, f"cannot start {row.name}: {exc}") from None
+        return xml, replace(cfg, priority=row.priority, min_memory_kib=row.min_memory_kib)
+
+    @staticmethod
+    def _shrunk_xml(xml: str, entry: Entry, cfg: DomainConfig, memory: int,
+                    hv: str) -> str:
+        """The start XML with `memory` KiB (less than the definition asks for)."""
+        if entry.template is not None:
+            return with_current_memory(xml, memory)
+        return config_to_domain_xml(replace(cfg, memory_kib=memory,
+                                            max_memory_kib=cfg.max_memory_kib or _needed(cfg)),
+                                    hv)
+
+    def _start_blocking(self, entry: Entry) -> tuple[str, tuple[Action, ...]]:
+        """Start a local (SQLite or libvirt) definition, applying the policy; returns
+        the running UUID and what was done to make room."""
         cfg = entry.config
-        if isinstance(entry.store, LibvirtStore):
-            conn = entry.store.connection.get()
-        else:
-            conn = self.libvirt.get()
+        libvirt_store = isinstance(entry.store, LibvirtStore)
+        conn = entry.store.connection.get() if isinstance(entry.store, LibvirtStore) \
+            else self.libvirt.get()
         # A scan, not lookupByUUIDString: a miss is normal here, and libvirt's default
         # error handler would print every miss on stderr.
         dom = next((d for d in conn.listAllDomains() if d.UUIDString() == cfg.uuid), None)
         if dom is not None and dom.isActive():
             raise DBusError(ERROR_ALREADY_RUNNING, f"{cfg.name} ({cfg.uuid}) is already running")
-        needed = cfg.memory_kib or cfg.max_memory_kib or DEFAULT_MEMORY_KIB
-        host, used, free = self._free_memory_kib(conn)
-        if needed > free:
-            raise DBusError(ERROR_REFUSED,
-                            f"starting {cfg.name} needs {_size(needed)} of memory but only "
-                            f"{_size(free)} is free (host {_size(host)}, running domains use "
-                            f"{_size(used)})")
-        if isinstance(entry.store, LibvirtStore):
-            if dom is None:
-                raise DBusError(ERROR_NOT_FOUND, f"libvirt no longer has {cfg.name}")
-            dom.create()
-            log.info("started %s (%s) from %s", cfg.name, cfg.uuid, entry.store.spec)
-            return dom.UUIDString()
-        xml = config_to_domain_xml(cfg, libvirt_type_for(conn, cfg))
-        dom = conn.createXML(xml, 0)
-        log.info("started %s (%s) as a transient domain", cfg.name, cfg.uuid)
-        return dom.UUIDString()
+        if libvirt_store and dom is None:
+            raise DBusError(ERROR_NOT_FOUND, f"libvirt no longer has {cfg.name}")
+        # A guest saved to make room comes back from its managed save, intact.
+        restore = dom is not None and bool(dom.hasManagedSaveImage(0))
+        xml = ""
+        if restore:
+            assert dom is not None
+            try:
+                saved = parse_domain_xml(dom.XMLDesc(0))
+                cfg = replace(cfg, memory_kib=saved.memory_kib,
+                              max_memory_kib=saved.max_memory_kib)
+            except DomainXMLError:
+                pass
+        elif not libvirt_store:
+            xml, cfg = self._start_xml(entry, conn)
+        needed = _needed(cfg)
+        plan = self._plan(conn, cfg, needed, shrinkable=not (restore or libvirt_store))
+        done = displace(conn, plan)
+        try:
+            if restore or libvirt_store:
+                assert dom is not None
+                dom.create()
+                if restore and not libvirt_store:
+                    # it was given a libvirt definition only to be saved: transient again
+                    with contextlib.suppress(libvirt.libvirtError):
+                        dom.undefine()
+                self._parked.discard(cfg.uuid)
+                log.info("%s %s (%s) from %s", "restored" if restore else "started", cfg.name,
+                         cfg.uuid, "its managed save" if restore else entry.store.spec)
+                running = str(dom.UUIDString())
+            else:
+                if plan.memory_kib < needed:
+                    xml = self._shrunk_xml(xml, entry, cfg, plan.memory_kib,
+                                           libvirt_type_for(conn, cfg))
+                running = str(conn.createXML(xml, 0).UUIDString())
+                log.info("started %s (%s) as a transient domain%s", cfg.name, cfg.uuid,
+                         f" from template {entry.template.template}" if entry.template else "")
+        except BaseException:
+            undo(conn, done)
+            raise
+        self._started.add(cfg.uuid)
+        self._parked |= {d.action.uuid for d in done if d.action.action == "saved"}
+        return running, plan.actions
+
+    def _announce(self, started: str, name: str, actions: Sequence[Action]) -> None:
+        """Log what a start did to make room, and emit DomainsDisplaced."""
+        if not actions:
+            return
+        log.info("made room to start %s (%s): %s", name, started,
+                 "; ".join(a.text() for a in actions))
+        try:
+            self.DomainsDisplaced(started, [values_to_dbus(a.values(), ACTION_KEYS)
+                                            for a in actions])
+        except Exception:                    # the start itself succeeded
+            log.exception("could not emit DomainsDisplaced")
 
     # ------------------------------------------------------------ the contract
 
@@ -554,14 +722,22 @@ class ManagerService(ServiceInterface):
         return await self._sync()
 
     @staticmethod
-    def _dbus_entry(e: Entry) -> dict[str, Variant]:
-        return config_to_dbus(e.config, active=e.active, host=e.host)
+    def _dbus_entry(e: Entry, active: Optional[bool] = None,
+                    listed: bool = True) -> dict[str, Variant]:
+        """An entry for the lists (`Active` unless `listed` is false); a templated
+        definition also carries `Template` and `TemplateVariables`."""
+        out = config_to_dbus(e.config, active=(e.active if active is None else active)
+                             if listed else None, host=e.host)
+        if e.template is not None:
+            out.update(values_to_dbus({"Template": e.template.template,
+                                       "TemplateVariables": e.template.values()}))
+        return out
 
     @method()
     @_contract_errors
     async def ListInactiveDomains(self) -> "aa{sv}":  # type: ignore[valid-type]  # reason: D-Bus signature annotation
         snap = await self._current()
-        return [config_to_dbus(e.config) for e in snap.values()
+        return [self._dbus_entry(e, listed=False) for e in snap.values()
                 if not e.active and not e.elsewhere]
 
     @method()
@@ -631,8 +807,10 @@ class ManagerService(ServiceInterface):
             if entry.active:
                 raise DBusError(ERROR_ALREADY_RUNNING,
                                 f"{entry.config.name} ({entry.config.uuid}) is already running")
-            running = await self._blocking(self._start_blocking, entry)
+            running, actions = await self._blocking(self._start_blocking, entry,
+                                                    timeout=self.start_timeout)
             await self._sync()
+            self._announce(canonical_uuid(running) or running, entry.config.name, actions)
             return canonical_uuid(running) or running
 
     async def _start_farm(self, entry: Entry) -> str:
@@ -656,30 +834,45 @@ class ManagerService(ServiceInterface):
             raise DBusError(ERROR_ALREADY_RUNNING, f"{cfg.name} ({cfg.uuid}) is already "
                             f"running on this host {farm.host_name}")
         farm.require_lease(f"starting {cfg.name}")
-        needed = cfg.memory_kib or cfg.max_memory_kib or DEFAULT_MEMORY_KIB
+        xml, cfg = await self._blocking(self._farm_material, entry)
+        needed = _needed(cfg)
+        plan, done = Plan(needed), []
         async with self._place_lock:
-            host, used, free = await self._blocking(self._farm_memory_kib)
+            policy: Optional[Callable[[], None]] = None
+            if self.policy.overcommit == MAKE_ROOM:
+                # pause (never save: a saved farm guest would be offered on every host)
+                plan, done = await self._blocking(self._farm_make_room, cfg, needed,
+                                                  timeout=self.start_timeout)
+            else:
+                host, used, free = await self._blocking(self._farm_memory_kib)
 
-            def policy() -> None:
-                if needed > free:
-                    raise DBusError(ERROR_REFUSED,
-                                    f"starting {cfg.name} needs {_size(needed)} of memory but "
-                                    f"only {_size(free)} is free on {farm.host_name} (host "
-                                    f"{_size(host)}, running domains use {_size(used)})")
+                def policy() -> None:
+                    if needed > free:
+                        raise DBusError(ERROR_REFUSED,
+                                        f"starting {cfg.name} needs {_size(needed)} of memory "
+                                        f"but only {_size(free)} is free on {farm.host_name} "
+                                        f"(host {_size(host)}, running domains use "
+                                        f"{_size(used)})")
             self._placed_at[cfg.uuid] = time.monotonic()
             self._starting.add(cfg.uuid)
             try:
                 token = await farm.place(cfg.uuid, policy)
             except BaseException:
                 self._starting.discard(cfg.uuid)
+                if done:
+                    await self._blocking(self._undo, done)
                 raise
         try:
-            running = await self._blocking(self._create_transient, cfg)
+            running = await self._blocking(self._create_transient, entry, xml, cfg,
+                                           plan.memory_kib)
         except BaseException as exc:
             log.warning("starting %s (%s) failed, releasing its placement: %s", cfg.name,
                         cfg.uuid, exc)
             with contextlib.suppress(StoreError):
                 await farm.release(cfg.uuid, token)
+            if done:
+                with contextlib.suppress(Exception):
+                    await self._blocking(self._undo, done)
             raise
         finally:
             # A sync whose libvirt read began before this moment may not show the new
@@ -688,38 +881,65 @@ class ManagerService(ServiceInterface):
             self._starting.discard(cfg.uuid)
         log.info("started %s (%s) on %s, placement token %d", cfg.name, cfg.uuid,
                  farm.host_name, token)
+        self._started.add(cfg.uuid)
         self._want_sync()
+        self._announce(canonical_uuid(running) or running, cfg.name, plan.actions)
         return canonical_uuid(running) or running
+
+    def _farm_material(self, entry: Entry) -> tuple[str, DomainConfig]:
+        return self._start_xml(entry, self.libvirt.get())
+
+    def _farm_make_room(self, cfg: DomainConfig, needed: int) -> tuple[Plan, list[Done]]:
+        """Plan a farm start and pause what the plan says (blocking); what other farm
+        starts have placed but libvirt does not run yet counts as used."""
+        conn = self.libvirt.get()
+        running = {d.UUIDString() for d in
+                   conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)}
+        reserved = []
+        for u in self._starting - running:
+            e = self._snapshot.get(u)
+            if e is not None:
+                reserved.append(Running(u, e.config.name, _needed(e.config)))
+        plan = self._plan(conn, cfg, needed, shrinkable=True, reserved=reserved)
+        return plan, displace(conn, plan)
+
+    def _undo(self, done: Sequence[Done]) -> None:
+        undo(self.libvirt.get(), done)
 
     def _farm_memory_kib(self) -> tuple[int, int, int]:
         """(host, used, free) KiB for a farm start: the host's memory minus what runs
         (a farm domain counts its definition's memory, without asking libvirt) and
         what is being started (blocking)."""
         conn = self.libvirt.get()
-        host = int(conn.getInfo()[1]) * 1024
+        host = self._host_kib(conn)
         mine = self.farm.mine
         counted = set(mine) | self._starting
         used = 0
         for u in counted:
             fe = self.farm.entries.get(u)
             if fe is not None:
-                c = fe.config
-                used += c.memory_kib or c.max_memory_kib or DEFAULT_MEMORY_KIB
+                known = self._snapshot.get(u)      # a templated one: as rendered
+                used += _needed(known.config if known is not None else fe.config)
         for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
             with contextlib.suppress(libvirt.libvirtError):   # stopped meanwhile
                 if dom.UUIDString() not in counted:
                     used += int(dom.info()[2])
         return host, used, max(host - used, 0)
 
-    def _create_transient(self, cfg: DomainConfig) -> str:
+    def _create_transient(self, entry: Entry, xml: str, cfg: DomainConfig, memory: int) -> str:
         conn = self.libvirt.get()
-        dom = conn.createXML(config_to_domain_xml(cfg, libvirt_type_for(conn, cfg)), 0)
+        if memory < _needed(cfg):
+            xml = self._shrunk_xml(xml, entry, cfg, memory, libvirt_type_for(conn, cfg))
+        dom = conn.createXML(xml, 0)
         return str(dom.UUIDString())
 
     @method()
     @_contract_errors
     async def DefineDomain(self, properties: "a{sv}") -> "s":  # type: ignore[valid-type,name-defined]  # reason: D-Bus signature annotation
         props = dict(properties)
+        if "Template" in props or "TemplateVariables" in props:
+            raise DBusError(ERROR_INVALID_ARGUMENT, "DefineDomain makes plain definitions: "
+                            "define a templated one with DefineFromTemplate")
         if "UUID" not in props:
             props["UUID"] = Variant("s", str(uuidlib.uuid4()))
         cfg = config_from_dbus(props)
@@ -748,8 +968,7 @@ class ManagerService(ServiceInterface):
     async def GetDomain(self, uuid: "s") -> "a{sv}":  # type: ignore[name-defined,valid-type]  # reason: D-Bus signature annotation
         entry = await self._entry(uuid)
         # A farm definition placed on another host runs (there): Active, and Host says where.
-        return config_to_dbus(entry.config, active=entry.active or entry.elsewhere,
-                              host=entry.host)
+        return self._dbus_entry(entry, active=entry.active or entry.elsewhere)
 
     @method()
     @_contract_errors
@@ -760,6 +979,12 @@ class ManagerService(ServiceInterface):
             given = changes.get("UUID")
             if given is not None and canonical_uuid(getattr(given, "value", None)) != old.uuid:
                 raise DBusError(ERROR_INVALID_ARGUMENT, "UpdateDomain cannot change the UUID")
+            if entry.template is not None:
+                await self._update_templated(entry, changes)
+                return
+            if "Template" in changes or "TemplateVariables" in changes:
+                raise DBusError(ERROR_NOT_SUPPORTED, f"{old.name} is not a templated "
+                                "definition: it has no template or variables to change")
             merged = config_to_dbus(old)
             merged.update({k: v for k, v in changes.items() if k not in ("UUID", "Active")})
             new = config_from_dbus(merged)
@@ -768,6 +993,118 @@ class ManagerService(ServiceInterface):
             self._check_name(new)
             await self._store_call(entry.store, "update", old, new)
             await self._sync()
+
+    # ------------------------------------------------------------ templates
+
+    async def _refresh_templates(self) -> None:
+        """Read the templates directory now (a template written a moment ago counts)."""
+        changed = await self._blocking(self.templates.refresh)
+        if changed:
+            self._templates_changed |= changed
+            self._want_sync()
+
+    @method()
+    @_contract_errors
+    async def ListTemplates(self) -> "aa{sv}":  # type: ignore[valid-type]  # reason: D-Bus signature annotation
+        await self._refresh_templates()
+        return [template_to_dbus(t.name, t.description, t.version,
+                                 [(v.name, v.type, v.default, v.description)
+                                  for v in t.variables])
+                for t in sorted(self.templates.templates.values(), key=lambda t: t.name)]
+
+    @method()
+    @_contract_errors
+    async def DefineFromTemplate(self, template: "s", variables: "a{sv}") -> "s":  # type: ignore[valid-type,name-defined]  # reason: D-Bus signature annotation
+        await self._refresh_templates()
+        t = self.templates.get(template)
+        given = {str(k): plain(v) for k, v in dict(variables).items()}
+        name = given.pop("name", None)
+        if not isinstance(name, str) or not name.strip():
+            raise DBusError(ERROR_INVALID_ARGUMENT, "variable name (the domain's name) is "
+                            "required, a non-empty string")
+        raw_uuid = given.pop("uuid", None)
+        uuid = canonical_uuid(raw_uuid) if raw_uuid is not None else str(uuidlib.uuid4())
+        if uuid is None:
+            raise DBusError(ERROR_INVALID_ARGUMENT, f"variable uuid {str(raw_uuid)[:80]!r} is "
+                            "not a UUID")
+        policy: dict[str, Any] = {k: given.pop(k) for k in ("Priority", "MinMemoryKiB")
+                                  if k in given}
+        # the contract's rules for the name and the policy keys
+        base = config_from_dbus(values_to_dbus({"UUID": uuid, "Name": name, **policy}))
+        row = Templated(uuid, base.name, t.name, variables_json(t.check(given)),
+                        base.priority, base.min_memory_kib)
+        _, cfg = t.render(uuid, row.name, row.values(), self._hypervisor or "kvm")
+        async with self._change_lock:
+            snap = await self._sync()
+            if uuid in snap:
+                raise DBusError(ERROR_INVALID_ARGUMENT, f"UUID {uuid} is already defined "
+                                f"(as {snap[uuid].config.name})")
+            self._check_name(cfg)
+            await self._store_call(self.stores[0], "define_templated", row)
+            await self._sync()
+        log.info("defined %s (%s) from template %s in %s", row.name, uuid, t.name,
+                 self.stores[0].spec)
+        return uuid
+
+    async def _update_templated(self, entry: Entry, changes: dict[str, Any]) -> None:
+        """UpdateDomain of a templated definition: its name, its policy, its variables
+        (TemplateVariables, or VCPUs / MemoryKiB / MaxMemoryKiB through the variables
+        vcpus, memory_kib, max_memory_kib when the template declares them). What else
+        the domain has comes from the template: changing it is Error.NotSupported."""
+        row = entry.template
+        assert row is not None
+        t = self.templates.get(row.template)
+        old = entry.config
+        given_template = changes.get("Template")
+        if given_template is not None and getattr(given_template, "value", None) != row.template:
+            raise DBusError(ERROR_NOT_SUPPORTED, f"{row.name} is rendered from template "
+                            f"{row.template}; a definition cannot change its template")
+        values = row.values()
+        extra = changes.get("TemplateVariables")
+        if extra is not None:
+            merged_vars = plain(extra)
+            if not isinstance(merged_vars, dict):
+                raise DBusError(ERROR_INVALID_ARGUMENT, "TemplateVariables is not a dict")
+            values.update(t.check(merged_vars))
+        merged = config_to_dbus(old)
+        merged.update({k: v for k, v in changes.items()
+                       if k not in ("UUID", "Active", "Host", "Template", "TemplateVariables")})
+        new = config_from_dbus(merged)
+        fixed = []
+        for field, var in (("vcpus", "vcpus"), ("memory_kib", "memory_kib"),
+                           ("max_memory_kib", "max_memory_kib")):
+            if getattr(new, field) == getattr(old, field):
+                continue
+            declared = t.variable(var)
+            if declared is not None:
+                values[var] = declared.coerce(getattr(new, field), f"variable {var}")
+            elif field != "max_memory_kib":     # checked against the rendering below
+                fixed.append(field)
+        fixed += [f for f in ("title", "type", "os_type", "arch", "autostart", "disks", "nics")
+                  if getattr(new, f) != getattr(old, f)]
+        if fixed:
+            raise DBusError(ERROR_NOT_SUPPORTED, f"{row.name} is rendered from template "
+                            f"{row.template}: its {', '.join(fixed)} come from the template "
+                            "(change the template, or its variables with TemplateVariables)")
+        new_row = Templated(row.uuid, new.name, row.template, variables_json(values),
+                            new.priority, new.min_memory_kib)
+        if new_row == row:
+            return
+        _, cfg = t.render(row.uuid, new_row.name, values, self._hypervisor or "kvm")
+        if new.max_memory_kib != old.max_memory_kib and cfg.max_memory_kib != new.max_memory_kib:
+            raise DBusError(ERROR_NOT_SUPPORTED, f"{row.name} is rendered from template "
+                            f"{row.template}: its maximum memory comes from the template")
+        self._check_name(cfg)
+        await self._store_call(entry.store, "update_templated", new_row)
+        await self._sync()
+
+    @signal()
+    def TemplatesChanged(self):
+        return None
+
+    @signal()
+    def DomainsDisplaced(self, started, actions) -> "saa{sv}":  # type: ignore[valid-type]  # reason: D-Bus signature annotation
+        return [started, actions]
 
     @signal()
     def DomainDefined(self, uuid) -> "s":  # type: ignore[name-defined]  # reason: D-Bus signature annotation
@@ -787,7 +1124,7 @@ class ManagerService(ServiceInterface):
 
 
 def _stored_from(entry: Entry) -> Stored:
-    return Stored(entry.config, entry.active)
+    return Stored(entry.config, entry.active, entry.template)
 
 
 class ManagerHandle:
@@ -828,7 +1165,9 @@ class ManagerHandle:
 
 async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Store, str]],
                         libvirt_conn: Union[libvirt.virConnect, LibvirtConnection, None] = None,
-                        *, poll_interval: float = 1.0) -> ManagerHandle:
+                        *, poll_interval: float = 1.0,
+                        templates: Optional[TemplateLibrary] = None,
+                        policy: Optional[PolicyOptions] = None) -> ManagerHandle:
     """Export the reference Manager on `bus` (system, session, an address, or a
     connected MessageBus) and own org.example.virt. For in-process use (the demo).
 
@@ -847,7 +1186,8 @@ async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Stor
     resolved = [open_store(s, connections) if isinstance(s, str) else s for s in specs]
     opened = [s for s, spec in zip(resolved, specs) if isinstance(spec, str)]
     made += [c for uri, c in connections.items() if uri is not None]
-    service = ManagerService(resolved, libvirt_conn, poll_interval=poll_interval)
+    service = ManagerService(resolved, libvirt_conn, poll_interval=poll_interval,
+                             templates=templates, policy=policy)
     service.verify_contract()
     own_bus = isinstance(bus, str)
     mb = await connect(bus) if isinstance(bus, str) else bus

@@ -1,9 +1,13 @@
 """Where the reference Manager keeps definitions: SQLite, or libvirt's persistent domains.
 
 Stores are deliberately dumb: they persist and list. Policy, uniqueness across stores,
-starting, and the D-Bus signals live in the service. Every method here is blocking and
-is called off the event loop (SQLite on its own single thread, libvirt on the default
-executor).
+starting, rendering templates and the D-Bus signals live in the service. Every method
+here is blocking and is called off the event loop (SQLite on its own single thread,
+libvirt on the default executor).
+
+A templated definition is a row too (`Templated`: UUID, name, template name, the
+variables as JSON, its start policy); nothing rendered is stored. SQLite and the farm
+keep them; libvirt cannot.
 """
 from __future__ import annotations
 
@@ -22,8 +26,8 @@ from typing import Any
 import libvirt
 
 from ..contract import (ERROR_FAILED, ERROR_INVALID_ARGUMENT, ERROR_NOT_FOUND,
-                        ERROR_NOT_SUPPORTED, config_from_dbus, config_to_values,
-                        values_to_dbus)
+                        ERROR_NOT_SUPPORTED, InvalidEntry, config_from_dbus,
+                        config_from_values, config_to_values, values_to_dbus)
 from ..domain.records import DomainConfig
 from ..domain.domxml import DomainXMLError, config_to_domain_xml, parse_domain_xml
 
@@ -94,10 +98,57 @@ class LibvirtConnection:
 
 
 @dataclass(frozen=True, slots=True)
+class Templated:
+    """A templated definition as stored: rendered by the service, never by a store."""
+    uuid: str
+    name: str
+    template: str
+    variables: str                   # JSON object, canonical (templates.variables_json)
+    priority: int | None = None
+    min_memory_kib: int | None = None
+
+    def values(self) -> dict[str, Any]:
+        loaded = json.loads(self.variables)
+        return loaded if isinstance(loaded, dict) else {}
+
+    def policy_values(self) -> dict[str, Any]:
+        """The start policy as contract keys (what the config column holds)."""
+        return {k: v for k, v in (("Priority", self.priority),
+                                  ("MinMemoryKiB", self.min_memory_kib)) if v is not None}
+
+    def placeholder(self) -> DomainConfig:
+        """Its DomainConfig before rendering: UUID, name and policy only."""
+        return DomainConfig(uuid=self.uuid, name=self.name, priority=self.priority,
+                            min_memory_kib=self.min_memory_kib)
+
+
+def templated_row(uuid: str, name: str, policy: Any, template: Any,
+                  variables: Any) -> Templated:
+    """A stored templated row checked like any entry (InvalidEntry when malformed)."""
+    if not isinstance(template, str) or not template:
+        raise InvalidEntry("the template name is missing")
+    if isinstance(variables, str):
+        variables = json.loads(variables)
+    if not isinstance(variables, dict):
+        raise InvalidEntry("the variables are not a JSON object")
+    if isinstance(policy, str):
+        policy = json.loads(policy)
+    if not isinstance(policy, dict):
+        raise InvalidEntry("the policy is not a JSON object")
+    cfg = config_from_values({**policy, "UUID": uuid, "Name": name})
+    return Templated(cfg.uuid, cfg.name, template,
+                     json.dumps(variables, sort_keys=True, ensure_ascii=False,
+                                separators=(",", ":")),
+                     cfg.priority, cfg.min_memory_kib)
+
+
+@dataclass(frozen=True, slots=True)
 class Stored:
-    """A definition as a store lists it; `active` is None when the store cannot tell."""
+    """A definition as a store lists it; `active` is None when the store cannot tell.
+    A templated one carries its row in `template` and a placeholder `config`."""
     config: DomainConfig
     active: bool | None = None
+    template: Templated | None = None
 
 
 class Store(abc.ABC):
@@ -115,6 +166,14 @@ class Store(abc.ABC):
 
     @abc.abstractmethod
     def update(self, old: DomainConfig, new: DomainConfig) -> None: ...
+
+    # Templated definitions: stores that cannot keep them say so.
+    def define_templated(self, row: Templated) -> None:
+        raise StoreError(ERROR_NOT_SUPPORTED, f"{self.spec} cannot hold templated definitions "
+                         "(use an sqlite: or postgresql: store first)")
+
+    def update_templated(self, row: Templated) -> None:
+        raise StoreError(ERROR_NOT_SUPPORTED, f"{self.spec} cannot hold templated definitions")
 
     def close(self) -> None:
         pass
@@ -143,6 +202,11 @@ class SqliteStore(Store):
             self._db.execute("PRAGMA synchronous=FULL")
             self._db.execute("CREATE TABLE IF NOT EXISTS domains ("
                              " uuid TEXT PRIMARY KEY, name TEXT NOT NULL, config TEXT NOT NULL)")
+            # Templated rows (added later: a database from before gets the columns)
+            columns = {r[1] for r in self._db.execute("PRAGMA table_info(domains)")}
+            for column in ("template", "variables"):
+                if column not in columns:
+                    self._db.execute(f"ALTER TABLE domains ADD COLUMN {column} TEXT")
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -175,12 +239,17 @@ class SqliteStore(Store):
         try:
             with self._lock:
                 rows = self._db.execute(
-                    "SELECT uuid, config FROM domains ORDER BY rowid").fetchall()
+                    "SELECT uuid, name, config, template, variables FROM domains "
+                    "ORDER BY rowid").fetchall()
         except sqlite3.Error as exc:
             raise self._failed("listing the definitions", exc) from None
         out = []
-        for uuid, text in rows:
+        for uuid, name, text, template, variables in rows:
             try:
+                if template is not None:
+                    row = templated_row(uuid, name, text, template, variables)
+                    out.append(Stored(row.placeholder(), template=row))
+                    continue
                 cfg = config_from_dbus(values_to_dbus(json.loads(text)))
             except (ValueError, TypeError) as exc:   # InvalidEntry and JSON errors
                 log.warning("%s: skipping unreadable row %s: %s", self.spec, uuid, exc)
@@ -208,6 +277,37 @@ class SqliteStore(Store):
                                rows)
         except sqlite3.Error as exc:
             raise self._failed(f"defining {len(rows)} domains", exc) from None
+
+    def define_templated(self, row: Templated) -> None:
+        try:
+            self._write("INSERT INTO domains (uuid, name, config, template, variables) "
+                        "VALUES (?, ?, ?, ?, ?)",
+                        (row.uuid, row.name, json.dumps(row.policy_values()), row.template,
+                         row.variables), f"defining {row.name}")
+        except StoreError as exc:
+            if exc.name == ERROR_INVALID_ARGUMENT:
+                raise StoreError(ERROR_INVALID_ARGUMENT,
+                                 f"UUID {row.uuid} is already defined") from None
+            raise
+
+    def define_many_templated(self, rows: Sequence[Templated]) -> None:
+        """Seed many templated definitions in one transaction (the demo, tests)."""
+        values = [(r.uuid, r.name, json.dumps(r.policy_values()), r.template, r.variables)
+                  for r in rows]
+        try:
+            with self._transaction() as db:
+                db.executemany("INSERT INTO domains (uuid, name, config, template, variables) "
+                               "VALUES (?, ?, ?, ?, ?)", values)
+        except sqlite3.Error as exc:
+            raise self._failed(f"defining {len(values)} domains", exc) from None
+
+    def update_templated(self, row: Templated) -> None:
+        n = self._write("UPDATE domains SET name = ?, config = ?, template = ?, variables = ? "
+                        "WHERE uuid = ?", (row.name, json.dumps(row.policy_values()),
+                                           row.template, row.variables, row.uuid),
+                        f"updating {row.uuid}")
+        if n == 0:
+            raise StoreError(ERROR_NOT_FOUND, f"no definition with UUID {row.uuid}")
 
     def undefine(self, uuid: str) -> None:
         if self._write("DELETE FROM domains WHERE uuid = ?", (uuid,),
@@ -272,7 +372,14 @@ class LibvirtStore(Store):
         except libvirt.libvirtError as exc:
             raise _libvirt_error(f"looking up {uuid}", exc) from None
 
+    @staticmethod
+    def _no_policy(cfg: DomainConfig) -> None:
+        if cfg.priority is not None or cfg.min_memory_kib is not None:
+            raise StoreError(ERROR_NOT_SUPPORTED, "a libvirt-store definition cannot keep "
+                             "Priority or MinMemoryKiB (use an sqlite: store)")
+
     def define(self, cfg: DomainConfig) -> None:
+        self._no_policy(cfg)
         conn = self.connection.get()
         try:
             dom = conn.defineXML(config_to_domain_xml(cfg, libvirt_type_for(conn, cfg)))
@@ -293,7 +400,8 @@ class LibvirtStore(Store):
     def update(self, old: DomainConfig, new: DomainConfig) -> None:
         """Only what libvirt can change in place; rewriting the XML from our reduced
         model would silently drop every device and setting the model does not carry."""
-        unsupported = [f for f in ("type", "os_type", "arch", "disks", "nics")
+        unsupported = [f for f in ("type", "os_type", "arch", "disks", "nics", "priority",
+                                   "min_memory_kib")
                        if getattr(old, f) != getattr(new, f)]
         if unsupported:
             raise StoreError(ERROR_NOT_SUPPORTED, "a libvirt-store definition cannot change "
@@ -360,4 +468,5 @@ def open_store(spec: str, connections: dict[str | None, LibvirtConnection],
 
 
 __all__ = ["Store", "SqliteStore", "LibvirtStore", "LibvirtConnection", "Stored",
-           "StoreError", "open_store", "default_db_path", "libvirt_type_for"]
+           "StoreError", "Templated", "templated_row", "open_store", "default_db_path",
+           "libvirt_type_for"]

@@ -9,10 +9,17 @@ from one system costs the same with 10 domains or 10,000.
 - VirtualSystemSettingDataComponent: VSSD -> its RASDs.
 - HostedService: host -> the management service.
 - ElementCapabilities: system -> its capabilities; service -> service capabilities.
+
+Other modules add instances of these classes through `extensions` (an object with
+`extension_enumerate(cls)` and `extension_references(cls, source)`): SettingsDefineState
+from devices to their RASDs and ElementCapabilities of pools and of the host
+(allocation.py), HostedService from the host to the indication service
+(indication_service.py).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
+from typing import Protocol
 import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
@@ -29,13 +36,23 @@ HD, SDS, ESD, VSSDC, HS, EC = ("VIRT_HostedDependency", "VIRT_SettingsDefineStat
                                "VIRT_HostedService", "VIRT_ElementCapabilities")
 
 
+class Extension(Protocol):
+    """More instances of the classes AssociationsProvider serves, from another module."""
+
+    def extension_enumerate(self, cls: str) -> list[CIMInstance]: ...
+
+    def extension_references(self, cls: str, source: CIMInstanceName) -> list[CIMInstance]: ...
+
+
 class AssociationsProvider(AssociationProvider):
     namespace = VIRT_NS
     classnames = (HD, SDS, ESD, VSSDC, HS, EC)
 
-    def __init__(self, backend: Backend, settings: SettingsProvider):
+    def __init__(self, backend: Backend, settings: SettingsProvider,
+                 extensions: Sequence[Extension] = ()):
         self.b = backend
         self.settings = settings
+        self.extensions = list(extensions)
         self._cache = backend.new_cache()
 
     def _assoc(self, cls: str, a: tuple[str, CIMInstanceName], d: tuple[str, CIMInstanceName],
@@ -95,6 +112,8 @@ class AssociationsProvider(AssociationProvider):
         if cls != HS:
             for rec in self.b.inventory.records():
                 out.extend(self._of_record(rec, cls))
+        for ext in self.extensions:
+            out.extend(ext.extension_enumerate(cls))
         return out
 
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
@@ -129,6 +148,10 @@ class AssociationsProvider(AssociationProvider):
         cls = self._canon(classname)
         if source is None:
             return []
+        extra = [a for ext in self.extensions for a in ext.extension_references(cls, source)]
+        return extra + await self._own_references(cls, source)
+
+    async def _own_references(self, cls: str, source: CIMInstanceName) -> list[CIMInstance]:
         key = path_key(source, VIRT_NS)
         scls = source.classname.lower()
         if scls == HOST_CLASS.lower():

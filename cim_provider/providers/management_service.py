@@ -1,9 +1,11 @@
 """VIRT_VirtualSystemManagementService (+ its Capabilities): define, destroy, modify.
 
 Every change of a definition goes through the Manager (DefineDomain,
-UndefineDomain, UpdateDomain), so the tool that owns definitions keeps its policy.
-Converters: `definition_from_settings` (embedded VSSD + RASDs -> the Manager's
-DefineDomain dict) and `changes_from_*` (ModifySystemSettings /
+UndefineDomain, UpdateDomain), so the tool that owns definitions keeps its policy;
+disks and NICs of a running system change through libvirt (hot-plug, hotplug.py:
+AddResourceSettings, RemoveResourceSettings, the device part of
+ModifyResourceSettings). Converters: `definition_from_settings` (embedded VSSD + RASDs
+-> the Manager's DefineDomain dict) and `changes_from_*` (ModifySystemSettings /
 ModifyResourceSettings -> UpdateDomain changes).
 """
 from __future__ import annotations
@@ -20,7 +22,9 @@ from ..wbem.provider import Provider, path_key
 from .backend import VIRT_NS, VSMS_CLASS, Backend, make
 from .computer_system import system_path
 from .health import Health, health_of
+from .hotplug import HotPlug, rasd_path
 from .settings import RASD_CLASS, RT_DISK, RT_DVD, RT_ETHERNET, RT_FLOPPY, RT_MEMORY, RT_PROCESSOR, split_iid
+from .templates import Templates
 
 log = logging.getLogger(__name__)
 _T = TypeVar("_T")
@@ -166,10 +170,14 @@ class ManagementServiceProvider(Provider):
         self._service_health: Health | None = None
         self._caps = make(backend, VSMC_CLASS, {
             "InstanceID": VSMC_IID, "ElementName": "Virtual system management capabilities",
-            # DefineSystem 2, DestroySystem 3, ModifyResourceSettings 5, ModifySystemSettings 6
-            "SynchronousMethodsSupported": [2, 3, 5, 6],
+            # DefineSystem 2, DestroySystem 3, ModifyResourceSettings 5, ModifySystemSettings 6,
+            # RemoveResourceSettings 7, AddResourceSettings 10
+            "SynchronousMethodsSupported": [2, 3, 5, 6, 7, 10],
             "VirtualSystemTypesSupported": ["KVM", "QEMU", "Xen", "LXC", "Test"],
         }, vsmc_path())
+        self.hotplug = HotPlug(backend, self._embedded, self._manager_call)
+        # the Manager's templates: reference configurations for DefineSystem
+        self.templates = Templates(backend)
 
     def service(self) -> CIMInstance:
         """The service instance, showing the sources' health (rebuilt when it changes)."""
@@ -195,7 +203,9 @@ class ManagementServiceProvider(Provider):
             return await super().invoke_method(target, method, params)
         handler = {"DefineSystem": self.define_system, "DestroySystem": self.destroy_system,
                    "ModifySystemSettings": self.modify_system_settings,
-                   "ModifyResourceSettings": self.modify_resource_settings}.get(method)
+                   "ModifyResourceSettings": self.modify_resource_settings,
+                   "AddResourceSettings": self.hotplug.add_resource_settings,
+                   "RemoveResourceSettings": self.hotplug.remove_resource_settings}.get(method)
         if handler is None:
             return await super().invoke_method(target, method, params)
         return await handler(params)
@@ -221,14 +231,16 @@ class ManagementServiceProvider(Provider):
             raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager could not {what}: {exc.message}") from None
 
     async def define_system(self, params: Mapping[str, Any]):
-        """DefineSystem: VSSD + RASDs -> Manager.DefineDomain; ResultingSystem out."""
+        """DefineSystem: VSSD + RASDs -> Manager.DefineDomain; ResultingSystem out. With
+        ReferenceConfiguration (a template VSSD), Manager.DefineFromTemplate (templates.py)."""
         if params.get("SystemSettings") is None:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "SystemSettings is required")
-        if params.get("ReferenceConfiguration") is not None:
-            raise CIMError(pywbem.CIM_ERR_NOT_SUPPORTED, "ReferenceConfiguration is not supported")
         vssd = self._embedded("SystemSettings", params["SystemSettings"], VSSD_BASE)
         rasds = [self._embedded(f"ResourceSettings[{i}]", r, RASD_BASE)
                  for i, r in enumerate(params.get("ResourceSettings") or [])]
+        if params.get("ReferenceConfiguration") is not None:
+            return await self.templates.define_system(vssd, rasds,
+                                                      params["ReferenceConfiguration"])
         try:
             definition = definition_from_settings(vssd, rasds)
         except (ValueError, TypeError) as exc:
@@ -313,19 +325,27 @@ class ManagementServiceProvider(Provider):
         return await self._update(parts[0], changes), {}
 
     async def modify_resource_settings(self, params: Mapping[str, Any]):
-        """ModifyResourceSettings: vCPUs (proc) and memory (mem) of a definition."""
+        """ModifyResourceSettings: vCPUs (proc) and memory (mem) of a definition; a disk's
+        source and a NIC's link state (hotplug.py), of a definition or a running system."""
         settings = params.get("ResourceSettings")
         if not settings:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "ResourceSettings is required")
         per_uuid: dict[str, dict[str, Any]] = {}
+        devices: list[Any] = []
         paths = []
         for i, text in enumerate(settings):
             rasd = self._embedded(f"ResourceSettings[{i}]", text, RASD_BASE)
             parts = split_iid(rasd.get("InstanceID"))
-            if parts is None or parts[2] not in ("proc", "mem"):
+            if parts is None or parts[2] is None:
                 raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
-                               f"ResourceSettings[{i}]: only the processor and memory "
-                               "settings (InstanceID .../proc, .../mem) can be modified")
+                               f"ResourceSettings[{i}].InstanceID: it must name a setting "
+                               "(VIRT:state|defined:<uuid>/<proc, mem, target or MAC>)")
+            if parts[2] not in ("proc", "mem"):
+                rec, cfg, old, new = self.hotplug.device_change(rasd, parts,
+                                                                f"ResourceSettings[{i}]")
+                devices.append((rec, cfg, old, new, parts[1]))
+                paths.append(rasd_path(parts[1], rec.uuid, new))
+                continue
             _defined_only(f"ResourceSettings[{i}]", parts)
             if rasd.get("VirtualQuantity") is None:
                 raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
@@ -347,8 +367,8 @@ class ManagementServiceProvider(Provider):
                 # The maximum follows: Limit when given (never below the memory), else
                 # raised to the new memory if that is above it. Otherwise libvirt
                 # refuses the change, or a start quietly caps the memory at the old max.
-                rec = self.b.inventory.get(parts[0])
-                old_max = rec.defined.max_memory_kib if rec and rec.defined else None
+                known = self.b.inventory.get(parts[0])
+                old_max = known.defined.max_memory_kib if known and known.defined else None
                 if limit is not None:
                     ch["MaxMemoryKiB"] = max(kib, limit)
                 elif old_max is not None and kib > old_max:
@@ -357,6 +377,10 @@ class ManagementServiceProvider(Provider):
             # class (CIM_ResourceAllocationSettingData, say) the client embedded.
             paths.append(CIMInstanceName(RASD_CLASS, {"InstanceID": rasd["InstanceID"]},
                                          namespace=VIRT_NS))
+        if devices:         # first: the likelier to fail (libvirt, the guest)
+            rc = await self.hotplug.apply_device_changes(devices)
+            if rc != RC_OK:
+                return rc, {}
         for uuid, changes in per_uuid.items():
             rc = await self._update(uuid, changes)
             if rc != RC_OK:

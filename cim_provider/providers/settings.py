@@ -11,7 +11,7 @@ properties).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 import pywbem
@@ -85,7 +85,8 @@ def device_settings(base: str, cfg: DomainConfig) -> list[tuple[str, str, dict[s
         (RASD_CLASS, "proc", {
             "ResourceType": RT_PROCESSOR, "ElementName": "Processors",
             "AllocationUnits": "count", "VirtualQuantityUnits": "count",
-            "VirtualQuantity": cfg.vcpus, "Reservation": cfg.vcpus, "Limit": cfg.vcpus}),
+            "VirtualQuantity": cfg.vcpus, "Reservation": cfg.vcpus,
+            "Limit": cfg.max_vcpus or cfg.vcpus}),
         (RASD_CLASS, "mem", {
             "ResourceType": RT_MEMORY, "ElementName": "Memory",
             "AllocationUnits": "byte*2^10", "VirtualQuantityUnits": "byte*2^10",
@@ -107,7 +108,8 @@ def device_settings(base: str, cfg: DomainConfig) -> list[tuple[str, str, dict[s
             "ResourceSubType": n.model, "Address": n.mac,
             "Connection": [n.source] if n.source else None,
             "HostResource": [n.source] if n.source else None,
-            "OtherResourceType": n.type}))
+            "OtherResourceType": n.type,
+            "LinkState": 3 if (n.link_state or "").lower() == "down" else 2}))
     for _cls, dev, props in out:
         props["InstanceID"] = f"{base}/{dev}"
     return out
@@ -118,9 +120,17 @@ class SettingsProvider(Provider):
     namespace = VIRT_NS
     classnames = (VSSD_CLASS, RASD_CLASS, SASD_CLASS, EPASD_CLASS)
 
+    CAPS_PREFIX = "VIRT:caps:"
+
     def __init__(self, backend: Backend):
         self.b = backend
         self._cache = backend.new_cache()
+        # The capability settings of allocation.py (class -> instances), InstanceID
+        # VIRT:caps:...; set when the allocation model is served.
+        self.capabilities: Callable[[str], list[CIMInstance]] | None = None
+        # The Manager's templates (templates.py: class -> instances), InstanceID
+        # VIRT:template:<name>; set when the model is served.
+        self.templates: Callable[[str], list[CIMInstance]] | None = None
 
     def _all(self, rec: DomainRecord) -> dict[str, list[CIMInstance]]:
         """Every setting instance of one record, by class (cached per record version)."""
@@ -145,9 +155,25 @@ class SettingsProvider(Provider):
         out: list[CIMInstance] = []
         for rec in self.b.inventory.records():
             out.extend(self._all(rec)[cls])
+        if self.capabilities is not None:
+            out.extend(self.capabilities(cls))
+        if self.templates is not None:
+            out.extend(self.templates(cls))
         return out
 
     def find(self, classname: str, iid: object) -> CIMInstance:
+        if self.templates is not None and isinstance(iid, str) \
+                and iid.startswith("VIRT:template:"):
+            cls = next((c for c in self.classnames if c.lower() == classname.lower()), "")
+            for inst in self.templates(cls):
+                if inst["InstanceID"] == iid:
+                    return inst
+        if self.capabilities is not None and isinstance(iid, str) \
+                and iid.startswith(self.CAPS_PREFIX):
+            cls = next((c for c in self.classnames if c.lower() == classname.lower()), "")
+            for inst in self.capabilities(cls):
+                if inst["InstanceID"] == iid:
+                    return inst
         parts = split_iid(iid)
         rec = self.b.inventory.get(parts[0]) if parts else None
         if rec is not None:

@@ -9,7 +9,7 @@ when such calls hold every thread of the pool, the connection is given up with i
 and a new connection gets a new pool. Opens and closes run in threads of their own, so
 a hung call never holds up a reconnect.
 
-The module is longer than most (about 700 lines) because the connection's life cycle
+The module is longer than most (about 740 lines) because the connection's life cycle
 (open, register events, load, drop, give up, reconnect) and the per-domain re-reads
 share one generation counter and must be read together; the event adapter
 (libvirt_events.py), the blocking calls (libvirt_calls.py) and the thread pools
@@ -28,11 +28,14 @@ from typing import Any, Callable, TypeVar
 
 import libvirt
 
-from ..domain.records import RunningDomain, canonical_uuid
-from ..domain.sources import SourceStatus
-from .libvirt_calls import (DomainNotFound, LibvirtError, LibvirtTimeout, LibvirtUnavailable,
-                            guarded, quietly, read_all, read_one)
+from ..domain.domxml import disk_to_xml, nic_to_xml
+from ..domain.records import Disk, Nic, RunningDomain, canonical_uuid
+from ..domain.sources import ResourceFeed, SourceStatus
+from .libvirt_calls import (STOPPED_FAILURES, DomainNotFound, LibvirtError, LibvirtTimeout,
+                            LibvirtUnavailable, change_device, guarded, quietly, read_all,
+                            read_one, read_stop_reasons)
 from .libvirt_events import ensure_event_loop_impl
+from .libvirt_host import HostWatch
 from .libvirt_threads import MAX_STRAY, POOL_SIZE, CallPool, Count, in_thread
 
 _T = TypeVar("_T")
@@ -43,6 +46,7 @@ BACKOFF_MIN = 0.2       # seconds before the first reconnect attempt
 BACKOFF_MAX = 5.0       # and the cap of the doubling
 KEEPALIVE = (5, 3)      # interval (s), count: a silent peer is dropped after ~20 s
 READ_RETRIES = 8        # re-reads of one domain after a failed or timed-out read
+MAX_STOP_REASONS = 10000   # stop reasons remembered (the oldest go first)
 
 # Events, besides the lifecycle ones, after which a running domain's live XML may
 # differ: all mean "read that domain again". Hot-plug changes disks and NICs; virsh
@@ -69,7 +73,9 @@ class LibvirtSource:
     def __init__(self, uri: str | None = None, *, conn: libvirt.virConnect | None = None,
                  call_timeout: float = 10.0,
                  on_snapshot: Callable[[dict[str, RunningDomain]], None] | None = None,
-                 on_domain: Callable[[str, RunningDomain | None], None] | None = None) -> None:
+                 on_domain: Callable[[str, RunningDomain | None], None] | None = None,
+                 feed: ResourceFeed | None = None, metrics_interval: float = 0.0,
+                 on_stop_reasons: Callable[[dict[str, str]], None] | None = None) -> None:
         if uri is None and conn is None:
             uri = os.environ.get("LIBVIRT_DEFAULT_URI") or None
         self.uri = uri
@@ -78,6 +84,13 @@ class LibvirtSource:
         self.on_snapshot = on_snapshot
         self.on_domain = on_domain
         self.running: dict[str, RunningDomain] = {}
+        # Why libvirt last stopped a domain on a failure (crash, hypervisor process
+        # gone, start failed in the guest), per UUID, until it starts again: read from
+        # the inactive domains' shut-off reasons at connect, then from lifecycle
+        # events; a domain that stays known (persistent, or the Manager's twin) shows
+        # it. Every change goes to `on_stop_reasons` as the whole map.
+        self.stop_reasons: dict[str, str] = {}
+        self.on_stop_reasons = on_stop_reasons
         self._connected = False
         self._status_since = time.time()      # when `connected` last changed
         self._last_error = "not connected yet"
@@ -86,7 +99,7 @@ class LibvirtSource:
         self._conn_uri: str | None = None
         self._owned = False
         self._close_cb = False
-        self._event_ids: list[int] = []
+        self._event_ids: list[tuple[int, str]] = []     # (callback id, deregister method)
         # Registration runs on a pool thread and may outlive the timeout of its
         # call; under this lock it records what it registered only while its
         # connection is still the current one (`_gen`), and undoes the rest itself.
@@ -110,6 +123,9 @@ class LibvirtSource:
         self._up: asyncio.Event | None = None
         self._stopping = False
         self._host_cache: tuple[int, float, dict[str, Any]] | None = None
+        # Storage pools, networks and usage samples (`feed`; sampled every
+        # `metrics_interval` seconds, 0: never).
+        self.host = HostWatch(self, feed, metrics_interval)
 
     @property
     def conn(self) -> libvirt.virConnect | None:
@@ -234,11 +250,30 @@ class LibvirtSource:
             self._loading = False
         if gen != self._gen:
             raise LibvirtUnavailable("connection lost while reading the domains")
+        await self.host.load(conn)
+        if gen != self._gen:
+            raise LibvirtUnavailable("connection lost while reading pools and networks")
+        try:
+            reasons = await self._call(functools.partial(read_stop_reasons, conn),
+                                       timeout=self.load_timeout, what="read stop reasons")
+        except LibvirtUnavailable:
+            raise
+        except LibvirtError as exc:
+            log.warning("libvirt: cannot read why inactive domains stopped: %s", exc.message)
+            reasons = {}
+        if gen != self._gen:
+            raise LibvirtUnavailable("connection lost while reading stop reasons")
+        # Events seen while disconnected are lost: the shut-off reasons say the rest.
+        self.stop_reasons = {u: r for u, r in self.stop_reasons.items()
+                             if u not in snapshot and u not in reasons}
+        self.stop_reasons.update(reasons)
+        self._notify_stop_reasons()
         self.running = snapshot
         self.connected = True
         self._host_cache = None
         log.info("libvirt: connected to %s, %d running domains", self._describe(), len(snapshot))
         self._notify_snapshot()
+        self.host.start()
         if self._up is not None:
             self._up.set()
         for uuid in list(self._dirty):       # events that came in during the full read
@@ -316,12 +351,12 @@ class LibvirtSource:
                 quietly(conn.close)
 
     def _register_all(self, conn: libvirt.virConnect, gen: int) -> str:
-        def keep(cb_id: int) -> None:
+        def keep(cb_id: int, deregister: str = "domainEventDeregisterAny") -> None:
             with self._reg_lock:
                 if gen == self._gen:
-                    self._event_ids.append(cb_id)
+                    self._event_ids.append((cb_id, deregister))
                     return
-            quietly(conn.domainEventDeregisterAny, cb_id)
+            quietly(getattr(conn, deregister), cb_id)
             raise LibvirtUnavailable("connection given up while its events were registered")
 
         conn_uri = conn.getURI()
@@ -334,6 +369,7 @@ class LibvirtSource:
                 log.debug("libvirt: event %d not available: %s", event_id, exc)
                 continue
             keep(cb_id)
+        self.host.register(conn, gen, keep)
         try:
             conn.registerCloseCallback(self._on_close, gen)
         except libvirt.libvirtError as exc:   # e.g. the owner of a shared connection has one
@@ -370,6 +406,7 @@ class LibvirtSource:
             ids, self._event_ids = self._event_ids, []
             close_cb, self._close_cb = self._close_cb, False
         self._dirty.clear()
+        self.host.stop()
         for task in list(self._refreshers.values()):
             task.cancel()
         self._refreshers.clear()
@@ -383,8 +420,8 @@ class LibvirtSource:
             return
 
         def release() -> None:
-            for cb_id in ids:
-                quietly(conn.domainEventDeregisterAny, cb_id)
+            for cb_id, deregister in ids:
+                quietly(getattr(conn, deregister), cb_id)
             if close_cb:
                 quietly(conn.unregisterCloseCallback)
             if owned:
@@ -407,26 +444,31 @@ class LibvirtSource:
 
     def _on_lifecycle(self, _conn: Any, dom: libvirt.virDomain, event: int, detail: int,
                       gen: int) -> None:
-        self._post(gen, dom.UUIDString(), event)
+        reason = ""
+        if event == libvirt.VIR_DOMAIN_EVENT_STOPPED:
+            reason = STOPPED_FAILURES.get(detail, "")
+        self._post(gen, dom.UUIDString(), event, reason)
 
     def _on_change(self, _conn: Any, dom: libvirt.virDomain, *args: Any) -> None:
         """Any of _CHANGE_EVENTS: their payloads differ, the opaque (gen) comes last."""
         self._post(args[-1], dom.UUIDString(), None)
 
-    def _post(self, gen: int, uuid: str, event: int | None) -> None:
+    def _post(self, gen: int, uuid: str, event: int | None, reason: str = "") -> None:
         loop = self._loop
         if loop is None:
             return
         try:
-            loop.call_soon_threadsafe(self._event, gen, uuid, event)
+            loop.call_soon_threadsafe(self._event, gen, uuid, event, reason)
         except RuntimeError:
             pass
 
-    def _event(self, gen: int, uuid: str, event: int | None) -> None:
+    def _event(self, gen: int, uuid: str, event: int | None, reason: str = "") -> None:
         if gen != self._gen or self._stopping:
             return
         key = canonical_uuid(uuid) or uuid
         log.debug("libvirt: event %s on %s", event, key)
+        if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STARTED):
+            self._set_stop_reason(key, reason or None)
         self._dirty.add(key)
         if not self._loading:
             self._kick(key)
@@ -557,6 +599,31 @@ class LibvirtSource:
             except Exception:
                 log.exception("libvirt: on_domain callback failed for %s", uuid)
 
+    def _set_stop_reason(self, uuid: str, reason: str | None) -> None:
+        """A stop on a failure records its reason; any other stop or a start clears it."""
+        if self.stop_reasons.get(uuid) == reason:
+            return
+        self.stop_reasons.pop(uuid, None)
+        if reason is not None:
+            if len(self.stop_reasons) >= MAX_STOP_REASONS:
+                del self.stop_reasons[next(iter(self.stop_reasons))]
+            self.stop_reasons[uuid] = reason
+            log.info("libvirt: domain %s stopped: %s", uuid, reason)
+        self._notify_stop_reasons()
+
+    def _notify_stop_reasons(self) -> None:
+        if self.on_stop_reasons is not None:
+            try:
+                self.on_stop_reasons(dict(self.stop_reasons))
+            except Exception:
+                log.exception("libvirt: on_stop_reasons callback failed")
+
+    def reread(self, uuid: str) -> None:
+        """Read one domain again soon (something changed that raises no event)."""
+        if self.connected and not self._loading and not self._stopping:
+            self._dirty.add(uuid)
+            self._kick(uuid)
+
     def _notify_snapshot(self) -> None:
         if self.on_snapshot is not None:
             try:
@@ -663,6 +730,42 @@ class LibvirtSource:
 
     async def reset(self, uuid: str) -> None:
         await self._action(uuid, "reset", lambda d: d.reset(0))
+
+    async def _device(self, uuid: str, op: str, device: Disk | Nic, *, config: bool,
+                      old: Disk | Nic | None = None) -> None:
+        """attach / detach / update one device (libvirt_calls.change_device), then read
+        the domain back so whoever asked sees the result at once."""
+        key = canonical_uuid(uuid)
+        if key is None:
+            raise DomainNotFound(f"no domain with UUID {uuid!r}", libvirt.VIR_ERR_NO_DOMAIN)
+        conn = self._live_conn()
+
+        def xml(dev: Disk | Nic) -> str:
+            return disk_to_xml(dev) if isinstance(dev, Disk) else nic_to_xml(dev)
+
+        await self._call(functools.partial(change_device, conn, key, op, xml(device), live=True,
+                                           config=config,
+                                           undo=xml(old) if old is not None else None),
+                         what=f"{op} of a device")
+        try:
+            await self.refresh(key)
+        except LibvirtError as exc:
+            log.warning("libvirt: %s of a device of %s done, but reading it back failed: %s",
+                        op, key, exc.message)
+
+    async def attach_device(self, uuid: str, device: Disk | Nic, *, config: bool) -> None:
+        await self._device(uuid, "attach", device, config=config)
+
+    async def detach_device(self, uuid: str, device: Disk | Nic, *, config: bool) -> None:
+        await self._device(uuid, "detach", device, config=config)
+
+    async def update_device(self, uuid: str, device: Disk | Nic, old: Disk | Nic, *,
+                            config: bool) -> None:
+        await self._device(uuid, "update", device, config=config, old=old)
+
+    async def sample_usage(self) -> None:
+        """Take one usage sample now (tests; the sampler does it every interval)."""
+        await self.host.sample()
 
     async def host_info(self) -> dict[str, Any]:
         """Facts about the host for its CIM instance; cached for a few seconds."""

@@ -10,14 +10,24 @@ from typing import Any, Callable, TypeVar
 
 import libvirt
 
+import dataclasses
+import xml.etree.ElementTree as ET
+from collections.abc import Mapping
+
 from ..domain.domxml import DomainXMLError, parse_domain_xml
-from ..domain.records import RunningDomain, RunState
-from ..domain.sources import Failed, NotFound, SourceError, Timeout, Unavailable
+from ..domain.records import (DomainStats, HostCapacity, Network, RunningDomain, RunState,
+                              StoragePool, canonical_uuid)
+from ..domain.sources import (Failed, NotFound, NotSupported, Refused, SourceError, Timeout,
+                              Unavailable)
 
 log = logging.getLogger(__name__)
 
 _T = TypeVar("_T")
 _NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
+# Errors that mean "libvirt understood and said no" (the caller's input, not libvirt).
+_REFUSALS = tuple(getattr(libvirt, name) for name in (
+    "VIR_ERR_INVALID_ARG", "VIR_ERR_XML_ERROR", "VIR_ERR_CONFIG_UNSUPPORTED",
+    "VIR_ERR_OPERATION_INVALID", "VIR_ERR_XML_DETAIL") if hasattr(libvirt, name))
 
 
 class LibvirtError(SourceError):
@@ -43,6 +53,14 @@ class LibvirtTimeout(LibvirtUnavailable, Timeout):
     """libvirt did not answer within the call timeout."""
 
 
+class LibvirtNotSupported(LibvirtError, NotSupported):
+    """The connection's driver does not offer this call (VIR_ERR_NO_SUPPORT)."""
+
+
+class LibvirtRefused(LibvirtError, Refused):
+    """libvirt understood and refused: an invalid argument, a device it cannot take."""
+
+
 
 def _run_state(value: int | None) -> RunState:
     try:
@@ -52,11 +70,12 @@ def _run_state(value: int | None) -> RunState:
 
 
 def _read_domain(dom: libvirt.virDomain, state: int | None = None, *,
-                 persistent: bool | None = None,
-                 autostart: bool | None = None) -> RunningDomain | None:
+                 persistent: bool | None = None, autostart: bool | None = None,
+                 capacities: Mapping[str, int] | None = None) -> RunningDomain | None:
     """The RunningDomain for `dom`, or None when it is not active (or gone).
 
-    What the caller already knows from bulk listings is passed in and not asked again.
+    What the caller already knows from bulk listings is passed in and not asked again
+    (`capacities`: disk target -> capacity in bytes, from getAllDomainStats).
     """
     try:
         if state is None:
@@ -77,12 +96,39 @@ def _read_domain(dom: libvirt.virDomain, state: int | None = None, *,
             return None
         raise
     try:
-        config = parse_domain_xml(xml, autostart)
+        config = parse_domain_xml(xml, autostart, detail=True)
     except DomainXMLError as exc:
         log.warning("skipping running domain %s: %s", dom.UUIDString(), exc)
         return None
+    config = _with_capacities(dom, config, capacities)
     return RunningDomain(config=config, state=_run_state(state), persistent=persistent,
                          id=dom_id if dom_id is not None and dom_id >= 0 else None)
+
+
+def _with_capacities(dom: libvirt.virDomain, config, known: Mapping[str, int] | None):
+    """`config` with each disk's capacity (libvirt's block info): from `known` when the
+    bulk statistics had it, else one virDomainGetBlockInfo per disk with a source."""
+    disks = []
+    for disk in config.disks:
+        cap = (known or {}).get(disk.target)
+        if cap is None and disk.source:
+            try:
+                cap = int(dom.blockInfo(disk.target)[0])
+            except libvirt.libvirtError as exc:       # no media, no support, gone
+                log.debug("no block info for %s of %s: %s", disk.target, config.name, exc)
+        disks.append(dataclasses.replace(disk, capacity_bytes=cap) if cap else disk)
+    return dataclasses.replace(config, disks=tuple(disks))
+
+
+def _capacities(stats: Mapping[str, object]) -> dict[str, int]:
+    """Disk target -> capacity from one domain's block statistics (block.N.*)."""
+    out: dict[str, int] = {}
+    count = stats.get("block.count")
+    for i in range(count if isinstance(count, int) else 0):
+        name, cap = stats.get(f"block.{i}.name"), stats.get(f"block.{i}.capacity")
+        if isinstance(name, str) and isinstance(cap, int) and cap > 0:
+            out[name] = cap
+    return out
 
 
 def _uuids(conn: libvirt.virConnect, flags: int) -> set[str]:
@@ -97,11 +143,14 @@ def read_all(conn: libvirt.virConnect) -> dict[str, RunningDomain]:
     persistent = _uuids(conn, active | libvirt.VIR_CONNECT_LIST_DOMAINS_PERSISTENT)
     autostart = _uuids(conn, active | libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
     states: dict[str, int] = {}
+    capacities: dict[str, dict[str, int]] = {}
     try:
-        for dom, stats in conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE,
-                                                 libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE):
+        for dom, stats in conn.getAllDomainStats(
+                libvirt.VIR_DOMAIN_STATS_STATE | libvirt.VIR_DOMAIN_STATS_BLOCK,
+                libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE):
             if "state.state" in stats:
                 states[dom.UUIDString()] = stats["state.state"]
+            capacities[dom.UUIDString()] = _capacities(stats)
     except libvirt.libvirtError as exc:
         if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
             raise
@@ -110,10 +159,48 @@ def read_all(conn: libvirt.virConnect) -> dict[str, RunningDomain]:
     for dom in doms:
         key = dom.UUIDString()
         running = _read_domain(dom, states.get(key), persistent=key in persistent,
-                               autostart=key in autostart)
+                               autostart=key in autostart, capacities=capacities.get(key))
         if running is not None:
             out[running.uuid] = running
     return out
+
+
+# Why libvirt stopped a domain, when that was a failure: lifecycle event STOPPED's
+# details, and the reasons of a domain's SHUTOFF state (virDomainShutoffReason).
+STOPPED_FAILURES = {
+    getattr(libvirt, "VIR_DOMAIN_EVENT_STOPPED_CRASHED", 2):
+        "the guest crashed (libvirt: stopped, crashed)",
+    getattr(libvirt, "VIR_DOMAIN_EVENT_STOPPED_FAILED", 5):
+        "the hypervisor process ended unexpectedly or the start failed in the guest "
+        "(libvirt: stopped, failed)",
+}
+SHUTOFF_FAILURES = {
+    getattr(libvirt, "VIR_DOMAIN_SHUTOFF_CRASHED", 3):
+        "the guest crashed or its hypervisor process ended (libvirt: shut off, crashed)",
+    getattr(libvirt, "VIR_DOMAIN_SHUTOFF_FAILED", 6):
+        "the start failed in the guest (libvirt: shut off, failed)",
+}
+
+
+def read_stop_reasons(conn: libvirt.virConnect) -> dict[str, str]:
+    """UUID -> reason of every inactive (persistent) domain libvirt shut off on a
+    failure: one listing, then one state call per inactive domain."""
+    out: dict[str, str] = {}
+    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE):
+        try:
+            state, reason = dom.state()[:2]
+        except libvirt.libvirtError as exc:
+            log.debug("no state for %s: %s", dom.UUIDString(), exc)
+            continue
+        if state == libvirt.VIR_DOMAIN_SHUTOFF and reason in SHUTOFF_FAILURES:
+            out[canonical_uuid(dom.UUIDString()) or dom.UUIDString()] = SHUTOFF_FAILURES[reason]
+    return out
+
+
+def read_autostart(conn: libvirt.virConnect) -> set[str]:
+    """The UUIDs of the active domains marked autostart (one listing call)."""
+    flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART
+    return {canonical_uuid(d.UUIDString()) or d.UUIDString() for d in conn.listAllDomains(flags)}
 
 
 def read_one(conn: libvirt.virConnect, uuid: str) -> RunningDomain | None:
@@ -142,7 +229,264 @@ def guarded(fn: Callable[[], _T]) -> _T:
         message = exc.get_error_message() or str(exc)
         if code == _NO_DOMAIN:
             raise DomainNotFound(message, code) from None
+        if code == libvirt.VIR_ERR_NO_SUPPORT:
+            raise LibvirtNotSupported(message, code) from None
+        if code in _REFUSALS:
+            raise LibvirtRefused(message, code) from None
         if code in (libvirt.VIR_ERR_NO_CONNECT, libvirt.VIR_ERR_INVALID_CONN) \
                 or exc.get_error_domain() == libvirt.VIR_FROM_RPC:
             raise LibvirtUnavailable(message, code) from None
         raise LibvirtFailed(message, code) from None
+
+
+# ---- the host: capacity, storage pools, networks ---------------------------------------
+
+def _pool(pool: libvirt.virStoragePool) -> StoragePool:
+    """One storage pool's record: its info (capacity, allocation, available) and XML."""
+    state, capacity, allocation, available = pool.info()[:4]
+    root = ET.fromstring(pool.XMLDesc(0))
+    try:
+        autostart: bool | None = bool(pool.autostart())
+    except libvirt.libvirtError:
+        autostart = None
+    active = state in (libvirt.VIR_STORAGE_POOL_RUNNING, libvirt.VIR_STORAGE_POOL_DEGRADED)
+    return StoragePool(uuid=canonical_uuid(pool.UUIDString()) or pool.UUIDString(),
+                       name=pool.name(), type=root.get("type"), active=active,
+                       capacity=capacity if active else None,
+                       allocation=allocation if active else None,
+                       available=available if active else None,
+                       path=(root.findtext("target/path") or "").strip() or None,
+                       autostart=autostart)
+
+
+def _network(net: libvirt.virNetwork) -> Network:
+    root = ET.fromstring(net.XMLDesc(0))
+    bridge = root.find("bridge")
+    forward = root.find("forward")
+    try:
+        autostart: bool | None = bool(net.autostart())
+    except libvirt.libvirtError:
+        autostart = None
+    return Network(uuid=canonical_uuid(net.UUIDString()) or net.UUIDString(),
+                   name=net.name(), active=bool(net.isActive()),
+                   bridge=bridge.get("name") if bridge is not None else None,
+                   forward=(forward.get("mode") or "nat") if forward is not None else None,
+                   autostart=autostart)
+
+
+def _gone(exc: libvirt.libvirtError) -> bool:
+    return exc.get_error_code() in (libvirt.VIR_ERR_NO_STORAGE_POOL, libvirt.VIR_ERR_NO_NETWORK)
+
+
+def read_capacity(conn: libvirt.virConnect) -> HostCapacity:
+    info = conn.getInfo()
+    return HostCapacity(cpus=int(info[2]), memory_kib=int(info[1]) * 1024)
+
+
+def read_pools(conn: libvirt.virConnect) -> dict[str, StoragePool]:
+    """Every storage pool by name; {} when the driver has no storage."""
+    out = {}
+    try:
+        pools = conn.listAllStoragePools(0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+            raise
+        return {}
+    for pool in pools:
+        try:
+            rec = _pool(pool)
+        except libvirt.libvirtError as exc:
+            if not _gone(exc):
+                raise
+            continue
+        out[rec.name] = rec
+    return out
+
+
+def read_networks(conn: libvirt.virConnect) -> dict[str, Network]:
+    out = {}
+    try:
+        nets = conn.listAllNetworks(0)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+            raise
+        return {}
+    for net in nets:
+        try:
+            rec = _network(net)
+        except libvirt.libvirtError as exc:
+            if not _gone(exc):
+                raise
+            continue
+        out[rec.name] = rec
+    return out
+
+
+def read_pool(conn: libvirt.virConnect, name: str) -> StoragePool | None:
+    """One storage pool again (after its event); None when it no longer exists."""
+    try:
+        return _pool(conn.storagePoolLookupByName(name))
+    except libvirt.libvirtError as exc:
+        if _gone(exc):
+            return None
+        raise
+
+
+def read_network(conn: libvirt.virConnect, name: str) -> Network | None:
+    try:
+        return _network(conn.networkLookupByName(name))
+    except libvirt.libvirtError as exc:
+        if _gone(exc):
+            return None
+        raise
+
+
+# ---- usage statistics ---------------------------------------------------------------------
+
+_STATS = (libvirt.VIR_DOMAIN_STATS_CPU_TOTAL | libvirt.VIR_DOMAIN_STATS_BALLOON
+          | libvirt.VIR_DOMAIN_STATS_VCPU | libvirt.VIR_DOMAIN_STATS_BLOCK
+          | libvirt.VIR_DOMAIN_STATS_INTERFACE)
+
+
+def _sum(stats: Mapping[str, Any], count: str, field: str) -> int | None:
+    n = stats.get(count)
+    if not isinstance(n, int):
+        return None
+    values = [stats.get(f"{count.split('.')[0]}.{i}.{field}") for i in range(n)]
+    return sum(v for v in values if isinstance(v, int))
+
+
+def _memory_used(current: Any, available: Any, unused: Any, rss: Any) -> int | None:
+    """In-use memory from the balloon: what the guest has minus what it leaves unused,
+    else what the hypervisor process holds (rss), else the balloon's size."""
+    if isinstance(available, int) and isinstance(unused, int) and available >= unused:
+        return available - unused
+    for value in (rss, current):
+        if isinstance(value, int):
+            return value
+    return None
+
+
+def _bulk(stats: Mapping[str, Any]) -> DomainStats:
+    return DomainStats(
+        cpu_time_ns=stats.get("cpu.time"), vcpus=stats.get("vcpu.current"),
+        max_vcpus=stats.get("vcpu.maximum"),
+        memory_used_kib=_memory_used(stats.get("balloon.current"),
+                                     stats.get("balloon.available"),
+                                     stats.get("balloon.unused"), stats.get("balloon.rss")),
+        block_rd_bytes=_sum(stats, "block.count", "rd.bytes"),
+        block_wr_bytes=_sum(stats, "block.count", "wr.bytes"),
+        net_rx_bytes=_sum(stats, "net.count", "rx.bytes"),
+        net_tx_bytes=_sum(stats, "net.count", "tx.bytes"))
+
+
+def _per_domain(dom: libvirt.virDomain, running: RunningDomain | None) -> DomainStats:
+    """The same counters asked one call at a time, for drivers whose bulk statistics
+    leave them out (the test driver reports only the state in bulk)."""
+    info = dom.info()
+    mem: dict[str, int] = {}
+    try:
+        mem = dom.memoryStats()
+    except libvirt.libvirtError:
+        pass
+    rd = wr = rx = tx = None
+    cfg = running.config if running is not None else None
+    for disk in cfg.disks if cfg else ():
+        try:
+            st = dom.blockStats(disk.target)
+        except libvirt.libvirtError:
+            continue
+        rd, wr = (rd or 0) + st[1], (wr or 0) + st[3]
+    for nic in cfg.nics if cfg else ():
+        try:
+            st = dom.interfaceStats(nic.mac)
+        except libvirt.libvirtError:
+            continue
+        rx, tx = (rx or 0) + st[0], (tx or 0) + st[4]
+    return DomainStats(cpu_time_ns=int(info[4]), vcpus=int(info[3]),
+                       memory_used_kib=_memory_used(mem.get("actual", info[2]),
+                                                    mem.get("available"), mem.get("unused"),
+                                                    mem.get("rss")),
+                       block_rd_bytes=rd, block_wr_bytes=wr, net_rx_bytes=rx, net_tx_bytes=tx)
+
+
+def read_stats(conn: libvirt.virConnect,
+               running: Mapping[str, RunningDomain]) -> dict[str, DomainStats]:
+    """Every active domain's counters by UUID: one getAllDomainStats call; per-domain
+    calls only for the domains whose bulk answer lacks the CPU time."""
+    out: dict[str, DomainStats] = {}
+    try:
+        bulk = conn.getAllDomainStats(_STATS, libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
+            raise
+        bulk = [(dom, {}) for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)]
+    for dom, stats in bulk:
+        uuid = canonical_uuid(dom.UUIDString()) or dom.UUIDString()
+        if "cpu.time" in stats:
+            out[uuid] = _bulk(stats)
+            continue
+        try:
+            out[uuid] = _per_domain(dom, running.get(uuid))
+        except libvirt.libvirtError as exc:
+            if exc.get_error_code() != _NO_DOMAIN:     # stopped meanwhile: no sample
+                raise
+    return out
+
+
+# ---- devices --------------------------------------------------------------------------------
+
+def change_device(conn: libvirt.virConnect, uuid: str, op: str, xml: str, *, live: bool,
+                  config: bool, undo: str | None = None) -> None:
+    """attach / detach / update one device: the live domain first, then (`config`) its
+    persistent definition. When the second step fails the first is undone (`undo`: the
+    XML that puts the live device back, for update), so nothing is left half-applied."""
+    dom = conn.lookupByUUIDString(uuid)
+    call = {"attach": dom.attachDeviceFlags, "detach": dom.detachDeviceFlags,
+            "update": dom.updateDeviceFlags}[op]
+    if live:
+        call(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+        # A detach the guest must acknowledge (PCI hot-unplug) may still be pending when
+        # libvirt returns: the persistent definition is left alone until it is done.
+        if op == "detach" and _device_present(dom.XMLDesc(0), xml):
+            raise LibvirtFailed(f"libvirt asked the guest to release {_device_name(xml)} "
+                                "and the guest has not done so yet (a guest without "
+                                "hot-unplug support never does); the persistent definition "
+                                "is unchanged")
+    if not config:
+        return
+    try:
+        call(xml, libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+    except libvirt.libvirtError:
+        if live:
+            try:
+                if op == "attach":
+                    dom.detachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                elif op == "update" and undo is not None:
+                    dom.updateDeviceFlags(undo, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+                elif op == "detach":
+                    dom.attachDeviceFlags(xml, libvirt.VIR_DOMAIN_AFFECT_LIVE)
+            except libvirt.libvirtError as exc:
+                log.error("libvirt: could not undo the live %s on %s after its persistent "
+                          "part failed: %s", op, uuid, exc)
+        raise
+
+
+def _device_name(xml: str) -> str:
+    """The identity of one <disk> (target dev) or <interface> (MAC) element."""
+    elem = ET.fromstring(xml)
+    if elem.tag == "disk":
+        target = elem.find("target")
+        return target.get("dev", "") if target is not None else ""
+    mac = elem.find("mac")
+    return (mac.get("address") or "").lower() if mac is not None else ""
+
+
+def _device_present(domain_xml: str, device_xml: str) -> bool:
+    """Whether the domain's XML still has the device `device_xml` names."""
+    name = _device_name(device_xml)
+    root = ET.fromstring(domain_xml)
+    if ET.fromstring(device_xml).tag == "disk":
+        return any(t.get("dev") == name for t in root.findall("devices/disk/target"))
+    return any((m.get("address") or "").lower() == name
+               for m in root.findall("devices/interface/mac"))

@@ -19,11 +19,11 @@ import time
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from ..contract import (BUS_NAME, CHANGE_SIGNALS, ERROR_INVALID_ARGUMENT,
-                        ERROR_NOT_SUPPORTED, INTERFACE,
+from ..contract import (BUS_NAME, CHANGE_SIGNALS, DOMAINS_DISPLACED, ERROR_INVALID_ARGUMENT,
+                        ERROR_NOT_SUPPORTED, INTERFACE, TEMPLATES_CHANGED,
                         OBJECT_PATH, REQUIRED_METHODS, InvalidEntry, Member,
                         active_from_dbus, config_from_dbus, interface_members, members,
-                        values_to_dbus)
+                        templates_from_dbus, values_to_dbus, variant_of)
 from ..contract.bus import (DBUS_INTERFACE, DBUS_NAME, DBUS_PATH, DBusError, Message,
                             MessageBus, MessageType, bus_description, connect, intr)
 from ..domain.records import DomainConfig
@@ -119,6 +119,10 @@ class ManagerClient:
         self.definitions: dict[str, DomainConfig] | None = None
         self.active: set[str] = set()
         self.generation: int | None = None
+        # ListTemplates (when offered): plain dicts, see contract.templates_from_dbus;
+        # None until read. Re-read on TemplatesChanged, else with the periodic re-lists.
+        self.templates: list[dict[str, Any]] | None = None
+        self._templates_stale = True
         self._bus: MessageBus | None = None
         self._owner: str | None = None
         self._epoch = 0                    # bumped whenever the owner changes
@@ -330,6 +334,14 @@ class ManagerClient:
             log.debug("%s%s from the Manager", msg.member, tuple(msg.body))
             self._debounce = True
             self._poke()
+        elif (msg.interface == INTERFACE and msg.path == OBJECT_PATH
+              and msg.sender == self._owner and msg.sender is not None):
+            if msg.member == TEMPLATES_CHANGED:
+                self._templates_stale = True
+                self._debounce = True
+                self._poke()
+            elif msg.member == DOMAINS_DISPLACED:
+                _log_displaced(list(msg.body), self.definitions or {})
 
     def _appeared(self, owner: str) -> None:
         if owner == self._owner:
@@ -344,6 +356,8 @@ class ManagerClient:
         self._need_introspect = True
         self._warned.clear()
         self.generation = None
+        self.templates = None
+        self._templates_stale = True
         self._debounce = False
         self._refresh_failed = False
         self._poke()
@@ -361,6 +375,7 @@ class ManagerClient:
         self._epoch += 1
         self._offered = set()
         self.generation = None
+        self.templates = None
         self._refresh_failed = False
         self._first_attempt.set()
         if self.definitions is not None or self.active:
@@ -446,6 +461,10 @@ class ManagerClient:
                                  "required methods", exc)
                     if epoch != self._epoch:
                         return
+                if self.offers("ListTemplates") and (
+                        self._templates_stale or self.templates is None
+                        or (periodic and not self.offers(TEMPLATES_CHANGED))):
+                    await self._read_templates()
                 if self.offers("ListDomainsPage"):
                     defs, active, generation = await self._read_paged()
                 else:
@@ -492,6 +511,21 @@ class ManagerClient:
                 self.active = active
                 log.debug("Manager lists %d definitions (%d active)", len(defs), len(active))
                 self._notify(defs)
+
+    async def _read_templates(self) -> None:
+        """ListTemplates into `templates`; a failure keeps what was read before."""
+        self._templates_stale = False
+        try:
+            self.templates = templates_from_dbus(await self._call("ListTemplates"))
+        except ManagerNotSupported as exc:
+            if exc.name in ABSENT_MEMBER_ERRORS:
+                self._offered.discard("ListTemplates")
+            log.info("cannot list the Manager's templates: %s", exc)
+        except (ManagerUnavailable, ManagerTimeout):
+            self._templates_stale = True
+            raise
+        except (ManagerError, InvalidEntry) as exc:
+            log.warning("cannot list the Manager's templates: %s", exc)
 
     async def _get_generation(self) -> int | None:
         try:
@@ -737,6 +771,25 @@ class ManagerClient:
             raise ManagerFailed(ERR_BAD_REPLY, f"DefineDomain returned {result[:80]!r}")
         return uuid
 
+    async def define_from_template(self, template: str, variables: Mapping[str, Any]) -> str:
+        """DefineFromTemplate: variables as plain values (str, int, bool); returns the UUID.
+        Error.NotFound (no such template) is ManagerNotFound, Error.InvalidArgument (a
+        bad variable, named in the message) ManagerRefused with that name."""
+        try:
+            values = {str(k): variant_of(v, f"variable {k}") for k, v in variables.items()}
+        except InvalidEntry as exc:
+            raise ManagerRefused(ERROR_INVALID_ARGUMENT, str(exc)) from None
+        result = await self._call("DefineFromTemplate", template, values)
+        uuid = canonical_uuid(result)
+        if uuid is None:
+            raise ManagerFailed(ERR_BAD_REPLY, f"DefineFromTemplate returned {result[:80]!r}")
+        return uuid
+
+    async def list_templates(self) -> list[dict[str, Any]]:
+        """ListTemplates now (also kept in `templates`)."""
+        await self._read_templates()
+        return list(self.templates or [])
+
     async def undefine_domain(self, uuid: str) -> None:
         await self._call("UndefineDomain", self._uuid(uuid))
 
@@ -753,3 +806,23 @@ class ManagerClient:
         except InvalidEntry as exc:
             raise ManagerRefused(ERROR_INVALID_ARGUMENT, str(exc)) from None
         await self._call("UpdateDomain", self._uuid(uuid), values)
+
+
+def _log_displaced(body: list[Any], known: Mapping[str, DomainConfig]) -> None:
+    """DomainsDisplaced(started, actions): what the Manager did to make room, at INFO
+    (the guests it paused or saved change state in libvirt, which the lifecycle
+    indications report; this says why)."""
+    try:
+        started, actions = body
+        cfg = known.get(canonical_uuid(started) or "")
+        if cfg is not None:
+            started = f"{cfg.name} ({started})"
+        parts = []
+        for a in actions:
+            v = {k: getattr(x, "value", x) for k, x in dict(a).items()}
+            parts.append(f"{v.get('Action')} {v.get('Name')} ({v.get('UUID')}, "
+                         f"{v.get('MemoryKiB')} KiB)")
+        log.info("the Manager made room to start %s: %s", str(started)[:64],
+                 "; ".join(parts)[:2000])
+    except (TypeError, ValueError, AttributeError):
+        log.info("the Manager made room for a start (unreadable DomainsDisplaced signal)")

@@ -1,0 +1,223 @@
+"""The host side of the libvirt source: storage pools, networks, capacity, usage samples.
+
+Read in full at each connect (with the domains); then libvirt's storage-pool events
+(lifecycle and refresh) and network lifecycle events say which pool or network to read
+again, and a sampler takes one usage sample of every running domain per interval with
+one getAllDomainStats call. Every blocking call runs in the connection's call pool
+(`LibvirtSource._call`); what is learnt goes to a `domain.sources.ResourceFeed`.
+"""
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
+
+import libvirt
+
+from ..domain.records import StatsSample
+from ..domain.sources import ResourceFeed
+from .libvirt_calls import (LibvirtError, read_autostart, read_capacity, read_network,
+                            read_networks, read_pool, read_pools, read_stats)
+
+if TYPE_CHECKING:
+    from .libvirt import LibvirtSource
+
+log = logging.getLogger(__name__)
+
+# (register method, event id, deregister method) of the host events we follow.
+_EVENTS = [(reg, getattr(libvirt, ev), dereg) for reg, ev, dereg in (
+    ("storagePoolEventRegisterAny", "VIR_STORAGE_POOL_EVENT_ID_LIFECYCLE",
+     "storagePoolEventDeregisterAny"),
+    ("storagePoolEventRegisterAny", "VIR_STORAGE_POOL_EVENT_ID_REFRESH",
+     "storagePoolEventDeregisterAny"),
+    ("networkEventRegisterAny", "VIR_NETWORK_EVENT_ID_LIFECYCLE", "networkEventDeregisterAny"),
+) if hasattr(libvirt, ev)]
+
+
+class HostWatch:
+    """Pools, networks and usage of one LibvirtSource's connection, fed to `feed`."""
+
+    def __init__(self, source: LibvirtSource, feed: ResourceFeed | None,
+                 metrics_interval: float) -> None:
+        self.src = source
+        self.feed = feed
+        self.interval = metrics_interval
+        self._dirty: set[tuple[str, str]] = set()       # ("pool"|"network", name)
+        self._readers: dict[tuple[str, str], asyncio.Task[None]] = {}
+        self._sampler: asyncio.Task[None] | None = None
+        if feed is not None:
+            feed.set_sampling(metrics_interval)
+
+    # ---- connect / disconnect ---------------------------------------------------------
+
+    def register(self, conn: libvirt.virConnect, gen: int,
+                 keep: Callable[[int, str], None]) -> None:
+        """Blocking (on the registration thread): the pool and network callbacks."""
+        if self.feed is None:
+            return
+        for reg, event_id, dereg in _EVENTS:
+            callback: Callable[..., None] = \
+                self._on_pool if reg.startswith("storagePool") else self._on_network
+            if reg.startswith("storagePool") and \
+                    event_id == getattr(libvirt, "VIR_STORAGE_POOL_EVENT_ID_REFRESH", None):
+                callback = self._on_pool_refresh
+            try:
+                cb_id = getattr(conn, reg)(None, event_id, callback, gen)
+            except libvirt.libvirtError as exc:       # a driver without storage/networks
+                log.debug("libvirt: %s %d not available: %s", reg, event_id, exc)
+                continue
+            keep(cb_id, dereg)
+
+    async def load(self, conn: libvirt.virConnect) -> None:
+        """The full read at connect: capacity, every pool and network."""
+        if self.feed is None:
+            return
+
+        def work() -> tuple[Any, Any, Any]:
+            return read_capacity(conn), read_pools(conn), read_networks(conn)
+
+        capacity, pools, networks = await self.src._call(work, what="read pools and networks")
+        self.feed.set_host(capacity, pools, networks)
+
+    def start(self) -> None:
+        """After a connect: follow the events and sample usage every interval."""
+        if self.feed is not None and self.interval > 0 and self._sampler is None:
+            self._sampler = asyncio.ensure_future(self._sample_loop())
+        for key in list(self._dirty):         # events that came during the full read
+            self._kick(key)
+
+    def stop(self) -> None:
+        """The connection is gone: no reads and no samples until the next one."""
+        self._dirty.clear()
+        for task in list(self._readers.values()):
+            task.cancel()
+        self._readers.clear()
+        sampler, self._sampler = self._sampler, None
+        if sampler is not None:
+            sampler.cancel()
+
+    # ---- events -----------------------------------------------------------------------
+
+    def _on_pool(self, _conn: Any, pool: libvirt.virStoragePool, _event: int, _detail: int,
+                 gen: int) -> None:
+        self._post(gen, "pool", pool.name())
+
+    def _on_pool_refresh(self, _conn: Any, pool: libvirt.virStoragePool, gen: int) -> None:
+        self._post(gen, "pool", pool.name())
+
+    def _on_network(self, _conn: Any, net: libvirt.virNetwork, _event: int, _detail: int,
+                    gen: int) -> None:
+        self._post(gen, "network", net.name())
+
+    def _post(self, gen: int, kind: str, name: str) -> None:
+        loop = self.src._loop
+        if loop is None:
+            return
+        try:
+            loop.call_soon_threadsafe(self._event, gen, kind, name)
+        except RuntimeError:
+            pass
+
+    def _event(self, gen: int, kind: str, name: str) -> None:
+        if gen != self.src._gen or self.src._stopping:
+            return
+        log.debug("libvirt: %s event on %s", kind, name)
+        self._dirty.add((kind, name))
+        if self.src.connected:
+            self._kick((kind, name))
+
+    def _kick(self, key: tuple[str, str]) -> None:
+        task = self._readers.get(key)
+        if task is None or task.done():
+            self._readers[key] = asyncio.ensure_future(self._reader(key))
+
+    async def _reader(self, key: tuple[str, str]) -> None:
+        """Read one pool or network until no event is pending for it."""
+        kind, name = key
+        try:
+            while key in self._dirty and self.feed is not None:
+                self._dirty.discard(key)
+                conn, gen = self.src._conn, self.src._gen
+                if conn is None:
+                    return
+                try:
+                    if kind == "pool":
+                        pool = await self.src._call(functools.partial(read_pool, conn, name),
+                                                    what=f"read pool {name}")
+                        if gen == self.src._gen:
+                            self.feed.update_pool(name, pool)
+                    else:
+                        net = await self.src._call(functools.partial(read_network, conn, name),
+                                                   what=f"read network {name}")
+                        if gen == self.src._gen:
+                            self.feed.update_network(name, net)
+                except LibvirtError as exc:
+                    log.warning("libvirt: cannot read %s %s: %s", kind, name, exc.message)
+                    return
+        finally:
+            if self._readers.get(key) is asyncio.current_task():
+                del self._readers[key]
+
+    # ---- usage --------------------------------------------------------------------------
+
+    async def sample(self) -> StatsSample | None:
+        """One sample of every running domain now (and the pools' allocation, which
+        changes without events); None when there is no connection.
+
+        What changes without an event is compared with the last read of each domain:
+        a domain whose vCPU count (current or maximum) or autostart flag differs is
+        read again at once, so the change shows within one interval."""
+        conn, gen = self.src._conn, self.src._gen
+        if conn is None or self.feed is None or not self.src.connected:
+            return None
+        running = dict(self.src.running)
+
+        def work() -> tuple[StatsSample, Any, set[str] | None]:
+            stats = read_stats(conn, running)
+            try:
+                autostart: set[str] | None = read_autostart(conn)
+            except libvirt.libvirtError as exc:
+                log.debug("libvirt: no autostart listing: %s", exc)
+                autostart = None
+            return (StatsSample(time.time(), time.monotonic(), stats), read_pools(conn),
+                    autostart)
+
+        sample, pools, autostart = await self.src._call(work, timeout=self.src.load_timeout,
+                                                        what="read usage statistics")
+        if gen != self.src._gen:
+            return None
+        for uuid in self._stale(sample, autostart):
+            self.src.reread(uuid)
+        self.feed.set_sample(sample)
+        for name, pool in pools.items():
+            self.feed.update_pool(name, pool)
+        return sample
+
+    def _stale(self, sample: StatsSample, autostart: set[str] | None) -> list[str]:
+        """The running domains whose last read disagrees with the sample."""
+        out = []
+        for uuid, dom in self.src.running.items():
+            cfg, st = dom.config, sample.stats.get(uuid)
+            if st is not None and (
+                    (st.vcpus is not None and st.vcpus != cfg.vcpus)
+                    or (st.max_vcpus is not None and cfg.max_vcpus is not None
+                        and st.max_vcpus != cfg.max_vcpus)):
+                out.append(uuid)
+            elif autostart is not None and cfg.autostart is not None \
+                    and (uuid in autostart) != cfg.autostart:
+                out.append(uuid)
+        return out
+
+    async def _sample_loop(self) -> None:
+        while True:
+            started = time.monotonic()
+            try:
+                await self.sample()
+            except LibvirtError as exc:
+                log.warning("libvirt: usage sample failed: %s", exc.message)
+            except Exception:
+                log.exception("libvirt: usage sample failed")
+            await asyncio.sleep(max(0.0, self.interval - (time.monotonic() - started)))
