@@ -19,7 +19,7 @@ from cim_provider.server.listen import parse_listen
 
 pytestmark = pytest.mark.timeout(120)
 
-UNITS = {"SECONDS", "BYTES", "COUNT"}
+UNITS = {"SECONDS", "BYTES", "COUNT", "KIB"}
 
 
 def subparser(name: str) -> argparse.ArgumentParser:

@@ -182,7 +182,9 @@ def test_define_undefine_and_manager_restart(demo, listener):
         [("deleted", GNOME_UUID), ("deleted", KDE_UUID), ("modified", TEST_UUID)])
     test_mod = next(r for r in got if r.uuid == TEST_UUID)
     assert (test_mod.state, test_mod.previous_state) == (ENABLED, ENABLED)
-    assert "no defined configuration" in test_mod.indication["SourceInstance"]["Description"]
+    # issue 12: its definition is libvirt's, not gone ("transient" would be untrue)
+    assert "definition held by libvirt; the Manager is not on the bus" in \
+        test_mod.indication["SourceInstance"]["Description"]
     assert "Description" in test_mod.indication["ChangedPropertyNames"]
 
     # It comes back: the passive systems reappear and "test" has its twin again.

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from importlib import resources
 from typing import Any
 
+from ..domain.domxml import nic_kind
 from ..domain.records import Disk, DomainConfig, Nic
 from ..domain.records import canonical_uuid
 from .bus import Variant, intr
@@ -71,7 +72,10 @@ DOMAIN_KEYS: dict[str, str] = {
     "Priority": "i", "MinMemoryKiB": "t", "Template": "s", "TemplateVariables": "a{sv}",
 }
 DISK_KEYS: dict[str, str] = {"Target": "s", "Source": "s", "Device": "s", "Bus": "s",
-                             "CapacityBytes": "t"}
+                             "CapacityBytes": "t", "Format": "s", "Type": "s"}
+# A disk's Type: what its Source names (a volume's Source is `pool/volume`).
+DISK_TYPES = ("file", "block", "volume")
+_FORMAT = re.compile(r"^[a-z0-9][a-z0-9_.+-]{0,31}$")
 NIC_KEYS: dict[str, str] = {"MAC": "s", "Type": "s", "Source": "s", "Model": "s"}
 # ListTemplates: one dict per template, its Variables one dict each. A variable's
 # Default has the variable's own type (s, x or b) and is absent when it is required.
@@ -229,9 +233,16 @@ def _disk(d: Mapping[str, Any], i: int, plain: bool = False) -> Disk:
     capacity = _value(d, "CapacityBytes", "t", where, plain)
     if capacity is not None and capacity > MAX_CAPACITY_BYTES:
         raise InvalidEntry(f"{where}CapacityBytes {capacity} is more than 16 EiB")
+    fmt = _opt_str(d, "Format", where, plain)
+    if fmt is not None and not _FORMAT.match(fmt):
+        raise InvalidEntry(f"{where}Format {fmt[:40]!r} is not an image format name")
+    kind = _opt_str(d, "Type", where, plain)
+    if kind is not None and kind not in DISK_TYPES:
+        raise InvalidEntry(f"{where}Type {kind[:40]!r} is not one of {', '.join(DISK_TYPES)}")
     return Disk(target=target, source=_opt_str(d, "Source", where, plain),
                 device=_opt_str(d, "Device", where, plain) or "disk",
-                bus=_opt_str(d, "Bus", where, plain), capacity_bytes=capacity)
+                bus=_opt_str(d, "Bus", where, plain), capacity_bytes=capacity,
+                source_type=kind, format=fmt)
 
 
 def _nic(d: Mapping[str, Any], i: int, plain: bool = False) -> Nic:
@@ -239,8 +250,13 @@ def _nic(d: Mapping[str, Any], i: int, plain: bool = False) -> Nic:
     mac = (_value(d, "MAC", "s", where, plain) or "").strip().lower()
     if not _MAC.match(mac):
         raise InvalidEntry(f"{where}MAC {mac!r} is not a MAC address")
-    return Nic(mac=mac, type=_opt_str(d, "Type", where, plain),
-               source=_opt_str(d, "Source", where, plain),
+    kind = _opt_str(d, "Type", where, plain)
+    source = _opt_str(d, "Source", where, plain)
+    if source and kind != "user":
+        # `bridge:br0` (a host bridge), `network:default`, `direct:eth0`; a bare
+        # name is a libvirt network unless Type says otherwise
+        kind, source = nic_kind(kind, source)
+    return Nic(mac=mac, type=kind, source=source,
                model=_opt_str(d, "Model", where, plain))
 
 
@@ -324,8 +340,13 @@ def config_to_values(cfg: DomainConfig) -> dict[str, Any]:
             out[key] = v
     if cfg.disks:
         out["Disks"] = [
-            {k: v for k, v in (("Target", x.target), ("Source", x.source), ("Device", x.device),
-                               ("Bus", x.bus), ("CapacityBytes", x.capacity_bytes))
+            {k: v for k, v in (("Target", x.target),
+                               ("Source", f"{x.pool}/{x.source}" if x.pool and x.source
+                                else x.source),
+                               ("Device", x.device), ("Bus", x.bus),
+                               ("CapacityBytes", x.capacity_bytes), ("Format", x.format),
+                               ("Type", x.source_type if x.source_type in DISK_TYPES
+                                else None))
              if v is not None}
             for x in cfg.disks]
     if cfg.nics:

@@ -76,12 +76,15 @@ def parse_domain_xml(xml: str, autostart: bool | None = None, *,
             source = src.get("file") or src.get("dev") or src.get("volume") or src.get("name")
             pool = src.get("pool")
         blockio = d.find("blockio") if detail else None
+        driver = d.find("driver") if detail else None
         disks.append(Disk(target=dev, source=source,
                           device=d.get("device") or "disk", bus=target.get("bus"),
                           source_type=d.get("type") if detail else None,
                           pool=pool if detail else None,
                           block_size=_int(blockio.get("logical_block_size"))
-                          if blockio is not None else None))
+                          if blockio is not None else None,
+                          format=(driver.get("type") or None) if driver is not None
+                          else None))
     nics = []
     for n in root.findall("devices/interface"):
         mac = n.find("mac")
@@ -152,22 +155,50 @@ def disk_to_xml(d: Disk) -> str:
     src = ""
     if d.source:
         if kind == "volume":
-            pool = f" pool={quoteattr(d.pool)}" if d.pool else ""
-            src = f"<source{pool} volume={quoteattr(d.source)}/>"
+            # a Manager definition names its volume `pool/volume`
+            name, pool_name = d.source, d.pool
+            if not pool_name and "/" in name:
+                pool_name, _, name = name.partition("/")
+            pool = f" pool={quoteattr(pool_name)}" if pool_name else ""
+            src = f"<source{pool} volume={quoteattr(name)}/>"
         else:
             src = f"<source {'dev' if kind == 'block' else 'file'}={quoteattr(d.source)}/>"
     bus = f" bus={quoteattr(d.bus)}" if d.bus else ""
     blockio = f"<blockio logical_block_size='{int(d.block_size)}'/>" if d.block_size else ""
-    return (f"<disk type='{kind}' device={quoteattr(d.device or 'disk')}>{src}"
+    # the image format: never left for the hypervisor to guess (a qcow2 read as raw)
+    driver = f"<driver type={quoteattr(d.format)}/>" if d.format else ""
+    return (f"<disk type='{kind}' device={quoteattr(d.device or 'disk')}>{driver}{src}"
             f"<target dev={quoteattr(d.target)}{bus}/>{blockio}</disk>")
+
+
+NIC_TYPES = ("network", "bridge", "direct", "user")
+
+
+def nic_kind(nic_type: str | None, source: str | None) -> tuple[str, str | None]:
+    """(libvirt interface type, source name) of a NIC: a source spelled `bridge:br0`,
+    `network:default` or `direct:eth0` says its type itself; otherwise the type given,
+    and without one a source names a libvirt network (no source: user networking)."""
+    if source:
+        prefix, sep, rest = source.partition(":")
+        if sep and prefix in NIC_TYPES and prefix != "user" and rest:
+            return prefix, rest
+        if nic_type in NIC_TYPES and nic_type != "user":
+            return nic_type, source
+        return "network", source
+    return "user", None
 
 
 def nic_to_xml(n: Nic) -> str:
     """One <interface> element (domain XML, or a device to attach, detach or update)."""
-    ntype = n.type if n.type in ("network", "bridge", "user") else "user"
+    if n.type == "user":
+        ntype, source = "user", None
+    else:
+        ntype, source = nic_kind(n.type, n.source)
     src = ""
-    if n.source and ntype in ("network", "bridge"):
-        src = f"<source {ntype}={quoteattr(n.source)}/>"
+    if source and ntype in ("network", "bridge"):
+        src = f"<source {ntype}={quoteattr(source)}/>"
+    elif source and ntype == "direct":
+        src = f"<source dev={quoteattr(source)} mode='bridge'/>"
     model = f"<model type={quoteattr(n.model)}/>" if n.model else ""
     link = f"<link state={quoteattr(n.link_state)}/>" if n.link_state else ""
     return (f"<interface type='{ntype}'><mac address={quoteattr(n.mac)}/>"

@@ -43,6 +43,7 @@ class Disk:
     source_type: str | None = None   # file | block | volume | network | dir (libvirt's type=)
     pool: str | None = None          # storage pool of a volume source (<source pool=>)
     block_size: int | None = None    # logical block size (<blockio>), None: 512
+    format: str | None = None        # image format (<driver type=>): raw, qcow2, ...
 
 
 @dataclass(frozen=True, slots=True)

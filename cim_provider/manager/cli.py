@@ -11,12 +11,14 @@ import asyncio
 import contextlib
 import logging
 import signal
+from pathlib import Path
 
 import libvirt
 
 from .. import logsetup
 from .policy import PolicyOptions
-from .store import LibvirtConnection, Store, default_db_path, open_store
+from .store import (LibvirtConnection, Store, default_db_path, libvirt_error_to_log,
+                    open_store)
 
 log = logging.getLogger(__name__)
 # attributes of the parsed options that are not options (cli.py, server/config.py)
@@ -44,8 +46,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="hypervisor that StartDomain uses for SQLite definitions "
                              "(default: $LIBVIRT_DEFAULT_URI, else libvirt's default)")
     stores.add_argument("--poll-interval", type=float, default=1.0, metavar="SECONDS",
-                        help="time between checks for changes made outside the Manager "
+                        help="time between checks for changes made outside the Manager; "
+                             "while libvirt's domain events are followed, libvirt is re-read "
+                             "only every 60 s and this paces the templates directory "
                              "(default: %(default)s)")
+    stores.add_argument("--start-timeout", type=float, default=300.0, metavar="SECONDS",
+                        help="how long StartDomain waits for libvirt to start a domain "
+                             "(after making room); a start that takes longer is not "
+                             "cancelled: it goes on, its outcome is logged, and the caller "
+                             "is told it is still in progress (serve's "
+                             "--manager-start-timeout bounds how long a WBEM client waits "
+                             "for that answer) (default: %(default)s)")
     tpl = parser.add_argument_group("templates")
     tpl.add_argument("--templates", default=None, metavar="DIR",
                      help="directory of domain XML templates, one NAME.xml.j2 each "
@@ -62,7 +73,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                              "start (default: only its own)")
     policy.add_argument("--host-memory-kib", type=int, default=None, metavar="KIB",
                         help="host memory the policy assumes, instead of libvirt's "
-                             "(virNodeGetInfo; for tests, or a host that keeps memory back)")
+                             "(virNodeGetInfo; for tests, or a host that keeps memory back; "
+                             "default: libvirt's figure)")
     policy.add_argument("--pause-budget-kib", type=int, default=None, metavar="KIB",
                         help="memory of paused domains that make-room counts as free (the "
                              "host may page it out) (default: this machine's swap size)")
@@ -75,13 +87,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     farm.add_argument("--lease", type=float, default=30.0, metavar="SECONDS",
                       help="this host's lease, renewed every third of it; when it expires "
                            "other hosts may start its domains (default: %(default)s)")
-
-
-def _libvirt_error(_ctx: object, err: object) -> None:
-    """libvirt prints every error on stderr ("libvirt: XML-RPC error : ...") unless a
-    handler is registered; the stores turn errors into exceptions and log what matters."""
-    message = err[2] if isinstance(err, (tuple, list)) and len(err) > 2 else err
-    log.debug("libvirt: %s", message)
 
 
 def reload(args: argparse.Namespace) -> argparse.Namespace:
@@ -105,7 +110,7 @@ def reload(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def run(args: argparse.Namespace) -> int:
-    libvirt.registerErrorHandler(_libvirt_error, None)
+    libvirt.registerErrorHandler(libvirt_error_to_log, None)
     try:
         return asyncio.run(_serve(args))
     except KeyboardInterrupt:
@@ -113,8 +118,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _libvirt_events() -> None:
-    """libvirt lifecycle events on this loop (a farm Manager releases a placement the
-    moment its domain stops); before any connection is opened, as libvirt requires."""
+    """libvirt's domain events on this loop (the Manager follows libvirt's lifecycle
+    instead of polling it; a farm Manager releases a placement the moment its domain
+    stops); before any connection is opened, as libvirt requires."""
     try:
         import libvirtaio
         libvirtaio.virEventRegisterAsyncIOImpl()
@@ -132,8 +138,7 @@ async def _serve(args: argparse.Namespace) -> int:
     stores: list[Store] = []
     farm = {"host_id": getattr(args, "host_id", None), "host_name": getattr(args, "host_name", None),
             "lease": getattr(args, "lease", 30.0), "poll_interval": args.poll_interval}
-    if any(spec.startswith("postgres") for spec in specs):
-        _libvirt_events()
+    _libvirt_events()
     try:
         policy = PolicyOptions(getattr(args, "overcommit", "refuse"),
                                bool(getattr(args, "overcommit_others", False)),
@@ -141,6 +146,9 @@ async def _serve(args: argparse.Namespace) -> int:
                                getattr(args, "pause_budget_kib", None))
     except ValueError as exc:
         log.error("%s", exc)
+        return 2
+    if getattr(args, "start_timeout", 300.0) <= 0:
+        log.error("--start-timeout must be positive")
         return 2
     templates = None
     if getattr(args, "templates", None):
@@ -157,10 +165,15 @@ async def _serve(args: argparse.Namespace) -> int:
     except (ValueError, OSError) as exc:
         log.error("%s", exc)
         return 2
+    sqlite_dbs = [Path(s[len("sqlite:"):]) for s in specs if s.startswith("sqlite:")]
+    db = sqlite_dbs[0] if sqlite_dbs else default_db_path()
+    state_file = db.with_name(db.name + ".autostart")
     try:
         handle = await serve_manager(args.bus, stores, service_conn,
                                      poll_interval=args.poll_interval, templates=templates,
-                                     policy=policy)
+                                     policy=policy,
+                                     start_timeout=getattr(args, "start_timeout", 300.0),
+                                     state_file=state_file)
     except Exception as exc:
         log.error("cannot serve the Manager on %s: %s", args.bus, exc or type(exc).__name__)
         for store in stores:

@@ -18,9 +18,12 @@ Templated definitions (templates.py) are rendered here, when listed (cached by r
 and template version) and again at StartDomain; the start policy (refuse, or make room
 by shrinking, pausing and managed-saving) is planned in policy.py and carried out here.
 
-The module is longer than most (about 1200 lines) because the snapshot, the journal,
-the paging index, the farm's placements, templated rows and the start policy change
-together under one sync lock, and their invariants are easier to check in one place.
+The module is longer than most (about 1500 lines) because the snapshot, the journal,
+the paging index, the farm's placements, templated rows, the start policy (with starts
+that outlast --start-timeout, and autostart) and the host-wide name and undefine checks
+change together under one sync lock, and their invariants are easier to check in one
+place. What a disk's source is (file, block device, volume; its image format) is
+asked in disks.py.
 
 (No `from __future__ import annotations` here: the D-Bus decorators read the
 annotations, which are D-Bus type strings, not Python types.)
@@ -30,11 +33,14 @@ import bisect
 import collections
 import contextlib
 import functools
+import json
 import logging
+import os
 import time
 import uuid as uuidlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, Optional, Union
 
 import libvirt
@@ -51,11 +57,12 @@ from ..domain.records import DomainConfig
 from ..domain.defaults import DEFAULT_MEMORY_KIB
 from ..domain.domxml import DomainXMLError, config_to_domain_xml, parse_domain_xml
 from ..domain.records import canonical_uuid
+from .disks import DiskError, resolve_disks
 from .policy import (MAKE_ROOM, Action, Done, Plan, PolicyOptions, Refusal, Running,
                      displace, plan_start, undo, with_current_memory)
 from .policy import size_text as _size
 from .store import (LibvirtConnection, LibvirtStore, Store, Stored, StoreError, Templated,
-                    libvirt_type_for, open_store)
+                    libvirt_error_to_log, libvirt_type_for, open_store)
 from .templates import TemplateError, TemplateLibrary, UnknownTemplate, variables_json
 
 log = logging.getLogger(__name__)
@@ -65,6 +72,11 @@ log = logging.getLogger(__name__)
 # reaches further back).
 JOURNAL_MAX = 200_000
 DEFAULT_PAGE = 1000
+# How long StartDomain waits for libvirt (`cim-provider manager --start-timeout`).
+DEFAULT_START_TIMEOUT = 300.0
+# The poll while libvirt's lifecycle events are followed: only for a lost event.
+SAFETY_POLL = 60.0
+BOOT_ID = "/proc/sys/kernel/random/boot_id"
 # More changes than this in one sync are announced with one signal of each kind.
 SIGNAL_BURST = 1000
 
@@ -85,6 +97,12 @@ class Entry:
     host: Optional[str] = None
     elsewhere: bool = False
     template: Optional[Templated] = None        # a templated definition's row
+
+
+def _reason(exc: BaseException) -> str:
+    if isinstance(exc, libvirt.libvirtError):
+        return f"libvirt: {exc.get_error_message() or exc}"
+    return getattr(exc, "message", None) or str(exc) or type(exc).__name__
 
 
 def _needed(cfg: DomainConfig) -> int:
@@ -108,6 +126,8 @@ def _contract_errors(fn: Callable[..., Awaitable[Any]]) -> Callable[..., Awaitab
             raise DBusError(ERROR_NOT_FOUND, str(exc.args[0])) from None
         except Refusal as exc:
             raise DBusError(ERROR_REFUSED, str(exc)) from None
+        except DiskError as exc:
+            raise DBusError(ERROR_FAILED, str(exc)) from None
         except libvirt.libvirtError as exc:
             raise DBusError(ERROR_FAILED, f"libvirt: {exc.get_error_message() or exc}") from None
         except Exception as exc:
@@ -128,12 +148,29 @@ class ManagerService(ServiceInterface):
                  libvirt_conn: Union[libvirt.virConnect, LibvirtConnection, None] = None,
                  *, poll_interval: float = 1.0, call_timeout: float = 30.0,
                  templates: Optional[TemplateLibrary] = None,
-                 policy: Optional[PolicyOptions] = None) -> None:
+                 policy: Optional[PolicyOptions] = None,
+                 start_timeout: float = DEFAULT_START_TIMEOUT,
+                 state_file: Union[str, "os.PathLike[str]", None] = None,
+                 safety_poll: float = SAFETY_POLL) -> None:
         super().__init__(INTERFACE)
+        # Autostart (once per host boot): the boot it was last done for is kept here.
+        self.state_file = Path(state_file) if state_file is not None else None
+        self._autostarter: Optional[asyncio.Task] = None
+        # With libvirt's lifecycle events followed on every libvirt connection, the
+        # poll is only a safety net against a lost event.
+        self.safety_poll = max(safety_poll, poll_interval)
+        self._events_on: dict[int, bool] = {}       # id(virConnect) -> events followed
+        self._event_ids: list[tuple[Any, int]] = []  # (virConnect, callback id)
+
         self.call_timeout = call_timeout
-        # A start may first pause and save other guests (managed save writes their
-        # memory to disk): it gets longer than a list.
-        self.start_timeout = max(call_timeout, 300.0)
+        # StartDomain's libvirt work (`--start-timeout`): a start may first pause and
+        # save other guests (managed save writes their memory to disk), and a guest
+        # with many disks or much memory is slow to create. Past it the start goes on
+        # in the background (`_pending_starts`); the caller is told it is in progress.
+        if start_timeout <= 0:
+            raise ValueError("--start-timeout must be positive")
+        self.start_timeout = float(start_timeout)
+        self._pending_starts: dict[str, asyncio.Future] = {}
         self.templates = templates if templates is not None else TemplateLibrary(None)
         self.policy = policy if policy is not None else PolicyOptions()
         self._hypervisor: Optional[str] = None      # the libvirt domain type, for templates
@@ -167,7 +204,7 @@ class ManagerService(ServiceInterface):
         self._placed_at: dict[str, float] = {}      # monotonic time we (re)claimed a UUID
         self._place_lock = asyncio.Lock()           # policy + placement, one at a time
         self._start_locks: dict[str, asyncio.Lock] = {}   # one start per UUID at a time
-        self._events_conn: Any = None               # the virConnect with our callback
+        self._events_all = False                    # events followed on every connection
         self._warned_twice: set[tuple[str, int]] = set()
         self._change_lock = asyncio.Lock()      # defines, undefines, updates, starts
         self._sync_lock = asyncio.Lock()        # snapshot comparison and signals
@@ -194,47 +231,164 @@ class ManagerService(ServiceInterface):
         await self._sync(emit=False)
         await self._blocking(self._watch_libvirt)
         self._poller = asyncio.create_task(self._poll(), name="manager-service-poll")
+        if self.state_file is not None:
+            self._autostarter = asyncio.create_task(self._autostart(),
+                                                    name="manager-service-autostart")
+
+    async def _autostart(self) -> None:
+        """Start every definition with Autostart true (SQLite and farm stores: libvirt
+        autostarts its own), once per host boot: the boot id is kept in state_file.
+        Each start goes through StartDomain's path (the policy, the farm's placement);
+        a refusal or failure is logged and the others still start."""
+        assert self.state_file is not None
+        try:
+            boot = Path(BOOT_ID).read_text(encoding="ascii").strip()
+        except OSError as exc:
+            log.warning("autostart skipped: cannot read the boot id (%s)", exc)
+            return
+        try:
+            state = json.loads(self.state_file.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            state = {}
+        if not isinstance(state, dict):
+            state = {}
+        if state.get("autostarted_boot") == boot:
+            log.info("autostart: already done for this boot (%s)", boot)
+            return
+        # the farm's entries arrive with its first sync; local ones are in the snapshot
+        wanted = [e for e in self._snapshot.values() if e.config.autostart
+                  and not isinstance(e.store, LibvirtStore) and not e.active
+                  and not e.elsewhere]
+        for e in sorted(wanted, key=lambda e: (-(e.config.priority or 0), e.config.name)):
+            try:
+                await self._start_domain(e.config.uuid)
+                log.info("autostart: started %s (%s)", e.config.name, e.config.uuid)
+            except DBusError as exc:
+                log.warning("autostart: %s (%s) not started: %s", e.config.name,
+                            e.config.uuid, exc.text)
+            except Exception as exc:
+                log.warning("autostart: %s (%s) not started: %s", e.config.name,
+                            e.config.uuid, _reason(exc))
+        state["autostarted_boot"] = boot
+        try:
+            self.state_file.parent.mkdir(parents=True, exist_ok=True)
+            tmp = self.state_file.with_name(self.state_file.name + ".tmp")
+            tmp.write_text(json.dumps(state), encoding="utf-8")
+            os.replace(tmp, self.state_file)
+        except OSError as exc:
+            log.warning("cannot record the autostart of this boot in %s: %s",
+                        self.state_file, exc)
 
     def _want_sync(self) -> None:
         """Something changed (a farm notification, a libvirt lifecycle event): sync now."""
         self._sync_wanted.set()
 
-    def _watch_libvirt(self) -> None:
-        """Follow libvirt's lifecycle events on the service's connection, when this
-        process has an event loop implementation registered (`cim-provider manager`
-        with a farm store registers libvirtaio); otherwise the poll notices stops.
-        Blocking; called again after every poll so a reopened connection is followed."""
-        if self.farm is None:
-            return
-        try:
-            conn = self.libvirt.get()
-        except StoreError:
-            return
-        if conn is self._events_conn:
-            return
-        loop = self._loop
+    def _libvirt_connections(self) -> list[LibvirtConnection]:
+        """The service's libvirt connection and every libvirt store's, once each."""
+        out = [self.libvirt]
+        for store in self.stores:
+            if isinstance(store, LibvirtStore) and all(store.connection is not c for c in out):
+                out.append(store.connection)
+        return out
 
-        def lifecycle(_conn: Any, dom: Any, event: int, _detail: int, _opaque: Any) -> None:
+    def _watch_libvirt(self) -> None:
+        """Follow libvirt's domain events (lifecycle: defined, undefined, started,
+        stopped; metadata: a title) on every libvirt connection, when this process has
+        an event loop implementation registered (`cim-provider manager` registers
+        libvirtaio; in-process, the server's); then the poll is only a safety net
+        (`safety_poll`), otherwise it runs every poll_interval. Blocking; called again
+        after every poll so a reopened connection is followed."""
+        loop = self._loop
+        followed = {}
+        if not self._events_deliverable():
+            self._events_all = False
+            return
+
+        def changed(*_args: Any) -> None:
             loop.call_soon_threadsafe(self._want_sync)
+        for lc in self._libvirt_connections():
+            if not lc.owned and (self.farm is None or lc is not self.libvirt):
+                # a connection handed in (the demo's, shared with the server): its owner
+                # follows its events, and libvirt takes one callback per event and
+                # connection; this one is polled
+                followed[id(lc)] = False
+                continue
+            try:
+                conn = lc.get()
+            except StoreError:
+                followed[id(lc)] = False
+                continue
+            key = id(conn)
+            if key not in self._events_on:
+                try:
+                    self._event_ids.append((conn, conn.domainEventRegisterAny(
+                        None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, changed, None)))
+                    with contextlib.suppress(libvirt.libvirtError, AttributeError):
+                        self._event_ids.append((conn, conn.domainEventRegisterAny(
+                            None, libvirt.VIR_DOMAIN_EVENT_ID_METADATA_CHANGE, changed,
+                            None)))
+                    self._events_on[key] = True
+                    log.info("following libvirt domain events on %s", lc.uri or "the "
+                             "default URI")
+                except libvirt.libvirtError as exc:
+                    self._events_on[key] = False       # do not ask again on this one
+                    log.info("no libvirt domain events on %s (%s); polling every %g s",
+                             lc.uri or "the default URI", exc.get_error_message() or exc,
+                             self.poll_interval)
+            followed[id(lc)] = self._events_on[key]
+        self._events_all = bool(followed) and all(followed.values())
+
+    def _tick(self) -> tuple[set[str], bool]:
+        """Between safety polls (blocking): the templates that changed, and whether a
+        libvirt connection was reopened (its events missed meanwhile: re-read)."""
+        changed = self.templates.refresh()
+        before = set(self._events_on)
+        self._watch_libvirt()
+        return changed, set(self._events_on) != before or not self._events_all
+
+    def _unwatch_libvirt(self) -> None:
+        """Take our event callbacks off libvirt (blocking): none may call a finished loop."""
+        ids, self._event_ids = self._event_ids, []
+        for conn, cb in ids:
+            with contextlib.suppress(libvirt.libvirtError):
+                conn.domainEventDeregisterAny(cb)
+        self._events_on.clear()
+        self._events_all = False
+
+    def _poll_every(self) -> float:
+        """poll_interval, or safety_poll while every libvirt connection has events
+        (SQLite rows only change through this service)."""
+        if self._events_all and self.farm is None:
+            return self.safety_poll
+        return self.poll_interval
+
+    def _events_deliverable(self) -> bool:
+        """libvirt can deliver events here: a libvirtaio implementation runs on our loop
+        (registered on another, finished loop it would take callbacks and never call
+        them)."""
         try:
-            conn.domainEventRegisterAny(None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE,
-                                        lifecycle, None)
-            self._events_conn = conn
-            log.info("following libvirt lifecycle events")
-        except libvirt.libvirtError as exc:
-            self._events_conn = conn       # do not ask again on this connection
-            log.info("no libvirt lifecycle events (%s); noticing stopped domains every %g s",
-                     exc.get_error_message() or exc, self.poll_interval)
+            import libvirtaio
+        except ImportError:
+            return False
+        impl = libvirtaio.getCurrentImpl()
+        return impl is not None and getattr(impl, "loop", None) is self._loop
 
     async def stop(self) -> None:
         """Stop polling. The flag as well as the cancel: asyncio.wait_for (in
         _blocking) may swallow a cancel that arrives as its call completes, and the
         poller must end anyway."""
         self._stopping = True
+        autostarter, self._autostarter = self._autostarter, None
+        if autostarter is not None and not autostarter.done():
+            autostarter.cancel()
+            await asyncio.wait({autostarter})
         poller, self._poller = self._poller, None
         if poller is not None:
             poller.cancel()
             await asyncio.wait({poller})     # never swallows a cancel of our own
+        if self._event_ids:
+            with contextlib.suppress(Exception):
+                await self._blocking(self._unwatch_libvirt)
         if self.farm is not None:
             await self.farm.aclose()
 
@@ -266,17 +420,27 @@ class ManagerService(ServiceInterface):
 
     async def _poll(self) -> None:
         """Notice changes made behind our back (virsh, a guest shutting down), at once
-        when a farm notification or a libvirt event asks for it."""
+        when a farm notification or a libvirt event asks for it. While libvirt's events
+        are followed, libvirt is re-read only every safety_poll; the templates
+        directory is still checked every poll_interval."""
+        last_full = time.monotonic()
         while not self._stopping:
+            wanted = False
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._sync_wanted.wait(), self.poll_interval)
+                wanted = True
             self._sync_wanted.clear()
             if self._stopping:
                 return
             try:
+                if not wanted and time.monotonic() - last_full < self._poll_every():
+                    changed, reconnected = await self._blocking(self._tick)
+                    if not changed and not reconnected:
+                        continue
+                    self._templates_changed |= changed
+                last_full = time.monotonic()
                 await self._sync()
-                if self.farm is not None:
-                    await self._blocking(self._watch_libvirt)
+                await self._blocking(self._watch_libvirt)
                 self._trouble("polling", None)
             except Exception as exc:
                 # Once when it starts failing, once when it works again: not per poll.
@@ -556,6 +720,70 @@ class ManagerService(ServiceInterface):
             raise DBusError(ERROR_NOT_FOUND, f"no definition with UUID {canonical}")
         return entry
 
+    def _probe_disks(self, cfg: DomainConfig) -> DomainConfig:
+        """A definition's disks with the Type, Format and CapacityBytes their sources
+        show now (blocking; what the definition states is kept, a source that cannot
+        be read is left as given)."""
+        if not cfg.disks:
+            return cfg
+        try:
+            conn: Optional[libvirt.virConnect] = self.libvirt.get()
+        except StoreError:
+            conn = None
+        return resolve_disks(conn, cfg)
+
+    async def _check_unique_name(self, cfg: DomainConfig) -> None:
+        """Error.InvalidArgument when another domain on this host uses cfg's name: a
+        definition of any store, or any libvirt domain (a running transient one too)."""
+        self._check_name(cfg)
+        other = await self._blocking(self._libvirt_name_user, cfg)
+        if other is not None:
+            raise DBusError(ERROR_INVALID_ARGUMENT,
+                            f"the name {cfg.name!r} is already used by the libvirt domain "
+                            f"{other}")
+
+    def _libvirt_name_user(self, cfg: DomainConfig) -> Optional[str]:
+        """The UUID of a libvirt domain other than cfg's named cfg.name (blocking)."""
+        for lc in self._libvirt_connections():
+            try:
+                domains = lc.get().listAllDomains()
+            except (StoreError, libvirt.libvirtError):
+                continue                 # libvirt away: the definitions were checked
+            for dom in domains:
+                with contextlib.suppress(libvirt.libvirtError):
+                    if dom.name() == cfg.name and dom.UUIDString() != cfg.uuid:
+                        return f"{dom.UUIDString()}" + (" (running)" if dom.isActive()
+                                                        else "")
+        return None
+
+    def _undefine_blocker(self, entry: Entry) -> Optional[str]:
+        """Why libvirt would lose something if this definition went (blocking): its
+        snapshots, its managed-save image. None: it may go."""
+        cfg = entry.config
+        try:
+            conn = entry.store.connection.get() if isinstance(entry.store, LibvirtStore) \
+                else self.libvirt.get()
+        except StoreError:
+            if isinstance(entry.store, LibvirtStore):
+                raise
+            return None                  # libvirt away: it holds nothing we could lose
+        dom = next((d for d in conn.listAllDomains() if d.UUIDString() == cfg.uuid), None)
+        if dom is None:
+            return None
+        reasons = []
+        snapshots = int(dom.snapshotNum(0))
+        if snapshots:
+            reasons.append(f"libvirt holds {snapshots} snapshot{'s' if snapshots > 1 else ''} "
+                           f"of it (virsh snapshot-list {cfg.name}; delete them first)")
+        if dom.hasManagedSaveImage(0):
+            reasons.append(f"it has a managed-save image, its saved running state (start it, "
+                           f"or discard the state with virsh managedsave-remove {cfg.name}, "
+                           "first)")
+        if not reasons:
+            return None
+        return f"{cfg.name} ({cfg.uuid}) cannot be undefined: " + "; ".join(reasons) + \
+            "; nothing was changed"
+
     def _check_name(self, cfg: DomainConfig) -> None:
         """Names are unique across stores, as libvirt wants them."""
         for other in self._snapshot.values():
@@ -615,8 +843,9 @@ class ManagerService(ServiceInterface):
         templated one rendered again now."""
         row = entry.template
         if row is None:
-            return config_to_domain_xml(entry.config, libvirt_type_for(conn, entry.config)), \
-                entry.config
+            # each disk as what its source is, with its image format (disks.py)
+            cfg = resolve_disks(conn, entry.config, strict=True)
+            return config_to_domain_xml(cfg, libvirt_type_for(conn, cfg)), cfg
         try:
             xml, cfg = self.templates.render(row.template, row.uuid, row.name, row.values(),
                                              self._hypervisor or libvirt_type_for(
@@ -795,6 +1024,10 @@ class ManagerService(ServiceInterface):
     @method()
     @_contract_errors
     async def StartDomain(self, uuid: "s") -> "s":  # type: ignore[name-defined]  # reason: D-Bus signature annotation
+        return await self._start_domain(uuid)
+
+    async def _start_domain(self, uuid: str) -> str:
+        """StartDomain, and autostart: the policy, the farm's placement, the timeout."""
         canonical = canonical_uuid(uuid)
         if self.farm is not None and canonical is not None:
             entry = self._snapshot.get(canonical)
@@ -804,14 +1037,74 @@ class ManagerService(ServiceInterface):
             entry = await self._entry(uuid)
             if _is_farm(entry.store):
                 return await self._start_farm(entry)
+            self._not_pending(entry.config)
             if entry.active:
                 raise DBusError(ERROR_ALREADY_RUNNING,
                                 f"{entry.config.name} ({entry.config.uuid}) is already running")
-            running, actions = await self._blocking(self._start_blocking, entry,
-                                                    timeout=self.start_timeout)
+            def late(exc: Optional[BaseException], result: Any) -> None:
+                if exc is None and result is not None:      # what it displaced, still
+                    self._announce(canonical_uuid(result[0]) or result[0],
+                                   entry.config.name, result[1])
+            running, actions = await self._start_call(entry.config, self._start_blocking,
+                                                      entry, on_late=late)
             await self._sync()
             self._announce(canonical_uuid(running) or running, entry.config.name, actions)
             return canonical_uuid(running) or running
+
+    def _not_pending(self, cfg: DomainConfig) -> None:
+        """Error.Failed while an earlier start of `cfg` is still going on in libvirt."""
+        if cfg.uuid in self._pending_starts:
+            raise DBusError(ERROR_FAILED, f"{cfg.name} ({cfg.uuid}) is still being started "
+                            "(an earlier StartDomain outlasted --start-timeout); it will run "
+                            "when libvirt finishes, or the Manager's log will say why not")
+
+    async def _start_call(self, cfg: DomainConfig, fn: Callable[..., Any], *args: Any,
+                          on_late: Optional[Callable[[Optional[BaseException], Any], None]]
+                          = None) -> Any:
+        """Run the blocking start `fn` for at most start_timeout. Past it the start is
+        not abandoned (libvirt cannot be interrupted, and a start reported failed must
+        not happen anyway): it goes on in the background, its outcome is logged (and
+        given to `on_late`, on the loop), and the caller gets Error.Failed saying the
+        start is still in progress."""
+        loop = asyncio.get_running_loop()
+        future = loop.run_in_executor(None, fn, *args)
+        try:
+            return await asyncio.wait_for(asyncio.shield(future), self.start_timeout)
+        except asyncio.TimeoutError:
+            pass
+        self._pending_starts[cfg.uuid] = future
+        started = time.monotonic() - self.start_timeout
+
+        def finished(fut: "asyncio.Future[Any]") -> None:
+            if self._pending_starts.get(cfg.uuid) is fut:
+                del self._pending_starts[cfg.uuid]
+            exc = None if fut.cancelled() else fut.exception()
+            took = time.monotonic() - started
+            if fut.cancelled():
+                log.error("the late start of %s (%s) was cancelled", cfg.name, cfg.uuid)
+            elif exc is not None:
+                reason = exc.get_error_message() if isinstance(exc, libvirt.libvirtError) \
+                    else str(exc)
+                log.error("starting %s (%s) failed after %.1f s (StartDomain had answered "
+                          "that it was still in progress): %s", cfg.name, cfg.uuid, took,
+                          reason)
+            else:
+                log.info("started %s (%s) after %.1f s (StartDomain had answered that it "
+                         "was still in progress)", cfg.name, cfg.uuid, took)
+            if on_late is not None:
+                try:
+                    on_late(exc, None if exc is not None or fut.cancelled() else fut.result())
+                except Exception:
+                    log.exception("after the late start of %s", cfg.name)
+            self._want_sync()
+        future.add_done_callback(finished)
+        log.warning("starting %s (%s) takes longer than --start-timeout %g s; still "
+                    "waiting for libvirt in the background", cfg.name, cfg.uuid,
+                    self.start_timeout)
+        raise DBusError(ERROR_FAILED, f"starting {cfg.name} ({cfg.uuid}) is still in progress "
+                        f"after {self.start_timeout:g} s (the Manager's --start-timeout); it "
+                        "was not cancelled: the domain runs when libvirt finishes, or the "
+                        "Manager's log says why it did not")
 
     async def _start_farm(self, entry: Entry) -> str:
         """Place the definition on this host (one transaction: exactly one host wins),
@@ -830,6 +1123,7 @@ class ManagerService(ServiceInterface):
     async def _start_farm_locked(self, entry: Entry) -> str:
         farm = self.farm
         cfg = entry.config
+        self._not_pending(cfg)
         if entry.active:
             raise DBusError(ERROR_ALREADY_RUNNING, f"{cfg.name} ({cfg.uuid}) is already "
                             f"running on this host {farm.host_name}")
@@ -862,10 +1156,28 @@ class ManagerService(ServiceInterface):
                 if done:
                     await self._blocking(self._undo, done)
                 raise
+        def late(exc: Optional[BaseException], _result: Any) -> None:
+            # the start answered "in progress": release the placement only if it failed
+            self._starting.discard(cfg.uuid)
+            self._placed_at[cfg.uuid] = time.monotonic()
+            if exc is None:
+                self._started.add(cfg.uuid)
+                self._announce(cfg.uuid, cfg.name, plan.actions)
+                return
+
+            async def release() -> None:
+                with contextlib.suppress(StoreError):
+                    await farm.release(cfg.uuid, token)
+                if done:
+                    with contextlib.suppress(Exception):
+                        await self._blocking(self._undo, done)
+            asyncio.ensure_future(release())
         try:
-            running = await self._blocking(self._create_transient, entry, xml, cfg,
-                                           plan.memory_kib)
+            running = await self._start_call(cfg, self._create_transient, entry, xml, cfg,
+                                             plan.memory_kib, on_late=late)
         except BaseException as exc:
+            if cfg.uuid in self._pending_starts:     # still starting: keep the placement
+                raise
             log.warning("starting %s (%s) failed, releasing its placement: %s", cfg.name,
                         cfg.uuid, exc)
             with contextlib.suppress(StoreError):
@@ -878,7 +1190,8 @@ class ManagerService(ServiceInterface):
             # A sync whose libvirt read began before this moment may not show the new
             # domain: _reconcile leaves the placement alone for such a sync.
             self._placed_at[cfg.uuid] = time.monotonic()
-            self._starting.discard(cfg.uuid)
+            if cfg.uuid not in self._pending_starts:   # else `late` does it
+                self._starting.discard(cfg.uuid)
         log.info("started %s (%s) on %s, placement token %d", cfg.name, cfg.uuid,
                  farm.host_name, token)
         self._started.add(cfg.uuid)
@@ -942,13 +1255,13 @@ class ManagerService(ServiceInterface):
                             "define a templated one with DefineFromTemplate")
         if "UUID" not in props:
             props["UUID"] = Variant("s", str(uuidlib.uuid4()))
-        cfg = config_from_dbus(props)
+        cfg = await self._blocking(self._probe_disks, config_from_dbus(props))
         async with self._change_lock:
             snap = await self._sync()
             if cfg.uuid in snap:
                 raise DBusError(ERROR_INVALID_ARGUMENT, f"UUID {cfg.uuid} is already defined "
                                 f"(as {snap[cfg.uuid].config.name})")
-            self._check_name(cfg)
+            await self._check_unique_name(cfg)
             await self._store_call(self.stores[0], "define", cfg)
             await self._sync()
         log.info("defined %s (%s) in %s", cfg.name, cfg.uuid, self.stores[0].spec)
@@ -959,6 +1272,9 @@ class ManagerService(ServiceInterface):
     async def UndefineDomain(self, uuid: "s"):  # type: ignore[name-defined]  # reason: D-Bus signature annotation
         async with self._change_lock:
             entry = await self._entry(uuid)
+            blocker = await self._blocking(self._undefine_blocker, entry)
+            if blocker is not None:
+                raise DBusError(ERROR_REFUSED, blocker)
             await self._store_call(entry.store, "undefine", entry.config.uuid)
             await self._sync()
         log.info("undefined %s (%s)", entry.config.name, entry.config.uuid)
@@ -988,10 +1304,25 @@ class ManagerService(ServiceInterface):
             merged = config_to_dbus(old)
             merged.update({k: v for k, v in changes.items() if k not in ("UUID", "Active")})
             new = config_from_dbus(merged)
+            if new.disks != old.disks and not isinstance(entry.store, LibvirtStore):
+                new = await self._blocking(self._probe_disks, new)
             if new == old:
                 return
-            self._check_name(new)
-            await self._store_call(entry.store, "update", old, new)
+            await self._check_unique_name(new)
+            renamed = new.name != old.name
+            if renamed and entry.active and isinstance(entry.store, LibvirtStore):
+                # libvirt renames only a stopped domain: the definition takes the new
+                # name when the domain stops (before its next start), like a SQLite one
+                rest = replace(new, name=old.name)
+                if rest != old:
+                    await self._store_call(entry.store, "update", old, rest)
+                await self._store_call(entry.store, "rename_later", old.uuid, new.name)
+            else:
+                await self._store_call(entry.store, "update", old, new)
+            if renamed and entry.active:
+                log.info("renamed %s (%s) to %s: the running domain keeps the name %s; the "
+                         "new name applies from its next start", old.name, old.uuid,
+                         new.name, old.name)
             await self._sync()
 
     # ------------------------------------------------------------ templates
@@ -1039,7 +1370,7 @@ class ManagerService(ServiceInterface):
             if uuid in snap:
                 raise DBusError(ERROR_INVALID_ARGUMENT, f"UUID {uuid} is already defined "
                                 f"(as {snap[uuid].config.name})")
-            self._check_name(cfg)
+            await self._check_unique_name(cfg)
             await self._store_call(self.stores[0], "define_templated", row)
             await self._sync()
         log.info("defined %s (%s) from template %s in %s", row.name, uuid, t.name,
@@ -1094,8 +1425,12 @@ class ManagerService(ServiceInterface):
         if new.max_memory_kib != old.max_memory_kib and cfg.max_memory_kib != new.max_memory_kib:
             raise DBusError(ERROR_NOT_SUPPORTED, f"{row.name} is rendered from template "
                             f"{row.template}: its maximum memory comes from the template")
-        self._check_name(cfg)
+        await self._check_unique_name(cfg)
         await self._store_call(entry.store, "update_templated", new_row)
+        if new_row.name != row.name and entry.active:
+            log.info("renamed %s (%s) to %s: the running domain keeps the name %s; the "
+                     "new name applies from its next start", row.name, row.uuid,
+                     new_row.name, row.name)
         await self._sync()
 
     @signal()
@@ -1167,7 +1502,10 @@ async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Stor
                         libvirt_conn: Union[libvirt.virConnect, LibvirtConnection, None] = None,
                         *, poll_interval: float = 1.0,
                         templates: Optional[TemplateLibrary] = None,
-                        policy: Optional[PolicyOptions] = None) -> ManagerHandle:
+                        policy: Optional[PolicyOptions] = None,
+                        start_timeout: float = DEFAULT_START_TIMEOUT,
+                        state_file: Union[str, "os.PathLike[str]", None] = None
+                        ) -> ManagerHandle:
     """Export the reference Manager on `bus` (system, session, an address, or a
     connected MessageBus) and own org.example.virt. For in-process use (the demo).
 
@@ -1177,6 +1515,8 @@ async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Stor
     opened here (the stores named by spec, their libvirt connections) is closed by
     the handle's stop(), or at once if serving fails.
     """
+    # libvirt's own error printing goes to the log (for stores opened in-process too)
+    libvirt.registerErrorHandler(libvirt_error_to_log, None)
     made: list[LibvirtConnection] = []       # ours to close; a handed-in one is not
     if not isinstance(libvirt_conn, LibvirtConnection):
         libvirt_conn = LibvirtConnection(None, libvirt_conn)
@@ -1187,7 +1527,8 @@ async def serve_manager(bus: Union[str, MessageBus], stores: Sequence[Union[Stor
     opened = [s for s, spec in zip(resolved, specs) if isinstance(spec, str)]
     made += [c for uri, c in connections.items() if uri is not None]
     service = ManagerService(resolved, libvirt_conn, poll_interval=poll_interval,
-                             templates=templates, policy=policy)
+                             templates=templates, policy=policy, start_timeout=start_timeout,
+                             state_file=state_file)
     service.verify_contract()
     own_bus = isinstance(bus, str)
     mb = await connect(bus) if isinstance(bus, str) else bus

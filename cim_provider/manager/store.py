@@ -8,6 +8,10 @@ libvirt on the default executor).
 A templated definition is a row too (`Templated`: UUID, name, template name, the
 variables as JSON, its start policy); nothing rendered is stored. SQLite and the farm
 keep them; libvirt cannot.
+
+The module is a little over 500 lines because it holds both local stores, the SQLite
+one and the libvirt one (with renames deferred in a running domain's metadata), and
+the connection they share.
 """
 from __future__ import annotations
 
@@ -19,7 +23,9 @@ import os
 import sqlite3
 import threading
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+import xml.etree.ElementTree as ET
+from dataclasses import dataclass, replace
+from xml.sax.saxutils import quoteattr
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +36,17 @@ from ..contract import (ERROR_FAILED, ERROR_INVALID_ARGUMENT, ERROR_NOT_FOUND,
                         config_from_values, config_to_values, values_to_dbus)
 from ..domain.records import DomainConfig
 from ..domain.domxml import DomainXMLError, config_to_domain_xml, parse_domain_xml
+from .disks import resolve_disks
 
 log = logging.getLogger(__name__)
+
+
+def libvirt_error_to_log(_ctx: object, err: object) -> None:
+    """libvirt prints every error on stderr ("libvirt: XML-RPC error : ...") unless a
+    handler is registered; the stores turn errors into exceptions and log what matters.
+    Registered by `cim-provider manager` and by serve_manager (in-process use)."""
+    message = err[2] if isinstance(err, (tuple, list)) and len(err) > 2 else err
+    log.debug("libvirt: %s", message)
 
 
 class StoreError(Exception):
@@ -63,6 +78,11 @@ class LibvirtConnection:
         self._conn = conn
         self._owned = conn is None
         self._lock = threading.Lock()
+
+    @property
+    def owned(self) -> bool:
+        """Opened (and closed) here, not handed in by the caller."""
+        return self._owned
 
     def get(self) -> libvirt.virConnect:
         with self._lock:
@@ -326,6 +346,23 @@ class SqliteStore(Store):
             self._db.close()
 
 
+# A rename asked while a libvirt-store domain runs, kept in its definition's metadata.
+RENAME_NS = "http://example.org/cim-provider/manager/rename/1"
+RENAME_PREFIX = "cimp"
+
+
+def _pending_name(xml: str) -> str | None:
+    """The name a rename made while the domain ran is waiting to apply, if any."""
+    if RENAME_NS not in xml:
+        return None
+    try:
+        element = ET.fromstring(xml).find(f"metadata/{{{RENAME_NS}}}rename")
+    except ET.ParseError:
+        return None
+    name = element.get("name") if element is not None else None
+    return name.strip() or None if name else None
+
+
 def libvirt_type_for(conn: libvirt.virConnect, cfg: DomainConfig) -> str:
     """The <domain type=...> to use for `cfg` on this hypervisor."""
     driver = conn.getType().lower()
@@ -358,13 +395,48 @@ class LibvirtStore(Store):
             try:
                 xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
                 cfg = parse_domain_xml(xml, autostart=bool(dom.autostart()))
-                out.append(Stored(cfg, bool(dom.isActive())))
+                active = bool(dom.isActive())
+                pending = _pending_name(xml)
+                if pending and pending != cfg.name:
+                    cfg = self._renamed(dom, cfg, pending, active)
+                out.append(Stored(cfg, active))
             except libvirt.libvirtError as exc:
                 if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:   # gone meanwhile
                     log.warning("%s: cannot read a domain: %s", self.spec, exc)
             except DomainXMLError as exc:
                 log.warning("%s: skipping a domain with unusable XML: %s", self.spec, exc)
         return out
+
+    def rename_later(self, uuid: str, name: str) -> None:
+        """Rename a running domain: libvirt renames only stopped ones, so the new name
+        is kept in its persistent definition's metadata and applied by `list` once the
+        domain has stopped (a Manager restart meanwhile keeps it)."""
+        dom = self.lookup(uuid)
+        try:
+            dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+                            f"<rename name={quoteattr(name)}/>", RENAME_PREFIX, RENAME_NS,
+                            libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+        except libvirt.libvirtError as exc:
+            raise _libvirt_error(f"renaming {uuid}", exc) from None
+
+    def _renamed(self, dom: libvirt.virDomain, cfg: DomainConfig, name: str,
+                 active: bool) -> DomainConfig:
+        """A definition with a rename waiting: its new name; applied in libvirt now
+        when the domain is stopped."""
+        if active:
+            return replace(cfg, name=name)
+        try:
+            dom.rename(name, 0)
+            with contextlib.suppress(libvirt.libvirtError):
+                dom.setMetadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, None, None, RENAME_NS,
+                                libvirt.VIR_DOMAIN_AFFECT_CONFIG)
+            log.info("%s (%s) has stopped: renamed it to %s, as asked while it ran",
+                     cfg.name, cfg.uuid, name)
+            return replace(cfg, name=name)
+        except libvirt.libvirtError as exc:
+            log.error("cannot rename %s (%s) to %s: %s", cfg.name, cfg.uuid, name,
+                      exc.get_error_message() or exc)
+            return cfg
 
     def lookup(self, uuid: str) -> libvirt.virDomain:
         try:
@@ -382,6 +454,7 @@ class LibvirtStore(Store):
         self._no_policy(cfg)
         conn = self.connection.get()
         try:
+            cfg = resolve_disks(conn, cfg)
             dom = conn.defineXML(config_to_domain_xml(cfg, libvirt_type_for(conn, cfg)))
             if cfg.autostart:
                 dom.setAutostart(1)
@@ -469,4 +542,4 @@ def open_store(spec: str, connections: dict[str | None, LibvirtConnection],
 
 __all__ = ["Store", "SqliteStore", "LibvirtStore", "LibvirtConnection", "Stored",
            "StoreError", "Templated", "templated_row", "open_store", "default_db_path",
-           "libvirt_type_for"]
+           "libvirt_type_for", "libvirt_error_to_log"]

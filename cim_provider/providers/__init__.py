@@ -10,6 +10,7 @@ from .backend import INTEROP_NS, VIRT_NS, Backend
 from .computer_system import CapabilitiesProvider, ComputerSystemProvider
 from .devices import DevicesProvider, SystemDeviceProvider
 from .host_system import HostSystemProvider
+from .jobs import JobAssociationsProvider, Jobs, JobsProvider
 from .indication_service import (IndicationServiceProvider, ServiceAssociationsProvider,
                                  ServiceLinks, service_path)
 from .management_service import ManagementServiceProvider
@@ -20,8 +21,12 @@ from .profiles import (ConformsToProfileProvider, ReferencedProfileProvider,
 from .settings import SettingsProvider
 
 
-def virt_providers(backend: Backend) -> list[Provider]:
-    """Every provider of the virtual-system model (root/virt and its interop side)."""
+def virt_providers(backend: Backend, jobs: Jobs | None = None) -> list[Provider]:
+    """Every provider of the virtual-system model (root/virt and its interop side).
+    `jobs`: where long methods become jobs (default: a Jobs with its defaults)."""
+    jobs = jobs if jobs is not None else Jobs()
+    systems = ComputerSystemProvider(backend)
+    systems.jobs = jobs
     settings = SettingsProvider(backend)
     devices = DevicesProvider(backend)
     pools = PoolsProvider(backend)
@@ -42,7 +47,7 @@ def virt_providers(backend: Backend) -> list[Provider]:
                 "DSP1053": [d.path for d in metrics.definitions()],
                 "DSP1054": [service_path(backend.host)]}
 
-    return [ComputerSystemProvider(backend), CapabilitiesProvider(backend), settings,
+    return [systems, CapabilitiesProvider(backend), settings,
             HostSystemProvider(backend), vsms,
             AssociationsProvider(backend, settings, [allocation, links, vsms.templates]),
             devices, SystemDeviceProvider(backend, devices), pools,
@@ -52,4 +57,5 @@ def virt_providers(backend: Backend) -> list[Provider]:
             RegisteredProfileProvider(backend, centrals),
             ReferencedProfileProvider(backend, centrals),
             ConformsToProfileProvider(backend, VIRT_NS, centrals),
-            ConformsToProfileProvider(backend, INTEROP_NS, centrals)]
+            ConformsToProfileProvider(backend, INTEROP_NS, centrals),
+            JobsProvider(backend, jobs), JobAssociationsProvider(backend, jobs)]

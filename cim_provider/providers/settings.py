@@ -99,6 +99,7 @@ def device_settings(base: str, cfg: DomainConfig) -> list[tuple[str, str, dict[s
             "ElementName": f"Disk {d.target}", "ResourceSubType": d.bus,
             "Address": d.target, "AddressOnParent": d.bus,
             "HostResource": [d.source] if d.source else None,
+            "Format": d.format,
             "VirtualQuantity": d.capacity_bytes,
             "AllocationUnits": "byte" if d.capacity_bytes is not None else None,
             "VirtualQuantityUnits": "byte" if d.capacity_bytes is not None else None}))

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import gc
 import logging
 import signal
@@ -18,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 from aiohttp import web
+from pywbem import CIMProperty
 
 from ..indications.service import IndicationService
 from ..indications.subscriptions import (Subscriptions, default_state_dir,
@@ -25,6 +27,7 @@ from ..indications.subscriptions import (Subscriptions, default_state_dir,
 from ..inventory.inventory import Inventory
 from ..providers import Backend, virt_providers
 from ..providers.interop import interop_providers
+from ..providers.jobs import Job, Jobs, JobsProvider
 from . import security
 from .audit import AuditLog, AuditLogError
 from .health_watch import HealthWatcher
@@ -89,6 +92,7 @@ async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
     inv = Inventory()
     lv = LibvirtSource(libvirt_uri, conn=libvirt_conn, call_timeout=call_timeout,
                        on_snapshot=inv.set_running, on_domain=inv.update_running,
+                       on_stop_reasons=inv.set_stop_reasons,
                        feed=inv.resources, metrics_interval=metrics_interval)
     await lv.start()
     mgr = None
@@ -149,7 +153,8 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
                        indication_options: dict | None = None,
                        https: Sequence[tuple[str, int]] = (), ssl_context=None,
                        authenticate=None, max_pull_per_client: int | None = None,
-                       audit_log: str | Path | None = None) -> ServerHandle:
+                       audit_log: str | Path | None = None, sync_wait: float = 2.0,
+                       shutdown_timeout: float = 300.0) -> ServerHandle:
     """Build the repository, registry and dispatcher, and listen on every address.
 
     With `sources`, the virtual-system model is served from their inventory, and its
@@ -157,7 +162,10 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     in memory when None); `indication_options` tune delivery (see indications.delivery).
     `https` listeners use `ssl_context`; `authenticate` is the hook of wbem/auth.py
     (None: no authentication, every client an operator; see security.py for the rules).
-    Every modifying operation is logged on `cim_provider.audit`, and appended to
+    `sync_wait`: how long a state change may take before it answers 4096 with a job;
+    `shutdown_timeout`: how long a job waits for a shutdown, reboot or start to show
+    (providers/jobs.py). Every modifying operation is logged on `cim_provider.audit`,
+    and appended to
     `audit_log` as a JSON line when given (reopened by the handle's `on_reload`).
     When the audit log cannot be opened or a listener cannot start (a port in use, a
     name that does not resolve, ...), everything built is closed again, `sources`
@@ -177,16 +185,20 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     registry = Registry()
     model: list[Provider] = []
     backend = None
+    jobs = Jobs(sync_wait=sync_wait)
     if sources is not None:
         backend = Backend(repo, sources.inventory, host, sources.libvirt, sources.manager)
-        model = virt_providers(backend)
+        model = virt_providers(backend, jobs)
     subs = Subscriptions(repo, host, state_dir)
     subs.load()
     indications = IndicationService(repo, host, subs, **(indication_options or {}))
     if sources is not None:
         from ..providers.computer_system import ComputerSystemProvider
         systems = next(p for p in model if isinstance(p, ComputerSystemProvider))
+        systems.shutdown_timeout = shutdown_timeout
         indications.attach(sources.inventory, systems.instance)
+        job_instances = next(p for p in model if isinstance(p, JobsProvider))
+        jobs.listeners.append(functools.partial(_publish_job, indications, job_instances))
     for prov in interop_providers(repo, host) + subscription_providers(subs) + model \
             + list(providers or ()):
         registry.add(prov)
@@ -235,6 +247,22 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     return handle
 
 
+def _publish_job(indications: IndicationService, provider: JobsProvider, job: Job,
+                 previous: int | None) -> None:
+    """A job's change as a CIM_InstModification (InstCreation when it appears)."""
+    now = provider.instance(job)
+    if previous is None:
+        indications.publish(indications.indication("created", now,
+                                                   classname="CIM_InstCreation"))
+        return
+    old = now.copy()
+    old["JobState"] = CIMProperty("JobState", previous, type="uint16")
+    indications.publish(indications.indication(
+        "modified", now, old, ["JobState", "TimeOfLastStateChange", "ErrorCode",
+                               "ErrorDescription", "PercentComplete", "OperationalStatus",
+                               "JobStatus"], classname="CIM_InstModification"))
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from .. import __version__
     p.add_argument("--version", action="version", version=f"cim-provider {__version__}")
@@ -262,12 +290,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                          help="bus of org.example.virt.Manager; honours "
                               "$DBUS_SYSTEM_BUS_ADDRESS / $DBUS_SESSION_BUS_ADDRESS "
                               "(default: %(default)s)")
+    sources.add_argument("--libvirt-timeout", type=float, default=10.0, metavar="SECONDS",
+                         help="time before a libvirt call fails (an action, a read of one "
+                              "domain; a full read at connect gets at least 60 s); a call "
+                              "that times out is still followed, its domain read again "
+                              "(default: %(default)s)")
     sources.add_argument("--manager-timeout", type=float, default=5.0, metavar="SECONDS",
                          help="time before a Manager call fails (default: %(default)s)")
     sources.add_argument("--manager-start-timeout", type=float, default=60.0,
                          metavar="SECONDS",
                          help="time before a StartDomain call to the Manager fails: it "
-                              "answers once the guest runs (default: %(default)s)")
+                              "answers once the guest runs; this bounds the D-Bus call "
+                              "only, not the guest's start in libvirt (default: "
+                              "%(default)s)")
     sources.add_argument("--manager-list-timeout", type=float, default=60.0,
                          metavar="SECONDS",
                          help="time before a listing call (ListDomains, ListInactiveDomains) "
@@ -277,6 +312,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sources.add_argument("--manager-relist", type=float, default=5.0, metavar="SECONDS",
                          help="time between re-reads of a Manager without signals "
                               "(default: %(default)s)")
+    sources.add_argument("--sync-wait", type=float, default=2.0, metavar="SECONDS",
+                         help="how long RequestStateChange waits for the change to show "
+                              "before it answers 4096 (Job Started) with a VIRT_ConcreteJob "
+                              "to poll (default: %(default)s)")
+    sources.add_argument("--shutdown-timeout", type=float, default=300.0, metavar="SECONDS",
+                         help="how long a shutdown, reboot or start job waits for libvirt to "
+                              "show the guest shut off, rebooted or running before it ends "
+                              "in Exception (default: %(default)s)")
     sources.add_argument("--metrics-interval", type=float, default=10.0, metavar="SECONDS",
                          help="time between usage samples of the running domains (CPU, "
                               "memory, disk and network, one getAllDomainStats call each); "
@@ -309,6 +352,7 @@ async def _serve(args: argparse.Namespace, repo: Repository, t0: float) -> int:
         log.error("not starting: %s", exc)
         return 2
     sources = await start_sources(libvirt_uri=args.libvirt_uri, manager_bus=args.manager_bus,
+                                  call_timeout=args.libvirt_timeout,
                                   manager_timeout=args.manager_timeout,
                                   manager_start_timeout=args.manager_start_timeout,
                                   manager_list_timeout=args.manager_list_timeout,
@@ -355,6 +399,8 @@ async def _start_server(sec: security.Security, args: argparse.Namespace, repo: 
                               ssl_context=sec.ssl_context, authenticate=sec.authenticate,
                               max_pull_per_client=args.max_pull_contexts,
                               audit_log=getattr(args, "audit_log", None),
+                              sync_wait=args.sync_wait,
+                              shutdown_timeout=args.shutdown_timeout,
                               indication_options={"insecure_listeners":
                                                   args.insecure_listeners})
 

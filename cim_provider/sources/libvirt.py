@@ -9,9 +9,10 @@ when such calls hold every thread of the pool, the connection is given up with i
 and a new connection gets a new pool. Opens and closes run in threads of their own, so
 a hung call never holds up a reconnect.
 
-The module is longer than most (about 740 lines) because the connection's life cycle
-(open, register events, load, drop, give up, reconnect) and the per-domain re-reads
-share one generation counter and must be read together; the event adapter
+The module is longer than most (about 800 lines) because the connection's life cycle
+(open, register events, load, drop, give up, reconnect), the per-domain re-reads and
+what the events leave behind (stop reasons, reboot counts) share one generation counter
+and must be read together; the event adapter
 (libvirt_events.py), the blocking calls (libvirt_calls.py) and the thread pools
 (libvirt_threads.py) live apart.
 """
@@ -90,6 +91,7 @@ class LibvirtSource:
         # events; a domain that stays known (persistent, or the Manager's twin) shows
         # it. Every change goes to `on_stop_reasons` as the whole map.
         self.stop_reasons: dict[str, str] = {}
+        self._reboots: dict[str, int] = {}     # reboot events per UUID (jobs wait on them)
         self.on_stop_reasons = on_stop_reasons
         self._connected = False
         self._status_since = time.time()      # when `connected` last changed
@@ -362,6 +364,8 @@ class LibvirtSource:
         conn_uri = conn.getURI()
         keep(conn.domainEventRegisterAny(
             None, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, gen))
+        keep(conn.domainEventRegisterAny(
+            None, libvirt.VIR_DOMAIN_EVENT_ID_REBOOT, self._on_reboot, gen))
         for event_id in _CHANGE_EVENTS:
             try:
                 cb_id = conn.domainEventRegisterAny(None, event_id, self._on_change, gen)
@@ -449,6 +453,12 @@ class LibvirtSource:
             reason = STOPPED_FAILURES.get(detail, "")
         self._post(gen, dom.UUIDString(), event, reason)
 
+    def _on_reboot(self, _conn: Any, dom: libvirt.virDomain, gen: int) -> None:
+        self._post(gen, dom.UUIDString(), None, "reboot")
+
+    def reboots(self, uuid: str) -> int:
+        return self._reboots.get(canonical_uuid(uuid) or uuid, 0)
+
     def _on_change(self, _conn: Any, dom: libvirt.virDomain, *args: Any) -> None:
         """Any of _CHANGE_EVENTS: their payloads differ, the opaque (gen) comes last."""
         self._post(args[-1], dom.UUIDString(), None)
@@ -467,7 +477,11 @@ class LibvirtSource:
             return
         key = canonical_uuid(uuid) or uuid
         log.debug("libvirt: event %s on %s", event, key)
-        if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STARTED):
+        if reason == "reboot":
+            if len(self._reboots) >= MAX_STOP_REASONS and key not in self._reboots:
+                del self._reboots[next(iter(self._reboots))]
+            self._reboots[key] = self._reboots.get(key, 0) + 1
+        elif event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_STARTED):
             self._set_stop_reason(key, reason or None)
         self._dirty.add(key)
         if not self._loading:
