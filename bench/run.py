@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import os
 import random
@@ -90,38 +91,64 @@ def _instancename(cls: str, keys: dict[str, str]) -> str:
 class RawClient:
     """One keep-alive connection speaking just enough HTTP/1.1 to time the server:
     the request is sent in one write and the response read by Content-Length, with
-    no CIM-XML parsing, so client overhead stays in the tens of microseconds."""
+    no CIM-XML parsing, so client overhead stays in the tens of microseconds. The
+    body is received straight into one reused buffer (as the loopback floor's reader
+    receives, without gathering): `call` returns a memoryview of it, valid until the
+    next call. (Gathering with `bytes +=` cost this client ~O(n²/64 KiB) copying:
+    tens of milliseconds per 18 MB response, which the server's figure included.)"""
 
     def __init__(self, port: int):
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        self.buf = b""
+        self._buf = bytearray(1 << 16)
+        self._view = memoryview(self._buf)
+        self._have = 0                 # bytes of the next response already received
 
-    def call(self, method: str, body: bytes) -> bytes:
+    def _grow(self, size: int) -> None:
+        """A larger buffer (a new one: the caller may still hold a view of the old)."""
+        buf = bytearray(max(size, 2 * len(self._buf)))
+        buf[:self._have] = self._view[:self._have]
+        self._buf, self._view = buf, memoryview(buf)
+
+    def _recv(self) -> None:
+        if self._have == len(self._buf):
+            self._grow(self._have + 1)
+        got = self.sock.recv_into(self._view[self._have:])
+        if not got:
+            raise RuntimeError("server closed the connection")
+        self._have += got
+
+    def call(self, method: str, body: bytes) -> memoryview:
         head = (f"POST /cimom HTTP/1.1\r\nHost: 127.0.0.1\r\n"
                 f'Content-Type: application/xml; charset="utf-8"\r\n'
                 f"Content-Length: {len(body)}\r\nCIMOperation: MethodCall\r\n"
                 f"CIMMethod: {method}\r\nCIMObject: {NS}\r\nCIMProtocolVersion: 1.0\r\n\r\n")
         self.sock.sendall(head.encode() + body)
-        while b"\r\n\r\n" not in self.buf:
-            self._recv()
-        header, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        end = -1
+        while end < 0:
+            end = self._buf.find(b"\r\n\r\n", 0, self._have)
+            if end < 0:
+                self._recv()
+        header = bytes(self._view[:end])
         m = re.search(rb"(?i)\r\ncontent-length:\s*(\d+)", header)
         if m is None:
             raise RuntimeError(f"{method}: no Content-Length in {header[:200]!r}")
-        size = int(m.group(1))
-        while len(self.buf) < size:
+        start = end + 4
+        total = start + int(m.group(1))
+        if total > len(self._buf):
+            self._grow(total)
+        while self._have < total:
             self._recv()
-        data, self.buf = self.buf[:size], self.buf[size:]
-        if not header.startswith(b"HTTP/1.1 200") or b"<ERROR" in data[:2000]:
-            raise RuntimeError(f"{method}: {header[:40]!r} {data[:300]!r}")
+        data = self._view[start:total]
+        extra = self._have - total                    # never expected: one call at a time
+        if extra:
+            rest = bytes(self._view[total:self._have])
+            self._grow(len(self._buf))
+            self._view[:extra] = rest
+        self._have = extra
+        if not header.startswith(b"HTTP/1.1 200") or b"<ERROR" in bytes(data[:2000]):
+            raise RuntimeError(f"{method}: {header[:40]!r} {bytes(data[:300])!r}")
         return data
-
-    def _recv(self) -> None:
-        chunk = self.sock.recv(1 << 20)
-        if not chunk:
-            raise RuntimeError("server closed the connection")
-        self.buf += chunk
 
 
 def pull_all(cli: RawClient) -> int:
@@ -130,7 +157,10 @@ def pull_all(cli: RawClient) -> int:
     data = cli.call("OpenEnumerateInstances", body)
     total = len(data)
     while True:
-        m = re.search(rb'NAME="EnumerationContext"[^>]*><VALUE>([^<]+)</VALUE>', data)
+        # The output parameters close the response: look there, not through the
+        # whole ~2 MB (scanning it cost this client ~2 ms per response).
+        m = re.search(rb'NAME="EnumerationContext"[^>]*><VALUE>([^<]+)</VALUE>',
+                      bytes(data[-4096:]))
         if m is None:
             return total
         ctx = m.group(1).decode()
@@ -424,6 +454,7 @@ def stall_server(libvirt_uri: str, manager_bus: str) -> None:
         loop = asyncio.get_running_loop()
         sources = await start_sources(libvirt_uri=libvirt_uri, manager_bus=manager_bus)
         handle = await start_server([("127.0.0.1", 0)], sources=sources)
+        gc.freeze()                    # as `serve` does once started (server/main.py)
         worst = [0.0]
 
         async def probe() -> None:
@@ -549,6 +580,8 @@ def measure(n: int, workdir: Path) -> dict:
         out["floor_libvirt_s"] = libvirt_floor(setup.conn)
         out["floor_manager_s"] = manager_floor(setup.bus.address)
         out["floor_loopback_EnumerateInstances_s"] = loopback_floor(sizes["EnumerateInstances"])
+        for label in ("EnumerateInstanceNames", "Pull(1000)"):      # issue 16: each its floor
+            out[f"floor_loopback_{label}_s"] = loopback_floor(sizes[label])
         out["floor_EnumerateInstances_s"] = (out["floor_libvirt_s"] + out["floor_manager_s"]
                                              + out["floor_loopback_EnumerateInstances_s"])
         peer = mock_peer(setup)
@@ -603,10 +636,31 @@ def report(results: list[dict]) -> str:
         a, b = results[0], results[-1]
         lines.append(f"GetInstance p50 at N={b['n']} vs N={a['n']}: "
                      f"{b['getinstance_p50_s'] / a['getinstance_p50_s']:.2f}x")
+    lines += issue16_lines(results)
     return "\n".join(lines)
 
 
-def plot(results: list[dict], path: Path) -> None:
+def issue16_lines(results: list[dict]) -> list[str]:
+    """Issue 16's ratios: server time over the same bytes over loopback, GetInstance
+    against pywbem_mock and its own p50, RSS per domain over the empty server."""
+    lines = ["", "server time / the same bytes over loopback (raw HTTP, keep-alive, median of "
+             f"{RUNS}); GetInstance p50 / pywbem_mock's, p99 / p50; RSS above the empty server:"]
+    for r in results:
+        parts = []
+        for label in ("EnumerateInstances", "EnumerateInstanceNames", "Pull(1000)"):
+            floor = r.get(f"floor_loopback_{label}_s")
+            if floor:
+                parts.append(f"{label} {r[f'server_{label}_s'] / floor:.2f}x")
+        parts.append(f"GetInstance {r['getinstance_p50_s'] / r['mock_getinstance_p50_s']:.2f}x "
+                     f"mock, p99 {r['getinstance_p99_s'] / r['getinstance_p50_s']:.2f}x p50")
+        if r.get("baseline_rss_mib") is not None and r["n"]:
+            parts.append(f"RSS {(r['rss_mib'] - r['baseline_rss_mib']) * 1024 / r['n']:.1f} "
+                         "KiB/domain")
+        lines.append(f"N={r['n']}: " + ", ".join(parts))
+    return lines
+
+
+def plot(results: list[dict], path: Path, inproc: dict | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -624,6 +678,18 @@ def plot(results: list[dict], path: Path) -> None:
             label="cim-provider GetInstance p50 (HTTP)")
     ax.plot(ns, [r["mock_getinstance_p50_s"] * 1e3 for r in results], "^--",
             label="pywbem_mock GetInstance (in-process)")
+    ax.plot(ns, [r["floor_loopback_EnumerateInstances_s"] * 1e3 for r in results], "s:",
+            label="floor: EnumerateInstances' bytes over loopback")
+    if all("floor_loopback_EnumerateInstanceNames_s" in r for r in results):
+        ax.plot(ns, [r["server_EnumerateInstanceNames_s"] * 1e3 for r in results], "o-",
+                label="cim-provider EnumerateInstanceNames (server, raw HTTP)")
+        ax.plot(ns, [r["floor_loopback_EnumerateInstanceNames_s"] * 1e3 for r in results], "s:",
+                label="floor: EnumerateInstanceNames' bytes over loopback")
+    if inproc is not None:
+        ax.plot([inproc["n"]], [inproc["server_EnumerateInstances_s"] * 1e3], "D",
+                label="in-process test driver: EnumerateInstances")
+        ax.plot([inproc["n"]], [inproc["getinstance_p50_s"] * 1e3], "D",
+                label="in-process test driver: GetInstance p50")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("domains (N)")
@@ -637,6 +703,11 @@ def plot(results: list[dict], path: Path) -> None:
 
 def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n", type=int, action="append", help="N values (default 100 1000 10000)")
+    ap.add_argument("--skip-farm", action="store_true",
+                    help="leave out the farm benchmark (bench/farm.py: PostgreSQL, 100,000)")
+    ap.add_argument("--skip-inprocess", action="store_true",
+                    help="leave out the in-process test-driver configuration and the empty "
+                         "server's RSS (bench/inprocess.py)")
 
 
 def writer_vs_tocimxml(count: int = 10_000) -> dict[str, float]:
@@ -666,6 +737,15 @@ def writer_vs_tocimxml(count: int = 10_000) -> dict[str, float]:
             "ours_bytes": len(ours), "tocimxml_bytes": len(theirs)}
 
 
+def devices_and_metrics(n: int = 10_000) -> dict:
+    """EnumerateInstances of VIRT_LogicalDisk and VIRT_BaseMetricValue next to
+    VIRT_ComputerSystem at `n` running domains (bench/devices.py); prints its figures."""
+    from bench.devices import measure_devices_and_metrics, report as devices_report
+    figures = measure_devices_and_metrics(n, _envelope, _classname, median_time)
+    print("\n" + devices_report(figures), flush=True)
+    return figures
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="bench")
     add_arguments(ap)
@@ -675,13 +755,24 @@ def main(argv: list[str] | None = None) -> int:
 def run(args: argparse.Namespace) -> int:
     ns = args.n or [100, 1000, 10000]
     results = []
+    inproc = None
     with tempfile.TemporaryDirectory(prefix="cim-bench-") as tmp:
         for n in ns:
             results.append(measure(n, Path(tmp)))
             print(report(results[-1:]).splitlines()[1], flush=True)
+        if not args.skip_inprocess:
+            from bench import inprocess
+            base = inprocess.baseline_rss(Path(tmp))
+            for r in results:
+                r["baseline_rss_mib"] = base
+            inproc = inprocess.measure_inprocess(max(ns), Path(tmp))
     text = report(results)
     print()
     print(text)
+    if inproc is not None:
+        from bench.inprocess import report as inprocess_report
+        print("\n" + inprocess_report(inproc), flush=True)
+    devices_and_metrics(max(ns))
     wr = writer_vs_tocimxml()
     print(f"\nCIM-XML for {wr['count']} instances of 15 properties: our writer "
           f"{wr['ours_s'] * 1e3:.0f} ms ({wr['ours_s'] / wr['count'] * 1e6:.1f} µs each), "
@@ -689,10 +780,15 @@ def run(args: argparse.Namespace) -> int:
           f"({wr['tocimxml_s'] / wr['count'] * 1e6:.1f} µs each): "
           f"{wr['tocimxml_s'] / wr['ours_s']:.1f}x")
     out_dir = ROOT / "bench"
-    (out_dir / "results.json").write_text(json.dumps({"runs": results, "writer": wr}, indent=2))
+    (out_dir / "results.json").write_text(json.dumps({"runs": results, "writer": wr,
+                                                      "inprocess": inproc}, indent=2))
     try:
-        plot(results, out_dir / "latency.png")
+        plot(results, out_dir / "latency.png", inproc)
         print(f"\nwrote {out_dir / 'results.json'} and {out_dir / 'latency.png'}")
     except ImportError:
         print(f"\nwrote {out_dir / 'results.json'} (matplotlib missing: no plot)")
+    if not args.skip_farm:
+        from bench.farm import farm_bench
+        print("\nfarm (PostgreSQL, two hosts, 100,000 definitions):", flush=True)
+        farm_bench(out_dir)
     return 0

@@ -482,3 +482,96 @@ def test_null_elements_in_non_string_arrays():
 def test_null_output_parameter_left_out():
     assert w.paramvalue_xml("Job", None, "reference") == ""
     assert w.returnvalue_xml(None, "uint32") == ""
+
+
+# --- the fast paths of wbem/render.py (issue 16) ----------------------------------------
+# An Instance built from values is written from the values (instance_xml_of), its name
+# from the path's key values (instancename_of), and a PropertyList view cut out of the
+# written bytes (cut_body): each is read back here like every case above.
+
+def _fast_class():
+    """A class with one scalar and one array property per CIM type of SCALARS."""
+    from pywbem import CIMClass
+    from pywbem._cim_types import cimtype
+    props = [CIMProperty("Id", None, type="string", class_origin="VIRT_Fast",
+                         qualifiers=[Q("Key", True, "boolean", overridable=False)])]
+    for i, (_desc, value) in enumerate(SCALARS):
+        t = cimtype(value)
+        props.append(CIMProperty(f"S{i}", None, type=t, class_origin="VIRT_Fast"))
+        props.append(CIMProperty(f"A{i}", None, type=t, is_array=True, class_origin="VIRT_Fast"))
+    props.append(CIMProperty("R", None, type="reference", reference_class="CIM_System",
+                             class_origin="VIRT_Fast"))
+    props.append(CIMProperty("E", None, type="string", embedded_object="instance",
+                             class_origin="VIRT_Fast"))
+    return CIMClass("VIRT_Fast", properties=props)
+
+
+FAST_CLASS = _fast_class()
+
+
+def _fast_values(k: int) -> dict:
+    values: dict = {"Id": f"id {k} {NASTY}"}
+    for i, (_desc, value) in enumerate(SCALARS):
+        if isinstance(value, float) and math.isnan(value):
+            continue
+        values[f"S{i}"] = value
+        values[f"A{i}"] = [value, None, value] if k % 2 else [value]
+    # plain Python values, as providers pass them (typed by the class when written)
+    values.update({"S0": 7 + k, "A2": [k, 65535], "S22": bool(k % 2)})
+    values["R"], values["E"] = LOCAL_REF, EMBEDDED
+    return values
+
+
+def _eager(cls, values: dict, path) -> CIMInstance:
+    props = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        d = cls.properties[name]
+        props.append(CIMProperty(d.name, value, type=d.type, reference_class=d.reference_class,
+                                 embedded_object=d.embedded_object, is_array=d.is_array,
+                                 propagated=False))
+    return CIMInstance(cls.classname, properties=props, path=path)
+
+
+@pytest.mark.parametrize("k", range(4))
+def test_instance_written_from_values(k):
+    from cim_provider.wbem import render
+    from cim_provider.wbem.instance import build_instance
+    values = _fast_values(k)
+    path = CIMInstanceName("VIRT_Fast", {"Id": values["Id"]}, namespace="root/virt")
+    inst = build_instance(FAST_CLASS, values, path)
+    for _round in range(2):                     # the second through the value memo
+        xml = render.body_of(build_instance(FAST_CLASS, values, path)).decode("utf-8")
+        assert xml == w.instance_xml(_eager(FAST_CLASS, values, path))
+        assert "/>" not in xml
+        if k % 2:       # NULL array elements: pywbem 1.9 cannot read them in non-string
+            continue    # arrays (see test_null_elements_in_non_string_arrays)
+        for parser_name, tt in tupletrees(xml):
+            parsed = TupleParser().parse_any(tt)
+            assert parsed == expected(_eager(FAST_CLASS, values, None), "INSTANCE"), parser_name
+    name = render.name_of(inst).decode("utf-8")
+    assert name == w.instancename_xml(path)
+    for _parser_name, tt in tupletrees(name):
+        parsed = TupleParser().parse_any(tt)
+        assert parsed.keybindings == path.keybindings and parsed.classname == "VIRT_Fast"
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_property_list_cut_from_written_bytes(seed):
+    import random
+    from cim_provider.wbem import render
+    from cim_provider.wbem.instance import build_instance
+    values = _fast_values(0)
+    path = CIMInstanceName("VIRT_Fast", {"Id": values["Id"]}, namespace="root/virt")
+    inst = build_instance(FAST_CLASS, values, path)
+    names = list(inst.properties)
+    keep = random.Random(seed).sample(names, seed * 7 % len(names))
+    allowed = {n.lower() for n in keep}
+    xml = render.cut_body(render.body_of(inst), allowed).decode("utf-8")
+    assert "/>" not in xml
+    for parser_name, tt in tupletrees(xml):
+        parsed = TupleParser().parse_any(tt)
+        want = _eager(FAST_CLASS, {k: v for k, v in values.items() if k.lower() in allowed},
+                      None)
+        assert parsed == expected(want, "INSTANCE"), parser_name

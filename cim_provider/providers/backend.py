@@ -51,6 +51,10 @@ class Backend:
                                                   repr=False)
     _tickets: Iterator[int] = field(default_factory=lambda: itertools.count(1),
                                     init=False, repr=False)
+    # Bumped on every change of `requested_state`: caches of whole enumerations that
+    # show it stay valid while it and the inventory's records are unchanged.
+    requested_generation: int = field(default=0, init=False)
+    _host_path: CIMInstanceName | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self) -> None:
         # A system that vanished takes its RequestedState with it: one that appears
@@ -69,6 +73,7 @@ class Backend:
         ticket = next(self._tickets)
         self._requests.setdefault(uuid, {})[ticket] = value
         self.requested_state[uuid] = value
+        self.requested_generation += 1
         return ticket
 
     def end_request(self, uuid: str, ticket: int, succeeded: bool) -> None:
@@ -96,12 +101,14 @@ class Backend:
             self.requested_state[uuid] = max(shown)[1]
         else:
             self.requested_state.pop(uuid, None)
+        self.requested_generation += 1
 
     def forget_requests(self, uuid: str) -> None:
         """`uuid` is gone: its RequestedState and its requests in progress with it."""
         self.requested_state.pop(uuid, None)
         self._requests.pop(uuid, None)
         self._succeeded.pop(uuid, None)
+        self.requested_generation += 1
 
     @property
     def ns(self) -> Namespace:
@@ -111,8 +118,15 @@ class Backend:
         return self.repo.namespace(namespace).get(name)
 
     def host_path(self) -> CIMInstanceName:
-        return CIMInstanceName(HOST_CLASS, {"CreationClassName": HOST_CLASS, "Name": self.host},
-                               namespace=VIRT_NS)
+        """The host's path: one object, shared by every instance that refers to the
+        host (10,000 HostedDependency instances need not hold 10,000 copies); paths
+        are never changed once handed out (wbem/provider.py)."""
+        path = self._host_path
+        if path is None:
+            path = self._host_path = CIMInstanceName(
+                HOST_CLASS, {"CreationClassName": HOST_CLASS, "Name": self.host},
+                namespace=VIRT_NS)
+        return path
 
     def vsms_path(self) -> CIMInstanceName:
         return CIMInstanceName(VSMS_CLASS, {
@@ -188,16 +202,28 @@ class RecordCache:
     """
 
     def __init__(self) -> None:
-        self._data: dict[str, dict[str, tuple[Any, Any]]] = {}
+        # uuid -> (what, stamp, value) while one thing is cached for the uuid (the
+        # common case: no dict per record), else what -> (stamp, value)
+        self._data: dict[str, Any] = {}
 
     def get(self, key: tuple[str, str], stamp: Any, build: Callable[[], Any]) -> Any:
         uuid, what = key
         per = self._data.get(uuid)
-        hit = per.get(what) if per is not None else None
-        if hit is not None and hit[0] == stamp:
-            return hit[1]
+        if per is not None:
+            if type(per) is tuple:
+                if per[0] == what and per[1] == stamp:
+                    return per[2]
+            else:
+                hit = per.get(what)
+                if hit is not None and hit[0] == stamp:
+                    return hit[1]
         value = build()
-        self._data.setdefault(uuid, {})[what] = (stamp, value)
+        if per is None or (type(per) is tuple and per[0] == what):
+            self._data[uuid] = (what, stamp, value)
+        elif type(per) is tuple:
+            self._data[uuid] = {per[0]: (per[1], per[2]), what: (stamp, value)}
+        else:
+            per[what] = (stamp, value)
         return value
 
     def drop(self, uuid: str) -> None:

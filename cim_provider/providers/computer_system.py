@@ -14,9 +14,11 @@ import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
 from ..domain.records import DomainRecord, Kind, RunState
-from ..domain.sources import SourceError
-from ..wbem.provider import Provider
+from ..domain.sources import SourceError, Timeout
+from ..wbem.instance import split_values
+from ..wbem.provider import Instance, Provider
 from .backend import CS_CLASS, VIRT_NS, Backend, make
+from .jobs import RC_JOB_STARTED, Jobs, follow_state, job_path
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,9 @@ _STATE_MAP: dict[RunState, tuple[int, list[int], int]] = {
     RunState.NOSTATE: (ENABLED, [2], 5),
 }
 _PASSIVE = (DISABLED, [2], 5)
+# Not running, and libvirt stopped it on a failure (DomainRecord.stop_reason).
+_CRASHED = (DISABLED, [6], 20)
+_PERSISTENT_TEXT = "running, definition held by libvirt; the Manager is not on the bus"
 
 _KIND_TEXT = {Kind.RUNNING_ONLY: "running, no defined configuration (transient)",
               Kind.PASSIVE_ONLY: "defined, not running",
@@ -50,6 +55,9 @@ def _nonzero_interval(value: Any) -> bool:
     return not (getattr(value, "is_interval", False) and not value.timedelta)
 
 
+_CS_KEYS = ("CreationClassName", "Name")
+
+
 def system_path(uuid: str) -> CIMInstanceName:
     return CIMInstanceName(CS_CLASS, {"CreationClassName": CS_CLASS, "Name": uuid},
                            namespace=VIRT_NS)
@@ -57,7 +65,7 @@ def system_path(uuid: str) -> CIMInstanceName:
 
 def state_of(rec: DomainRecord) -> tuple[int, list[int], int]:
     if rec.running is None:
-        return _PASSIVE
+        return _CRASHED if rec.stop_reason else _PASSIVE
     return _STATE_MAP.get(rec.running.state, _STATE_MAP[RunState.RUNNING])
 
 
@@ -77,11 +85,14 @@ def system_values(rec: DomainRecord, requested: int) -> dict[str, Any]:
     cfg = rec.current
     enabled, opstatus, health = state_of(rec)
     autostart = rec.defined.autostart if rec.defined is not None else cfg.autostart
+    kind = _KIND_TEXT[rec.kind]
+    if rec.kind is Kind.RUNNING_ONLY and rec.running is not None and rec.running.persistent:
+        kind = _PERSISTENT_TEXT
     return {
         "CreationClassName": CS_CLASS, "Name": rec.uuid,
         "ElementName": rec.name,
         "Caption": cfg.title or rec.name,
-        "Description": f"Virtual system {rec.name}: {_KIND_TEXT[rec.kind]}",
+        "Description": f"Virtual system {rec.name}: {kind}",
         "NameFormat": "Other",
         "OtherIdentifyingInfo": [rec.uuid], "IdentifyingDescriptions": ["UUID"],
         "Dedicated": [0],
@@ -89,7 +100,51 @@ def system_values(rec: DomainRecord, requested: int) -> dict[str, Any]:
         "EnabledDefault": 7 if autostart is None else (ENABLED if autostart else DISABLED),
         "OperationalStatus": opstatus, "HealthState": health,
         "PrimaryStatus": 1 if health == 5 else 3,
+        "StatusDescriptions": [rec.stop_reason] if rec.stop_reason and rec.running is None
+        else None,
     }
+
+
+class SystemInstance(Instance):
+    """A VIRT_ComputerSystem that keeps only its record, the RequestedState it shows
+    and its class: properties and path are made from them when read, and the
+    dispatcher keeps its rendered CIM-XML (wbem/instance.py). ~150 bytes beside the
+    XML, where the pywbem objects took ~6 KB."""
+    __slots__ = ("rec", "req", "cls")
+    rec: DomainRecord | None         # None once written through (an ordinary instance)
+
+    def __init__(self, rec: DomainRecord, req: int, cls: Any):
+        self._blank(CS_CLASS)
+        self.rec, self.req, self.cls = rec, req, cls
+
+    def _is_lazy(self) -> bool:
+        return self.rec is not None
+
+    def shaped(self) -> Any:
+        if self.rec is None:
+            return None
+        return split_values(self.cls, system_values(self.rec, self.req))
+
+    def _lazy_properties(self) -> Any:
+        shaped = self.shaped()
+        return None if shaped is None else shaped[0].properties(shaped[1])
+
+    def _lazy_path(self) -> CIMInstanceName | None:
+        return None if self.rec is None else system_path(self.rec.uuid)
+
+    def path_namespace(self) -> str | None:
+        return VIRT_NS if self.rec is not None else super().path_namespace()
+
+    def path_parts(self) -> Any:
+        if self.rec is None:
+            return None
+        return CS_CLASS, _CS_KEYS, (CS_CLASS, self.rec.uuid), VIRT_NS
+
+    def _stop_lazy(self) -> None:
+        self.rec = None
+
+    def built_from(self) -> Any:
+        return self.cls if self.rec is not None else None
 
 
 class ComputerSystemProvider(Provider):
@@ -98,18 +153,38 @@ class ComputerSystemProvider(Provider):
 
     def __init__(self, backend: Backend):
         self.b = backend
-        self._cache = backend.new_cache()
+        # Long requests become jobs (providers/jobs.py) when set; a shutdown, reboot
+        # or start not seen within `shutdown_timeout` seconds fails.
+        self.jobs: Jobs | None = None
+        self.shutdown_timeout = 300.0
+        self._by_uuid: dict[str, SystemInstance] = {}
+        # The last enumeration: (records tuple, RequestedState generation, instances).
+        # The same tuple while neither changed, so the dispatcher reuses its rendering.
+        self._all: tuple[Any, int, tuple[SystemInstance, ...]] | None = None
+
+        def forget(change) -> None:
+            if change.kind == "deleted":
+                self._by_uuid.pop(change.uuid, None)
+        backend.inventory.subscribe(forget)
 
     def instance(self, rec: DomainRecord) -> CIMInstance:
+        """The system of a record: the same object while the record (and the
+        RequestedState shown) is unchanged."""
         req = self.b.requested_state.get(rec.uuid, 12)
-        return self._cache.get((rec.uuid, "cs"), (rec.version, req), lambda: make(
-            self.b, CS_CLASS, system_values(rec, req), system_path(rec.uuid)))
+        inst = self._by_uuid.get(rec.uuid)
+        if inst is None or inst.rec is not rec or inst.req != req:
+            inst = self._by_uuid[rec.uuid] = SystemInstance(rec, req, self.b.cls(CS_CLASS))
+        return inst
 
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
-        return [self.instance(r) for r in self.b.inventory.records()]
-
-    async def enumerate_instance_names(self, classname: str) -> Iterable[CIMInstanceName]:
-        return [self.instance(r).path for r in self.b.inventory.records()]
+        records = self.b.inventory.records()
+        gen = self.b.requested_generation
+        last = self._all
+        if last is not None and last[0] is records and last[1] == gen:
+            return last[2]
+        out = tuple(self.instance(r) for r in records)
+        self._all = (records, gen, out)
+        return out
 
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
         return self.instance(self.b.record_for(path))
@@ -117,11 +192,15 @@ class ComputerSystemProvider(Provider):
     async def invoke_method(self, target, method: str, params: Mapping[str, Any]):
         if method != "RequestStateChange" or not isinstance(target, CIMInstanceName):
             return await super().invoke_method(target, method, params)
-        return await self.request_state_change(target, params), {}
+        return await self._request_state_change(target, params)
 
     async def request_state_change(self, target: CIMInstanceName,
                                    params: Mapping[str, Any]) -> int:
-        """docs/architecture.md, "RequestStateChange" table."""
+        return (await self._request_state_change(target, params))[0]
+
+    async def _request_state_change(self, target: CIMInstanceName,
+                                    params: Mapping[str, Any]) -> tuple[int, dict[str, Any]]:
+        """docs/architecture.md, "RequestStateChange" table and "Jobs"."""
         requested = params.get("RequestedState")
         # CIM_EnabledLogicalElement.RequestStateChange: ValueMap 2,3,4,6,7,8,9,10,11 and
         # the vendor range 32768..65535; anything else (or nothing) is not a valid value.
@@ -132,36 +211,62 @@ class ComputerSystemProvider(Provider):
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                            f"RequestedState {requested} is not a value of its ValueMap")
         if requested in (6, 7, 8) or requested >= 32768:
-            return RC_NOT_SUPPORTED
+            return RC_NOT_SUPPORTED, {}
         # CIM_EnabledLogicalElement.RequestStateChange, TimeoutPeriod: "If this property
         # does not contain 0 or null and the implementation does not support this
         # parameter, a return code of 'Use Of Timeout Parameter Not Supported' shall be
         # returned." Every action already runs under the server's own timeout.
         timeout = params.get("TimeoutPeriod")
         if timeout is not None and _nonzero_interval(timeout):
-            return RC_TIMEOUT_NOT_SUPPORTED
+            return RC_TIMEOUT_NOT_SUPPORTED, {}
         rec = self.b.record_for(target)
         if requested not in states_supported(rec):
-            return RC_INVALID_TRANSITION
+            return RC_INVALID_TRANSITION, {}
         uuid = rec.uuid
         # Shown before acting, so the inventory change the action causes (and the
         # lifecycle indication built from it) already carries the new RequestedState;
         # withdrawn if the action fails, without touching what a request on the same
         # system that overlaps this one has recorded (Backend.end_request).
+        if rec.running is None:
+            self.b.require_manager()
+        else:
+            self.b.require_libvirt()
         ticket = self.b.begin_request(uuid, requested)
+        jobs = self.jobs
+        work = self._change(rec, requested, ticket)
+        if jobs is None:
+            await work
+            return RC_OK, {}
+        job = await jobs.run("RequestStateChange", uuid,
+                             f"RequestStateChange({requested}) of {rec.name}", work)
+        if job is None:
+            return RC_OK, {}
+        return RC_JOB_STARTED, {"Job": job_path(job.instance_id)}
+
+    async def _change(self, rec: DomainRecord, requested: int, ticket: int) -> None:
+        """The state change itself, ended on evidence (providers/jobs.py,
+        follow_state); a source call that times out is followed, not failed."""
+        uuid = rec.uuid
         succeeded = False
+        reboots = self.b.libvirt.reboots(uuid) if self.b.libvirt is not None else 0
         try:
             if rec.running is None:                      # 2 from passive: through the Manager
                 manager = self.b.require_manager()
                 try:
                     new_uuid = await manager.start_domain(uuid)
+                except Timeout as exc:
+                    if self.jobs is None:
+                        raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start "
+                                       f"{rec.name}: {exc.message}") from None
+                    log.info("StartDomain of %s: %s; following the domain", uuid, exc)
+                    new_uuid = uuid
                 except SourceError as exc:
                     log.info("Manager refused to start %s: %s", uuid, exc)
                     raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start "
                                    f"{rec.name}: {exc.message}") from None
-                await self.b.settle_running(new_uuid or uuid)
+                await self._settle(new_uuid or uuid)
                 if new_uuid and new_uuid != uuid:
-                    await self.b.settle_running(uuid)
+                    await self._settle(uuid)
                 # The Manager's set just changed: running first (so the system never
                 # looks gone), then its list, so the next read shows the twin or not.
                 await self.b.settle_defined(started=uuid)
@@ -172,14 +277,36 @@ class ComputerSystemProvider(Provider):
                                10: ("reboot", src.reboot), 11: ("reset", src.reset)}[requested]
                 try:
                     await act(uuid)
+                except Timeout as exc:
+                    if self.jobs is None:
+                        raise CIMError(pywbem.CIM_ERR_FAILED, f"libvirt could not {action} "
+                                       f"{rec.name}: {exc.message}") from None
+                    log.info("libvirt %s of %s: %s; following the domain", action, uuid, exc)
                 except SourceError as exc:
                     raise CIMError(pywbem.CIM_ERR_FAILED,
                                    f"libvirt could not {action} {rec.name}: {exc.message}") from None
-                await self.b.settle_running(uuid)
+                await self._settle(uuid)
+            await follow_state(self.b, uuid, requested, timeout=self.shutdown_timeout,
+                               from_passive=rec.running is None, reboots_before=reboots)
             succeeded = True
         finally:
             self.b.end_request(uuid, ticket, succeeded)
-        return RC_OK
+        if uuid not in self.b.requested_state and self.b.inventory.get(uuid) is not None:
+            # The record went away and came back while the change was followed (the
+            # Manager dropped its definition before libvirt showed the guest running):
+            # the system is the same one, and this request succeeded.
+            self.b.end_request(uuid, self.b.begin_request(uuid, requested), True)
+
+    async def _settle(self, uuid: str) -> None:
+        """Read the domain back. With jobs, a read that fails is retried in the
+        background and the evidence is awaited anyway (follow_state); without, the
+        failure is the answer (CIM_ERR_FAILED rather than a 0 the next read contradicts)."""
+        try:
+            await self.b.settle_running(uuid)
+        except CIMError as exc:
+            if self.jobs is None:
+                raise
+            log.info("%s; waiting for libvirt's events", exc.status_description)
 
 
 class CapabilitiesProvider(Provider):

@@ -21,6 +21,8 @@ from typing import cast
 from aiohttp import web
 from yarl import URL
 
+from .http import answered_fast
+
 log = logging.getLogger(__name__)
 
 _BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\nContent-Length: 0\r\n"
@@ -101,8 +103,10 @@ class _GuardedProtocol(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if not self._counted:
             return
+        answered = answered_fast(self._inner)
         self._inner.data_received(data)
-        if self._busy():
+        # A request answered by http.py's fast lane ends the head deadline too.
+        if self._busy() or answered_fast(self._inner) != answered:
             self._cancel()
         elif data and self._deadline is None and self._guard.header_timeout > 0:
             loop = asyncio.get_running_loop()

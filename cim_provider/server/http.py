@@ -14,12 +14,15 @@ import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote
 
 from aiohttp import web
 
+from ..wbem.context import CHUNK, Pieces
 from ..wbem.dispatch import Dispatcher, OperationContext
 from ..wbem.request import CIMRequest, RequestError, parse_request
+from .fastlane import Connection, FastLane
 
 log = logging.getLogger(__name__)
 
@@ -33,14 +36,16 @@ _MAN_NS = re.compile(r";\s*ns\s*=\s*(\d+)", re.I)
 # share the GIL, but the parser's callbacks are Python code, so the loop gets it back
 # every switch interval (5 ms). What would still hold the GIL for long is avoided:
 # garbage collections over the growing tree (see _CollectorPause) and freeing the
-# request's parameters all at once (see _release). A response above
-# STREAM_ABOVE characters is encoded and written STREAM_CHUNK characters at a time,
-# yielding between chunks (a join or encode is one C call that never lets go of the
-# GIL, so a thread would not help). Smaller ones take the unchanged fast path.
+# request's parameters all at once (see _release). The dispatcher answers with UTF-8
+# pieces (mostly cached renderings, never copied into one buffer for a large
+# response): a response above STREAM_ABOVE bytes is written STREAM_CHUNK bytes at a
+# time, yielding between chunks and waiting while the client lags behind. Smaller
+# ones are joined and written at once.
 PARSE_OFF_LOOP = 32 * 1024        # request bytes
 PARSE_THREADS = 2                 # large bodies parsed at once (each tree is ~10x its body)
-STREAM_ABOVE = 1024 * 1024        # response characters
-STREAM_CHUNK = 256 * 1024         # characters per write (~0.3 ms to join and encode)
+STREAM_ABOVE = 1024 * 1024        # response bytes
+STREAM_CHUNK = CHUNK              # bytes per write (a join of cached pieces: ~30 µs)
+WRITE_AHEAD = 2 * STREAM_CHUNK    # bytes a streamed response may leave to the transport
 RELEASE_ABOVE = 1024              # parameters: more are freed in a worker, one at a time
 
 
@@ -176,8 +181,20 @@ class _MPostAwareParser:
         self._python = _C_PARSER is http_parser.HttpRequestParserPy
         self._payload = None          # body of the last request parsed
         self._held = b""              # a request's first bytes, too few to tell M-POST
+        # The fast lane (fastlane.py) of this connection: its RequestHandler is the
+        # first argument (aiohttp internals, as above); found at the first bytes.
+        self._protocol = args[0] if args else None
+        self._lane: Any = _UNSET
 
     def feed_data(self, data, *args, **kwargs):
+        lane = self._lane
+        if lane is _UNSET:
+            lane = self._lane = _lane_of(self._protocol)
+        if lane is not None and lane.active and not self._python:
+            return lane.feed(data, lambda d: self._feed(d, *args, **kwargs))
+        return self._feed(data, *args, **kwargs)
+
+    def _feed(self, data, *args, **kwargs):
         # Switch only between requests: a body that happens to start with "M-POST "
         # (found by fuzzing) would otherwise be parsed as a new request while its own
         # request waited for the rest of its body.
@@ -198,6 +215,23 @@ class _MPostAwareParser:
 
 
 _C_PARSER: type | None = None     # aiohttp's own parser class, kept by _accept_m_post
+_UNSET = object()
+_LANE = web.AppKey("cim_provider.fast_lane", FastLane)
+
+
+def _lane_of(protocol: Any) -> Connection | None:
+    """The fast lane for a connection of an application that has one: aiohttp's
+    RequestHandler keeps the application's bound `_handle` (internals, as above)."""
+    app = getattr(getattr(protocol, "_request_handler", None), "__self__", None)
+    lane = app.get(_LANE) if isinstance(app, web.Application) else None
+    return lane.connection(protocol) if lane is not None else None
+
+
+def answered_fast(handler: Any) -> int:
+    """Requests the fast lane has answered on the connection of `handler` (aiohttp's
+    RequestHandler): connections.py's header deadline ends with each of them."""
+    lane = getattr(getattr(handler, "_parser", None), "_lane", None)
+    return lane.answered if isinstance(lane, Connection) else 0
 
 
 def _accept_m_post() -> None:
@@ -284,20 +318,26 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
 
     async def respond(request: web.Request, req: CIMRequest, ctx: OperationContext,
                       prefix: str | None) -> web.StreamResponse:
-        pieces = await dispatcher.handle(req, ctx)
+        body = await dispatcher.respond(req, ctx)
         out_headers = {"Content-Type": 'application/xml; charset="utf-8"',
                        (prefix or "") + "CIMOperation": "MethodResponse"}
         if prefix is not None:
             out_headers["Ext"] = ""
-        if sum(map(len, pieces)) > STREAM_ABOVE:
-            return await _stream(request, pieces, out_headers)
-        return web.Response(body="".join(pieces).encode("utf-8", "replace"),
-                            headers=out_headers)
+        if body.size > STREAM_ABOVE:
+            return await _stream(request, body, out_headers)
+        return web.Response(body=b"".join(body.pieces), headers=out_headers)
 
     async def stop_parsing(_app: web.Application) -> None:
         parse_pool.shutdown(wait=False, cancel_futures=True)
 
     app = web.Application(client_max_size=limits.max_body)
+    if authenticate is None:
+        # Unauthenticated: plain GetInstance requests take the fast lane (fastlane.py).
+        app[_LANE] = FastLane(dispatcher, max_body=limits.max_body,
+                              max_depth=limits.max_depth, max_line=limits.max_line_size,
+                              max_field=limits.max_field_size,
+                              max_headers=limits.max_headers, max_request=PARSE_OFF_LOOP,
+                              check_headers=_check_headers)
     app.router.add_route("*", "/{tail:.*}", handle)
     app.on_cleanup.append(stop_parsing)
     return app
@@ -316,49 +356,73 @@ async def _read_body(request: web.Request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
-def _slices(pieces: list[str]) -> Iterator[str]:
-    """The pieces, any longer than STREAM_CHUNK cut into STREAM_CHUNK slices."""
+def _chunks(body: Pieces) -> Iterator[bytes]:
+    """The pieces joined into writes of about STREAM_CHUNK bytes (longer pieces cut):
+    where the body says it may be cut, when it was cut for that size."""
+    chunk = STREAM_CHUNK
+    if chunk == CHUNK:
+        for part in body.chunks():
+            yield b"".join(part)
+        return
+    pieces = body.pieces
+    batch: list[bytes] = []
+    size = 0
     for piece in pieces:
-        if len(piece) <= STREAM_CHUNK:
-            yield piece
-        else:
-            for i in range(0, len(piece), STREAM_CHUNK):
-                yield piece[i:i + STREAM_CHUNK]
+        n = len(piece)
+        if n > chunk:
+            if batch:
+                yield b"".join(batch)
+                batch, size = [], 0
+            for i in range(0, n, chunk):
+                yield piece[i:i + chunk]
+            continue
+        batch.append(piece)
+        size += n
+        if size >= chunk:
+            yield b"".join(batch)
+            batch, size = [], 0
+    if batch:
+        yield b"".join(batch)
 
 
-def _encode(batch: list[str]) -> bytes:
-    return "".join(batch).encode("utf-8", "replace")
-
-
-async def _stream(request: web.Request, pieces: list[str],
+async def _stream(request: web.Request, body: Pieces,
                   headers: dict[str, str]) -> web.StreamResponse:
     """Write a large response in bounded chunks with Content-Length (the same bytes and
     headers as the fast path), giving the loop back between chunks: the client's
-    pace sets the writing (drain), and the encoded body is never held whole."""
-    size, count = 0, 0
-    for piece in _slices(pieces):       # UTF-8 length: O(1) for ASCII pieces
-        size += len(piece) if piece.isascii() else len(piece.encode("utf-8", "replace"))
-        count += 1
-        if count % 4096 == 0:
-            await asyncio.sleep(0)
+    pace sets the writing (drain), and the body is never held whole in one buffer.
+
+    A chunk is joined from its cached pieces where the body says to cut (no pass
+    over the pieces to find the chunks) and handed to the transport, which may hold
+    WRITE_AHEAD bytes the kernel has not taken yet before the writing waits, so the
+    loop is woken once per few chunks (uvloop's writelines() of the pieces themselves
+    measured slower than one join); aiohttp's own writer (`resp.write`) only when the
+    transport is not at hand or the chunk size was changed (tests)."""
     resp = web.StreamResponse(headers=headers)
-    resp.content_length = size
+    resp.content_length = body.size
+    transport = request.transport
+    limits = None
     try:
-        await resp.prepare(request)
-        batch: list[str] = []
-        chars = 0
-        for piece in _slices(pieces):
-            batch.append(piece)
-            chars += len(piece)
-            if chars >= STREAM_CHUNK:
-                await resp.write(_encode(batch))   # waits while the client lags behind
-                batch, chars = [], 0
+        await resp.prepare(request)        # sends the head (StreamResponse: at once)
+        writer = request.writer
+        if transport is None or STREAM_CHUNK != CHUNK:
+            for chunk in _chunks(body):
+                await resp.write(chunk)            # waits while the client lags behind
                 await asyncio.sleep(0)             # write() does not yield when it need not
-        if batch:
-            await resp.write(_encode(batch))
+        else:
+            limits = transport.get_write_buffer_limits()
+            transport.set_write_buffer_limits(high=WRITE_AHEAD, low=WRITE_AHEAD // 2)
+            for part in body.chunks():
+                if transport.is_closing():
+                    raise ConnectionResetError("the client went away")
+                transport.write(b"".join(part))
+                await writer.drain()               # waits while the client lags behind
+                await asyncio.sleep(0)             # drain() does not yield when it need not
         await resp.write_eof()
     except ConnectionError:
         # The client went away mid-response: aiohttp's own ending of the response
         # meets the closed transport and drops the connection, as for a plain Response.
         pass
+    finally:
+        if limits is not None and transport is not None and not transport.is_closing():
+            transport.set_write_buffer_limits(high=limits[1], low=limits[0])
     return resp

@@ -2,32 +2,35 @@
 
 The dispatcher resolves classes in the repository, fans enumerations out to the
 providers of every subclass, walks associations, manages pull contexts and turns
-everything into CIM-XML fragments. Parameter signatures and conversion are in
-params.py, the PropertyList/LocalOnly/ClassOrigin views in views.py, extrinsic methods
-in methods.py. Providers only produce complete instances (see provider.py for the
-contract).
+everything into CIM-XML (UTF-8 pieces that render.py keeps: an unchanged instance is
+rendered once, an unchanged enumeration once per request shape). Parameters are in
+params.py, the PropertyList/LocalOnly/ClassOrigin views in views.py and render.py,
+extrinsic methods in methods.py, queries in queries.py. Providers only produce
+complete instances (see provider.py for the contract).
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Iterable
+from collections.abc import Awaitable, Iterable, Sequence
 from typing import Any, Callable
 
 import pywbem
 from pywbem import CIMClass, CIMClassName, CIMError, CIMInstance, CIMInstanceName
 
-from . import wql, writes
+from . import queries, writes
 from . import writer as w
 from .audit import AuditHook, report
-from .context import OperationContext, Result
+from .context import OperationContext, Pieces, Result
 from .methods import invoke_method
 from .params import SIGNATURES, UNSUPPORTED, Signature, convert_params, convert_value
-from .queries import check_query
-from .provider import AssociationProvider, Provider, Registry, path_key, rendered
+from .provider import AssociationProvider, Provider, Registry, path_key, reference_values
 from .pull import PullContexts
+from .render import (IWP, OWP, Named, Pacer, PathKeys, Paths, Renders, Views, encode,
+                     instance_path, join_items, name_item, named_instance, pieces_of, put,
+                     with_path)
 from .repository import Namespace, Repository
 from .request import CIMRequest
-from .views import allowed_properties, class_view, instance_view
+from .views import class_view
 
 log = logging.getLogger(__name__)
 
@@ -45,11 +48,17 @@ class Dispatcher:
         self.host = host
         self.pulls = pulls if pulls is not None else PullContexts()  # empty is falsy
         self._keys: dict[tuple[str, str], list] = {}
+        self.views = Views()             # request shapes, resolved once
+        self.renders = Renders()         # rendered enumerations, while unchanged
+        self.paths = Paths()             # NAMESPACEPATH per host and namespace
+        self._leaves: dict[tuple[str, str], tuple[int, list]] = {}
 
     # -- entry point ---------------------------------------------------------
 
-    async def handle(self, req: CIMRequest, ctx: OperationContext) -> list[str]:
-        """Response body pieces for a parsed request; CIM errors become ERROR; writes audited."""
+    async def respond(self, req: CIMRequest, ctx: OperationContext) -> Pieces:
+        """The response body (UTF-8 pieces) for a parsed request; CIM errors become
+        ERROR; writes audited."""
+        inner = Pieces()
         try:
             if req.duplicate is not None:
                 # DSP0200: each parameter at most once; names are case-insensitive
@@ -57,22 +66,34 @@ class Dispatcher:
                                f"parameter {req.duplicate[:64]!r} given twice")
             if req.intrinsic:
                 res = await self._intrinsic(req, ctx)
-                inner = [] if res.body is None else ["<IRETURNVALUE>", *res.body, "</IRETURNVALUE>"]
-                inner += res.params or []
+                if res.body is not None:
+                    put(inner, [b"<IRETURNVALUE>"])
+                    put(inner, res.body)
+                    put(inner, [b"</IRETURNVALUE>"])
+                put(inner, res.params or [])
             else:
-                inner = await invoke_method(self, req, ctx)
+                put(inner, await invoke_method(self, req, ctx))
         except CIMError as exc:
             log.info("%s in %s: %s %s", req.method, req.namespace, exc.status_code_name,
                      exc.status_description)
-            inner = [w.error_xml(exc.status_code, exc.status_description or "")]
+            inner = put(Pieces(), [w.error_xml(exc.status_code, exc.status_description or "")])
             ctx.outcome = exc
         except Exception:
+            if ctx.direct:
+                raise
             log.exception("internal error in %s", req.method)
-            inner = [w.error_xml(pywbem.CIM_ERR_FAILED, "internal error; see the server log")]
+            inner = put(Pieces(), [w.error_xml(pywbem.CIM_ERR_FAILED,
+                                               "internal error; see the server log")])
             ctx.outcome = CIMError(pywbem.CIM_ERR_FAILED)
         report(self.audit, req, ctx, self.repo)
-        return [w.message_start(req.msg_id, req.intrinsic, req.method), *inner,
-                w.message_end(req.intrinsic)]
+        out = put(Pieces(), [w.message_start(req.msg_id, req.intrinsic, req.method)])
+        out.extend(inner)
+        out.add(_END[req.intrinsic])
+        return out
+
+    async def handle(self, req: CIMRequest, ctx: OperationContext) -> list[str]:
+        """`respond` as text (in-process callers and tests)."""
+        return [p.decode("utf-8") for p in (await self.respond(req, ctx)).pieces]
 
     async def _intrinsic(self, req: CIMRequest, ctx: OperationContext) -> Result:
         lname = req.method.lower()
@@ -175,13 +196,21 @@ class Dispatcher:
         return CIMInstanceName(cls.classname, kb, namespace=ns.name)
 
     def _providers_for(self, ns: Namespace, classname: str) -> list[tuple[str, Provider]]:
-        """(leaf class, provider) for every registered class at or under `classname`."""
+        """(leaf class, provider) for every registered class at or under `classname`
+        (kept until a provider is registered)."""
+        key = (ns.name, classname.lower())
+        hit = self._leaves.get(key)
+        if hit is not None and hit[0] == self.registry.generation:
+            return hit[1]
         out: list[tuple[str, Provider]] = []
         for leaf in self.registry.classes(ns.name):
             if ns.is_subclass(leaf, classname):
                 cls, prov = ns.get(leaf), self.registry.provider(ns.name, leaf)
                 if cls is not None and prov is not None:   # prov: leaf is registered
                     out.append((cls.classname, prov))
+        if len(self._leaves) > 1024:
+            self._leaves.clear()
+        self._leaves[key] = (self.registry.generation, out)
         return out
 
     async def _enumerate(self, ns: Namespace, classname: str) -> list[CIMInstance]:
@@ -190,11 +219,25 @@ class Dispatcher:
             out.extend(await prov.enumerate_instances(leaf))
         return out
 
-    async def _enumerate_names(self, ns: Namespace, classname: str) -> list[CIMInstanceName]:
-        out: list[CIMInstanceName] = []
+    async def _names(self, ns: Namespace, classname: str, kind: str, render, flat: bool):
+        """`render(instance)` of each instance name (EnumerateInstanceNames: `flat`
+        Pieces; OpenEnumerateInstancePaths: items and offsets). A provider that does
+        not override enumerate_instance_names (which then lists its instances' paths)
+        gives its instances, whose names are kept rendered."""
+        out, items, offsets = Pieces(), [], [0]      # type: ignore[var-annotated]  # reason: items of any pieces
         for leaf, prov in self._providers_for(ns, classname):
-            out.extend(await prov.enumerate_instance_names(leaf))
-        return out
+            key: tuple | None = (kind, ns.name, leaf, self.host)
+            if type(prov).enumerate_instance_names is Provider.enumerate_instance_names:
+                insts: Iterable = await prov.enumerate_instances(leaf)
+            else:
+                insts, key = [Named(path) for path in
+                              await prov.enumerate_instance_names(leaf)], None
+            if flat:
+                out.extend(await self.renders.flat(key, insts, render))
+            else:
+                items, offsets = join_items(items, offsets,
+                                       *await self.renders.items(key, insts, render))
+        return out if flat else (items, offsets)
 
     async def get_instance(self, path: CIMInstanceName, ns: Namespace | None = None) -> CIMInstance:
         """A normalized path -> the provider's instance (used by associations too)."""
@@ -207,30 +250,26 @@ class Dispatcher:
     async def op_GetInstance(self, ns: Namespace, p: dict, ctx) -> Result:
         path = self.normalize_path(ns, p["InstanceName"])
         inst = await self.get_instance(path, ns)
-        view = instance_view(ns, inst, allowed_properties(ns, inst.classname, True, p["PropertyList"]),
-                          p["IncludeClassOrigin"])
-        if view is inst:
-            return Result([self._body(inst)])
-        return Result([w.instance_xml(view, class_origin=p["IncludeClassOrigin"])])
+        view = self.views.get(ns, inst.classname, True, p["PropertyList"],
+                              p["IncludeClassOrigin"])
+        out = Pieces()
+        out.add(view.body(inst))
+        return Result(out)
 
     async def op_EnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
         cls = self.get_class(ns, p["ClassName"])
-        allowed = allowed_properties(ns, cls.classname, p["DeepInheritance"], p["PropertyList"])
-        co = p["IncludeClassOrigin"]
-        out = []
-        for inst in await self._enumerate(ns, cls.classname):
-            view = instance_view(ns, inst, allowed, co)
-            if view is inst:
-                out.append(w.value_namedinstance_xml(inst, self._body(inst), rendered(
-                    inst, "name", lambda: w.instancename_xml(inst.path))))
-            else:
-                out.append(w.value_namedinstance_xml(inst, w.instance_xml(view, class_origin=co)))
+        view = self.views.get(ns, cls.classname, p["DeepInheritance"], p["PropertyList"],
+                              p["IncludeClassOrigin"])
+        render = named_instance(view)
+        out = Pieces()
+        for leaf, prov in self._providers_for(ns, cls.classname):
+            insts = await prov.enumerate_instances(leaf)
+            out.extend(await self.renders.flat(("ei", ns.name, leaf, view), insts, render))
         return Result(out)
 
     async def op_EnumerateInstanceNames(self, ns: Namespace, p: dict, ctx) -> Result:
         cls = self.get_class(ns, p["ClassName"])
-        return Result([w.instancename_xml(path)
-                       for path in await self._enumerate_names(ns, cls.classname)])
+        return Result(await self._names(ns, cls.classname, "names", name_item, True))
 
     # -- associations ---------------------------------------------------------------
 
@@ -251,17 +290,18 @@ class Dispatcher:
                           result_class: str | None, role: str | None) -> list[tuple[CIMInstance, str]]:
         """(association instance, name of the reference that names `source`)."""
         key = path_key(source)
+        keys = PathKeys(ns.name)
         out = []
+        pace = Pacer()
         for leaf, prov in self._assoc_classes(ns, result_class):
             for inst in await prov.references(leaf, source):
-                for prop in inst.properties.values():
-                    if prop.type != "reference" or prop.value is None:
+                for name, value in reference_values(inst):
+                    if role is not None and name.lower() != role.lower():
                         continue
-                    if role is not None and prop.name.lower() != role.lower():
-                        continue
-                    if path_key(prop.value, ns.name) == key:
-                        out.append((inst, prop.name))
+                    if keys.of(value) == key:
+                        out.append((inst, name))
                         break
+                await pace.tick()
         return out
 
     async def _associator_paths(self, ns: Namespace, source: CIMInstanceName,
@@ -274,17 +314,19 @@ class Dispatcher:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                            f"class {rc[:128]!r} does not exist in any namespace")
         seen: dict[tuple, CIMInstanceName] = {}
+        keys = PathKeys(ns.name)
+        pace = Pacer()
         for assoc, via in await self._references(ns, source, p["AssocClass"], p["Role"]):
-            for prop in assoc.properties.values():
-                if prop.type != "reference" or prop.value is None or prop.name == via:
+            for name, target in reference_values(assoc):
+                if name == via:
                     continue
-                if p["ResultRole"] is not None and prop.name.lower() != p["ResultRole"].lower():
+                if p["ResultRole"] is not None and name.lower() != p["ResultRole"].lower():
                     continue
-                target = prop.value
                 tns = self.repo.namespace(target.namespace or ns.name)
                 if p["ResultClass"] is not None and not tns.is_subclass(target.classname, p["ResultClass"]):
                     continue
-                seen.setdefault(path_key(target, ns.name), target)
+                seen.setdefault(keys.of(target), target)
+            await pace.tick()
         return list(seen.values())
 
     def _source(self, ns: Namespace, obj: CIMInstanceName | CIMClassName) -> CIMInstanceName:
@@ -298,6 +340,7 @@ class Dispatcher:
         source = self._source(ns, obj)
         await self.get_instance(source)      # CIM_ERR_NOT_FOUND for a missing source
         out = []
+        pace = Pacer()
         for target in await self._associator_paths(ns, source, p):
             try:
                 out.append(await self.get_instance(target))
@@ -305,16 +348,12 @@ class Dispatcher:
                 if exc.status_code != pywbem.CIM_ERR_NOT_FOUND:
                     raise
                 log.debug("associated instance %s vanished", target)
+            await pace.tick()
         return out
 
     async def op_Associators(self, ns: Namespace, p: dict, ctx) -> Result:
-        co = p["IncludeClassOrigin"]
-        out = []
-        for inst in await self._associators(ns, p["ObjectName"], p):
-            view = instance_view(self.repo.namespace(inst.path.namespace), inst,
-                              allowed_properties(ns, inst.classname, True, p["PropertyList"]), co)
-            out.append(self._with_path(inst, view, co, w.value_objectwithpath_xml))
-        return Result(out)
+        return Result(pieces_of(*await self._with_paths(
+            ns, await self._associators(ns, p["ObjectName"], p), p, True, None, OWP)))
 
     async def op_AssociatorNames(self, ns: Namespace, p: dict, ctx) -> Result:
         source = self._source(ns, p["ObjectName"])
@@ -328,13 +367,9 @@ class Dispatcher:
         return [a for a, _via in await self._references(ns, source, p["ResultClass"], p["Role"])]
 
     async def op_References(self, ns: Namespace, p: dict, ctx) -> Result:
-        co = p["IncludeClassOrigin"]
-        out = []
-        for inst in await self._reference_instances(ns, p["ObjectName"], p):
-            allowed = allowed_properties(ns, inst.classname, True, p["PropertyList"])
-            view = instance_view(ns, inst, allowed, co)
-            out.append(self._with_path(inst, view, co, w.value_objectwithpath_xml))
-        return Result(out)
+        return Result(pieces_of(*await self._with_paths(
+            ns, await self._reference_instances(ns, p["ObjectName"], p), p, True, None, OWP,
+            own_ns=False)))
 
     async def op_ReferenceNames(self, ns: Namespace, p: dict, ctx) -> Result:
         return Result([w.objectpath_xml(a.path, self.host)
@@ -352,133 +387,98 @@ class Dispatcher:
         return self.pulls.check_timeout(p["OperationTimeout"])
 
     def _open(self, ns: Namespace, p: dict, ctx: OperationContext, kind: str,
-              items: list[str]) -> Result:
+              items: Sequence, offsets: Sequence[int] | None = None) -> Result:
         timeout = self._check_open(p)
         ctx_id, chunk, eos = self.pulls.open(ns.name, kind, items, p["MaxObjectCount"],
-                                             timeout, ctx.client)
-        return self._pull_result(chunk, eos, ctx_id)
+                                             timeout, ctx.client, offsets)
+        return self._pull_result(chunk, eos, ctx_id,
+                                 None if offsets is None else offsets[:len(chunk) + 1])
 
     @staticmethod
-    def _pull_result(chunk: list[str], eos: bool, ctx_id: str | None) -> Result:
+    def _pull_result(chunk: Sequence, eos: bool, ctx_id: str | None,
+                     offsets: Sequence[int] | None = None) -> Result:
         params = [w.paramvalue_xml("EndOfSequence", eos, "boolean")]
         if not eos:
             params.append(w.paramvalue_xml("EnumerationContext", ctx_id, "string"))
-        return Result(chunk, params)
+        if chunk and type(chunk[0]) is str:     # ExecQuery's items: text
+            return Result(list(chunk), params)
+        return Result(pieces_of(chunk, offsets), params)
 
-    def _iwp(self, ns: Namespace, insts: Iterable[CIMInstance], p: dict, deep: bool,
-             classname: str | None) -> list[str]:
-        co = p["IncludeClassOrigin"]
-        out = []
-        for inst in insts:
-            allowed = allowed_properties(ns, classname or inst.classname, deep, p["PropertyList"])
-            view = instance_view(self.repo.namespace(inst.path.namespace or ns.name), inst, allowed, co)
-            out.append(self._with_path(inst, view, co, w.value_instancewithpath_xml))
-        return out
-
-    @staticmethod
-    def _body(inst: CIMInstance) -> str:
-        """INSTANCE of an unfiltered instance, rendered once per instance."""
-        return rendered(inst, "instance", lambda: w.instance_xml(inst))
-
-    def _with_path(self, inst: CIMInstance, view: CIMInstance, co: bool, wrap) -> str:
-        """An instance with its full path; its pieces cached on it when unfiltered.
-        Only the pieces are kept (not each wrapper), which keeps memory per instance
-        near the size of its CIM-XML."""
-        path = rendered(inst, f"path@{self.host}", lambda: w.instancepath_xml(inst.path, self.host))
-        if view is inst:
-            return wrap(inst, self._body(inst), self.host, path)
-        return wrap(inst, w.instance_xml(view, class_origin=co), self.host, path)
+    async def _with_paths(self, ns: Namespace, insts: Iterable[CIMInstance], p: dict,
+                          deep: bool, classname: str | None, wrap: tuple[bytes, bytes],
+                          key: tuple | None = None, own_ns: bool = True
+                          ) -> tuple[list, list[int]]:
+        """An item of pieces per instance with its full path (pull operations:
+        VALUE.INSTANCEWITHPATH, Associators and References: VALUE.OBJECTWITHPATH) and
+        their byte offsets; kept under `key` while the provider's tuple is unchanged.
+        Class origins come from each instance's own namespace (`own_ns`)."""
+        view = self.views.get(ns, classname or "", deep, p["PropertyList"],
+                              p["IncludeClassOrigin"])
+        render = with_path(view, self.paths, self.host, ns.name, wrap,
+                           self.repo.namespace if own_ns else None)
+        return await self.renders.items(key + (view,) if key else None, insts, render)
 
     async def op_OpenEnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
         self._check_open(p)
         cls = self.get_class(ns, p["ClassName"])
-        items = self._iwp(ns, await self._enumerate(ns, cls.classname), p,
-                          p["DeepInheritance"], cls.classname)
-        return self._open(ns, p, ctx, "instances", items)
+        items: list = []
+        offsets: list[int] = [0]
+        for leaf, prov in self._providers_for(ns, cls.classname):
+            got, offs = await self._with_paths(
+                ns, await prov.enumerate_instances(leaf), p, p["DeepInheritance"],
+                cls.classname, IWP, ("iwp", ns.name, leaf, self.host))
+            items, offsets = join_items(items, offsets, got, offs)
+        return self._open(ns, p, ctx, "instances", items, offsets)
 
     async def op_OpenEnumerateInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
         self._check_open(p)
         cls = self.get_class(ns, p["ClassName"])
-        items = [w.instancepath_xml(path, self.host)
-                 for path in await self._enumerate_names(ns, cls.classname)]
-        return self._open(ns, p, ctx, "paths", items)
+        items, offsets = await self._names(ns, cls.classname, "paths",
+                                           instance_path(self.paths, self.host, ns.name), False)
+        return self._open(ns, p, ctx, "paths", items, offsets)
 
     async def op_OpenAssociatorInstances(self, ns: Namespace, p: dict, ctx) -> Result:
         self._check_open(p)
-        items = self._iwp(ns, await self._associators(ns, p["InstanceName"], p), p, True, None)
-        return self._open(ns, p, ctx, "instances", items)
+        items, offsets = await self._with_paths(
+            ns, await self._associators(ns, p["InstanceName"], p), p, True, None, IWP)
+        return self._open(ns, p, ctx, "instances", items, offsets)
 
     async def op_OpenAssociatorInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
         self._check_open(p)
         source = self._source(ns, p["InstanceName"])
         await self.get_instance(source)
-        items = [w.instancepath_xml(t, self.host)
+        items = [encode(w.instancepath_xml(t, self.host))
                  for t in await self._associator_paths(ns, source, p)]
         return self._open(ns, p, ctx, "paths", items)
 
     async def op_OpenReferenceInstances(self, ns: Namespace, p: dict, ctx) -> Result:
         self._check_open(p)
-        items = self._iwp(ns, await self._reference_instances(ns, p["InstanceName"], p), p,
-                          True, None)
-        return self._open(ns, p, ctx, "instances", items)
+        items, offsets = await self._with_paths(
+            ns, await self._reference_instances(ns, p["InstanceName"], p), p, True, None, IWP)
+        return self._open(ns, p, ctx, "instances", items, offsets)
 
     async def op_OpenReferenceInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
         self._check_open(p)
-        items = [w.instancepath_xml(a.path, self.host)
+        items = [encode(w.instancepath_xml(a.path, self.host))
                  for a in await self._reference_instances(ns, p["InstanceName"], p)]
         return self._open(ns, p, ctx, "paths", items)
 
     async def op_PullInstancesWithPath(self, ns: Namespace, p: dict, ctx) -> Result:
-        chunk, eos, ctx_id = self.pulls.pull(ns.name, "instances", p["EnumerationContext"],
-                                             p["MaxObjectCount"], ctx.client)
-        return self._pull_result(chunk, eos, ctx_id)
+        chunk, offsets, eos, ctx_id = self.pulls.pull_with_offsets(
+            ns.name, "instances", p["EnumerationContext"], p["MaxObjectCount"], ctx.client)
+        return self._pull_result(chunk, eos, ctx_id, offsets)
 
     async def op_PullInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
-        chunk, eos, ctx_id = self.pulls.pull(ns.name, "paths", p["EnumerationContext"],
-                                             p["MaxObjectCount"], ctx.client)
-        return self._pull_result(chunk, eos, ctx_id)
+        chunk, offsets, eos, ctx_id = self.pulls.pull_with_offsets(
+            ns.name, "paths", p["EnumerationContext"], p["MaxObjectCount"], ctx.client)
+        return self._pull_result(chunk, eos, ctx_id, offsets)
 
     async def op_CloseEnumeration(self, ns: Namespace, p: dict, ctx) -> Result:
         self.pulls.close(ns.name, p["EnumerationContext"], ctx.client)
         return Result(None)
 
-    # -- queries ---------------------------------------------------------------------------
 
-    async def _query_instances(self, ns: Namespace, query: wql.Query,
-                               cls: CIMClass) -> list[CIMInstance]:
-        allowed = None if query.select is None else {n.lower() for n in query.select}
-        return [instance_view(ns, inst, allowed, False)
-                for inst in await self._enumerate(ns, cls.classname)
-                if wql.matches(query, inst, ns.is_subclass)]
-
-    async def op_ExecQuery(self, ns: Namespace, p: dict, ctx) -> Result:
-        query, cls = check_query(ns, p["QueryLanguage"], p["Query"])
-        return Result([w.value_objectwithpath_xml(inst, None, self.host)
-                       for inst in await self._query_instances(ns, query, cls)])
-
-    async def op_OpenQueryInstances(self, ns: Namespace, p: dict, ctx) -> Result:
-        # DSP0200 OpenQueryInstances: the result is pulled with PullInstances, which
-        # returns INSTANCE elements without paths.
-        if p["ContinueOnError"]:
-            raise CIMError(pywbem.CIM_ERR_CONTINUATION_ON_ERROR_NOT_SUPPORTED,
-                           "ContinueOnError is not supported")
-        timeout = self.pulls.check_timeout(p["OperationTimeout"])
-        query, cls = check_query(ns, p["FilterQueryLanguage"], p["FilterQuery"])
-        items = [w.instance_xml(inst) for inst in await self._query_instances(ns, query, cls)]
-        ctx_id, chunk, eos = self.pulls.open(ns.name, "query", items, p["MaxObjectCount"],
-                                             timeout, ctx.client)
-        res = self._pull_result(chunk, eos, ctx_id)
-        if p["ReturnQueryResultClass"]:
-            view = class_view(cls, False, None if query.select is None
-                                    else list(query.select))
-            assert res.params is not None        # _pull_result always sets them
-            res.params.insert(0, w.paramvalue_class_xml("QueryResultClass", view))
-        return res
-
-    async def op_PullInstances(self, ns: Namespace, p: dict, ctx) -> Result:
-        chunk, eos, ctx_id = self.pulls.pull(ns.name, "query", p["EnumerationContext"],
-                                             p["MaxObjectCount"], ctx.client)
-        return self._pull_result(chunk, eos, ctx_id)
+_END = {True: encode(w.message_end(True)), False: encode(w.message_end(False))}
 
 
 Handler = Callable[[Dispatcher, Namespace, dict[str, Any], OperationContext], Awaitable[Result]]
@@ -513,8 +513,8 @@ OPERATIONS: dict[str, tuple[Signature, Handler]] = {
     "CreateInstance": (SIGNATURES["CreateInstance"], writes.op_CreateInstance),
     "ModifyInstance": (SIGNATURES["ModifyInstance"], writes.op_ModifyInstance),
     "DeleteInstance": (SIGNATURES["DeleteInstance"], writes.op_DeleteInstance),
-    "ExecQuery": (SIGNATURES["ExecQuery"], Dispatcher.op_ExecQuery),
-    "OpenQueryInstances": (SIGNATURES["OpenQueryInstances"], Dispatcher.op_OpenQueryInstances),
-    "PullInstances": (SIGNATURES["PullInstances"], Dispatcher.op_PullInstances),
+    "ExecQuery": (SIGNATURES["ExecQuery"], queries.op_ExecQuery),
+    "OpenQueryInstances": (SIGNATURES["OpenQueryInstances"], queries.op_OpenQueryInstances),
+    "PullInstances": (SIGNATURES["PullInstances"], queries.op_PullInstances),
 }
 _OPERATIONS_BY_LOWER = {name.lower(): (name, row) for name, row in OPERATIONS.items()}

@@ -17,6 +17,14 @@ What the provider must do:
 - `create_instance` / `modify_instance` / `delete_instance` (optional, default
   CIM_ERR_NOT_SUPPORTED): the dispatcher has already refused callers without the
   operator role and checked the properties against the class.
+
+What the dispatcher may rely on, so that reads cost little at 10,000 systems:
+- an instance is never changed once returned; an `Instance` (see instance.py, built
+  with `build_instance`) keeps its rendered CIM-XML, so a provider that returns the
+  same Instance again while nothing changed has it sent without rendering;
+- an enumeration returned as a tuple is immutable: when a provider returns the very
+  same tuple object again, the dispatcher reuses what it rendered of it last time.
+  A provider whose enumeration changed returns a new tuple (or a list: never cached).
 """
 from __future__ import annotations
 
@@ -25,28 +33,14 @@ from collections.abc import Iterable, Mapping
 from typing import Any
 
 import pywbem
-from pywbem import CIMClass, CIMClassName, CIMError, CIMInstance, CIMInstanceName, CIMProperty
+from pywbem import CIMClassName, CIMError, CIMInstance, CIMInstanceName
+
+from .instance import Instance, build_instance, reference_values
+
+__all__ = ["Instance", "build_instance", "reference_values", "Provider",
+           "AssociationProvider", "Registry", "path_key"]
 
 log = logging.getLogger(__name__)
-
-
-class Instance(CIMInstance):
-    """A provider's instance. Providers never change one after returning it, so the
-    dispatcher keeps its CIM-XML renderings on it (rendered once, sent many times)."""
-    __slots__ = ("_xml",)
-
-
-def rendered(inst: CIMInstance, kind: str, render) -> str:
-    """`render()` for `inst`, cached on the instance when it is an Instance."""
-    cache = getattr(inst, "_xml", None)
-    if cache is None:
-        if not isinstance(inst, Instance):
-            return render()
-        cache = inst._xml = {}
-    text = cache.get(kind)
-    if text is None:
-        text = cache[kind] = render()
-    return text
 
 
 class Provider:
@@ -107,11 +101,8 @@ class AssociationProvider(Provider):
         out = []
         key = path_key(source)
         for inst in await self.enumerate_instances(classname):
-            for prop in inst.properties.values():
-                if prop.type == "reference" and prop.value is not None \
-                        and path_key(prop.value) == key:
-                    out.append(inst)
-                    break
+            if any(path_key(value) == key for _name, value in reference_values(inst)):
+                out.append(inst)
         return out
 
 
@@ -120,6 +111,7 @@ class Registry:
 
     def __init__(self) -> None:
         self._by_class: dict[tuple[str, str], Provider] = {}
+        self.generation = 0             # bumped by add(): what the dispatcher derived is stale
 
     def add(self, provider: Provider) -> None:
         for cls in provider.classnames:
@@ -127,6 +119,7 @@ class Registry:
             if key in self._by_class:
                 raise ValueError(f"two providers for {cls} in {provider.namespace}")
             self._by_class[key] = provider
+        self.generation += 1
 
     def provider(self, namespace: str, classname: str) -> Provider | None:
         return self._by_class.get((namespace.lower(), classname.lower()))
@@ -162,20 +155,3 @@ def path_key(path: CIMInstanceName, namespace: str | None = None) -> tuple:
     ns = (path.namespace or namespace or "").strip("/").lower()
     return (ns, path.classname.lower(),
             tuple(sorted((k.lower(), _norm_value(v)) for k, v in path.keybindings.items())))
-
-
-def build_instance(cls: CIMClass, values: Mapping[str, Any],
-                   path: CIMInstanceName | None = None) -> CIMInstance:
-    """An instance of `cls` with `values` typed as the class declares them.
-
-    None values are left out. Unknown property names are a programming error.
-    """
-    props = {}
-    for name, value in values.items():
-        if value is None:
-            continue
-        decl = cls.properties[name]
-        props[decl.name] = CIMProperty(
-            decl.name, value, type=decl.type, reference_class=decl.reference_class,
-            embedded_object=decl.embedded_object, is_array=decl.is_array)
-    return Instance(cls.classname, properties=props, path=path)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import pywbem
@@ -25,12 +26,13 @@ MAX_BYTES = 256 * 1024 * 1024   # rendered results held by all open contexts tog
 class _Context:
     namespace: str
     kind: str                    # "instances" | "paths"
-    items: list[str]
+    items: Sequence              # rendered pieces, or tuples of pieces, one per object
     timeout: float
     client: str
     pos: int = 0
     expires: float = field(default=0.0)
     size: int = 0                # characters of CIM-XML held for later pulls
+    offsets: Sequence[int] | None = None     # where each item starts (bytes), if known
 
 
 class PullContexts:
@@ -70,9 +72,13 @@ class PullContexts:
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                            f"MaxObjectCount above the server's limit of {MAX_OBJECT_COUNT}")
 
-    def open(self, namespace: str, kind: str, items: list[str], max_count: int,
-             timeout: float, client: str) -> tuple[str | None, list[str], bool]:
-        """Returns (context id or None, first slice, end of sequence)."""
+    def open(self, namespace: str, kind: str, items: Sequence, max_count: int,
+             timeout: float, client: str, offsets: Sequence[int] | None = None
+             ) -> tuple[str | None, Sequence, bool]:
+        """Returns (context id or None, first slice, end of sequence). An item is the
+        rendered text or bytes of one object, or a tuple of such pieces; `offsets`
+        (where each item starts, and the total) spares counting their sizes. `items`
+        is never changed: it may be shared (render.py keeps enumerations)."""
         self._check_count(max_count)
         if len(items) <= max_count:
             return None, items, True
@@ -83,14 +89,15 @@ class PullContexts:
                            "too many open enumeration contexts; close some first")
         # Each context holds its whole rendered result until pulled: a count alone would
         # let 64 contexts of a 10,000-system enumeration hold over a gigabyte.
-        size = sum(map(len, items[max_count:]))
+        size = (offsets[-1] - offsets[max_count]) if offsets is not None \
+            else _size(items, max_count)
         if size + sum(c.size for c in self._ctx.values()) > self.max_bytes:
             raise CIMError(pywbem.CIM_ERR_SERVER_LIMITS_EXCEEDED,
                            "open enumeration contexts hold too much data; pull or close "
                            "some first")
         cid = secrets.token_urlsafe(18)
         ctx = _Context(namespace.lower(), kind, items, timeout, client, pos=max_count,
-                       expires=time.monotonic() + timeout, size=size)
+                       expires=time.monotonic() + timeout, size=size, offsets=offsets)
         self._ctx[cid] = ctx
         return cid, items[:max_count], False
 
@@ -104,17 +111,36 @@ class PullContexts:
         return ctx
 
     def pull(self, namespace: str, kind: str, cid: str, max_count: int,
-             client: str) -> tuple[list[str], bool, str | None]:
+             client: str) -> tuple[Sequence, bool, str | None]:
+        chunk, _offsets, eos, cid_out = self.pull_with_offsets(namespace, kind, cid,
+                                                               max_count, client)
+        return chunk, eos, cid_out
+
+    def pull_with_offsets(self, namespace: str, kind: str, cid: str, max_count: int,
+                          client: str
+                          ) -> tuple[Sequence, Sequence[int] | None, bool, str | None]:
+        """As `pull`, with the offsets of the items handed out (None: not known)."""
         self._check_count(max_count)
         ctx = self._get(namespace, kind, cid, client)
-        chunk = ctx.items[ctx.pos:ctx.pos + max_count]
+        start = ctx.pos
+        chunk = ctx.items[start:start + max_count]
         ctx.pos += len(chunk)
+        offsets = None if ctx.offsets is None else ctx.offsets[start:ctx.pos + 1]
         if ctx.pos >= len(ctx.items):
             del self._ctx[cid]
-            return chunk, True, None
+            return chunk, offsets, True, None
         ctx.expires = time.monotonic() + ctx.timeout
-        return chunk, False, cid
+        return chunk, offsets, False, cid
 
     def close(self, namespace: str, cid: str, client: str) -> None:
         self._get(namespace, None, cid, client)
         del self._ctx[cid]
+
+
+def _size(items: Sequence, start: int) -> int:
+    """Characters (or bytes) of the items from `start` on."""
+    total = 0
+    for i in range(start, len(items)):
+        item = items[i]
+        total += sum(map(len, item)) if type(item) is tuple else len(item)
+    return total
