@@ -254,8 +254,8 @@ def test_manager_kill9_during_define_domain_loses_nothing(stack):
 
 
 def test_manager_slower_than_timeout(stack):
-    """A Manager that answers after 5 s, the server waiting 2 (3 for StartDomain): clean
-    CIM_ERR_FAILED, and reads keep working; then the real Manager is back and so is
+    """A Manager that answers after 5 s, the server waiting 2 (3 for StartDomain): the
+    start becomes a job, and reads keep working; then the real Manager is back and so is
     everything."""
     stack.kill_manager(signal.SIGTERM)
     lt = LoopThread()
@@ -265,10 +265,11 @@ def test_manager_slower_than_timeout(stack):
     try:
         poll_until(lambda: slow_uuid in stack.names(), within=30, what="its entry listed")
         slow.manager.delay = 5.0          # from now on every answer comes after 5 s
-        with pytest.raises(pywbem.CIMError) as exc:
-            start(stack.conn(), slow_uuid)
-        assert exc.value.status_code == pywbem.CIM_ERR_FAILED
-        assert "Manager" in exc.value.status_description
+        # Not done within --sync-wait: the start is a job that follows the slow Manager
+        # (docs/architecture.md "Jobs"), never a failure that then happens anyway.
+        assert start(stack.conn(), slow_uuid) == 4096
+        jobs = stack.conn().EnumerateInstances("VIRT_ConcreteJob")
+        assert jobs and {int(j["JobState"]) for j in jobs} <= {3, 4, 7, 10}
         # reads keep working while the Manager is slow (the server relists every 0.5 s)
         for _ in range(5):
             assert TEST_UUID in stack.names()
@@ -329,7 +330,8 @@ def test_libvirtd_restarted_while_clients_enumerate(stack):
                within=30, what="the server reconnected to libvirtd")
     poll_until(lambda: enabled_state(stack.conn(), TEST_UUID) == 2, within=30,
                what="the running domain back from the restarted libvirtd")
-    assert {c.uuid for c in PASSIVE[3:]} <= stack.names()
+    poll_until(lambda: {c.uuid for c in PASSIVE[3:]} <= stack.names(), within=30,
+               what="the Manager's passive domains still listed")
 
 
 # --- load ---------------------------------------------------------------------------------

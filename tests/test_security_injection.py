@@ -67,7 +67,7 @@ def test_pywbem_sees_names_intact(model):
 
 def test_manager_strings_in_settings_intact(model):
     conn = model.conn()
-    hr = {tuple(i["HostResource"] or ()) for i in
+    hr = {tuple(i.get("HostResource") or ()) for i in
           conn.EnumerateInstances("VIRT_StorageAllocationSettingData")}
     for cfg in PASSIVE:
         assert (cfg.disks[0].source,) in hr

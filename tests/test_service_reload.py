@@ -259,7 +259,7 @@ def test_manager_sighup_rereads_the_log_level_and_survives_a_broken_file(tmp_pat
         svc.wait_log("log level DEBUG (was INFO)")
         svc.wait_log("applied only on restart: --log-target\n")
         # libvirt's errors (the unreachable URI, polled) now show, at DEBUG
-        svc.wait_log("DEBUG cim_provider.manager.cli: libvirt: ")
+        svc.wait_log("DEBUG cim_provider.manager.store: libvirt: ")
         conf.write_text("[manager\n")
         svc.signal(signal.SIGHUP)
         svc.wait_log("reload failed, keeping the current settings")
