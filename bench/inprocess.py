@@ -29,7 +29,7 @@ from types import SimpleNamespace
 
 import pywbem
 
-from bench.run import (EXE, NS, ROOT, RawClient, Setup, _classname, _envelope,
+from bench.run import (EXE, NS, ROOT, SERVE_EXTRA, RawClient, Setup, _classname, _envelope,
                        _instancename, free_port, getinstance_latency, loop_stall,
                        loopback_floor, median_time, mock_peer, pull_all)
 from cim_provider.busdaemon import PrivateBus
@@ -100,7 +100,7 @@ class Served:
         t0 = time.perf_counter()
         self.server = subprocess.Popen(
             [EXE, "serve", "--listen", f"127.0.0.1:{self.port}", "--libvirt-uri", uri,
-             "--manager-bus", self.bus.address, "--log-level", "WARNING", *extra],
+             "--manager-bus", self.bus.address, "--log-level", "WARNING", *SERVE_EXTRA, *extra],
             stdout=self.log, stderr=self.log)
         deadline = time.monotonic() + 300
         while True:

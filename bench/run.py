@@ -46,6 +46,7 @@ from tests.support.libvirtd import Libvirtd  # noqa: E402
 EXE = str(ROOT / ".venv" / "bin" / "cim-provider")
 NS = "root/virt"
 RUNS = 5
+SERVE_EXTRA: list[str] = []     # --serve-arg: more `cim-provider serve` options, every server
 
 
 def free_port() -> int:
@@ -245,7 +246,7 @@ class Setup:
         self.port = free_port()
         self.server = subprocess.Popen(
             [EXE, "serve", "--listen", f"127.0.0.1:{self.port}", "--libvirt-uri", self.lvd.uri,
-             "--manager-bus", self.bus.address, "--log-level", "WARNING"],
+             "--manager-bus", self.bus.address, "--log-level", "WARNING", *SERVE_EXTRA],
             stdout=log, stderr=log)
         self.procs.append(self.server)
         self.wbem = pywbem.WBEMConnection(f"http://127.0.0.1:{self.port}", default_namespace=NS,
@@ -705,6 +706,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--n", type=int, action="append", help="N values (default 100 1000 10000)")
     ap.add_argument("--skip-farm", action="store_true",
                     help="leave out the farm benchmark (bench/farm.py: PostgreSQL, 100,000)")
+    ap.add_argument("--serve-arg", action="append", default=[], metavar="OPTION",
+                    help="an option for every `cim-provider serve` measured, repeatable "
+                         "(e.g. --serve-arg=--metrics-interval=0)")
     ap.add_argument("--skip-inprocess", action="store_true",
                     help="leave out the in-process test-driver configuration and the empty "
                          "server's RSS (bench/inprocess.py)")
@@ -754,6 +758,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(args: argparse.Namespace) -> int:
     ns = args.n or [100, 1000, 10000]
+    SERVE_EXTRA[:] = getattr(args, "serve_arg", [])
     results = []
     inproc = None
     with tempfile.TemporaryDirectory(prefix="cim-bench-") as tmp:
