@@ -771,12 +771,17 @@ def run(args: argparse.Namespace) -> int:
             for r in results:
                 r["baseline_rss_mib"] = base
             inproc = inprocess.measure_inprocess(max(ns), Path(tmp))
+            inproc["smaller"] = [inprocess.getinstance_at(n, Path(tmp))
+                                 for n in sorted(ns) if n != max(ns)]
     text = report(results)
     print()
     print(text)
     if inproc is not None:
         from bench.inprocess import report as inprocess_report
         print("\n" + inprocess_report(inproc), flush=True)
+        from bench.inprocess import report_getinstance
+        for small in inproc.get("smaller", []):
+            print(report_getinstance(small), flush=True)
     devices_and_metrics(max(ns))
     wr = writer_vs_tocimxml()
     print(f"\nCIM-XML for {wr['count']} instances of 15 properties: our writer "

@@ -1,9 +1,11 @@
 """`cim-provider demo`: everything on one machine, nothing outside a temporary folder.
 
-A private dbus-daemon; libvirt's `test:///default` opened once and shared by the
-reference Manager and the WBEM server (each new test:/// connection would get its
-own private state); the Manager with two stores, SQLite seeded with passive domains
-and libvirt's own persistent domains; one transient domain; the server on
+A private dbus-daemon; libvirt's `test:///default`, whose state is one per process
+and seen alike by every connection to it: the WBEM server has one connection, the
+reference Manager its own, so each follows libvirt's domain events itself (libvirt-python
+takes one callback per event and connection) and the Manager polls only as a safety net,
+as `cim-provider manager` does; the Manager with two stores, SQLite seeded with passive
+domains and libvirt's own persistent domains; one transient domain; the server on
 127.0.0.1:5988. So all three kinds of system are there from the first request:
 "test" (running, with its libvirt definition as passive twin), "transient-demo"
 (running, no twin), "gnome-test" and "kde-dev" (passive only; kde-dev is too large
@@ -34,7 +36,7 @@ if TYPE_CHECKING:
     from .busdaemon import PrivateBus
     from .manager.policy import PolicyOptions
     from .manager.service import ManagerHandle
-    from .manager.store import Store
+    from .manager.store import LibvirtConnection, Store
     from .server.main import ServerHandle, Sources
     from .wbem.repository import Repository
 
@@ -132,6 +134,7 @@ class Demo:
     workdir: Path
     bus: PrivateBus | None = None
     conn: libvirt.virConnect | None = None
+    manager_conn: LibvirtConnection | None = None     # the Manager's own connection
     manager: ManagerHandle | None = None
     server: ServerHandle | None = None
     sources: Sources | None = None
@@ -147,6 +150,9 @@ class Demo:
         for store in self.stores:
             with contextlib.suppress(Exception):
                 store.close()
+        if self.manager_conn is not None:
+            with contextlib.suppress(Exception):
+                self.manager_conn.close()
         if self.conn is not None:
             with contextlib.suppress(Exception):
                 self.conn.close()
@@ -159,13 +165,14 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
                      state_dir: Path | None = None, https: Sequence[tuple[str, int]] = (),
                      options: argparse.Namespace | None = None,
                      repo: Repository | None = None, templates: bool = False,
-                     policy: PolicyOptions | None = None) -> Demo:
+                     policy: PolicyOptions | None = None, sync_wait: float = 2.0) -> Demo:
     """Start everything; subscriptions (and the self-signed HTTPS pair) live in
     `state_dir` (default: the demo's folder). `options`: the security options of
     security.add_arguments (users file, PAM, --cert/--key, --insecure-http); `repo`:
     the class repository (default: Repository.load()); `templates`: also ship
     TEMPLATES and the TEMPLATED passive domains (what `cim-provider demo` does);
-    `policy`: the Manager's start policy (default: refuse what does not fit)."""
+    `policy`: the Manager's start policy (default: refuse what does not fit);
+    `sync_wait`: the server's --sync-wait (docs/architecture.md, "Jobs")."""
     import libvirt
 
     from .busdaemon import PrivateBus
@@ -201,16 +208,18 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
             library = TemplateLibrary(folder)
             await loop.run_in_executor(None, sqlite.define_many_templated, [
                 Templated(u, n, t, variables_json(v)) for u, n, t, v in TEMPLATED])
-        shared = LibvirtConnection("test:///default", conn=demo.conn)
-        demo.stores = [sqlite, LibvirtStore(shared)]
-        demo.manager = await serve_manager(demo.bus.address, demo.stores, shared,
+        # Its own connection (opened on first use, after the event implementation):
+        # one handed in would be polled, its events being the server's.
+        demo.manager_conn = own = LibvirtConnection("test:///default")
+        demo.stores = [sqlite, LibvirtStore(own)]
+        demo.manager = await serve_manager(demo.bus.address, demo.stores, own,
                                            templates=library, policy=policy)
         demo.sources = await start_sources(libvirt_conn=demo.conn,
                                            manager_bus=demo.bus.address)
         demo.server = await start_server(sec.listen, repo=repo, sources=demo.sources, host=host,
                                          state_dir=state_dir, https=sec.https,
                                          ssl_context=sec.ssl_context,
-                                         authenticate=sec.authenticate)
+                                         authenticate=sec.authenticate, sync_wait=sync_wait)
         return demo
     except BaseException:
         await demo.close()
@@ -247,6 +256,11 @@ See README.md for starting "gnome-test" through the Manager, pausing it and a re
 
 async def _run(args: argparse.Namespace, repo: Repository) -> int:
     from .server.security import StartupError
+    # From the start: a stop asked for while starting stops it once started, quietly.
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
     try:
         demo = await start_demo(args.listen or [("127.0.0.1", 5988)],
                                 https=args.https_listen or [("127.0.0.1", 5989)], options=args,
@@ -257,13 +271,12 @@ async def _run(args: argparse.Namespace, repo: Repository) -> int:
     assert demo.server is not None and demo.bus is not None      # start_demo started both
     print(_banner(demo.server.addresses[0], demo.bus.address, demo.server.https_addresses),
           flush=True)
-    stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     try:
         await stop.wait()
     finally:
+        # A signal sent to the whole process group (a terminal's Ctrl-C, a service
+        # manager's stop) has stopped the private dbus-daemon as well: every bus
+        # connection ends on its own, and closing takes their errors quietly.
         await demo.close()
     return 0
 

@@ -129,6 +129,73 @@ def test_client_pages_then_asks_only_for_changes(dbus_address, tmp_path):
     run(scenario())
 
 
+def test_changes_reach_the_inventory_one_by_one(dbus_address, tmp_path):
+    """Wired like `serve` (on_change: full lists, on_delta: changes): after the first
+    sync, a define, an update and an undefine each reach the inventory as exactly
+    that record created, modified or deleted, through update_defined, never a full
+    replace; after a generation gap the client lists again and the inventory is
+    still what the Manager lists."""
+    from cim_provider.inventory import Inventory
+
+    async def scenario():
+        handle = await serve_manager(dbus_address, [SqliteStore(tmp_path / "m.db")],
+                                     LibvirtConnection("test:///default"), poll_interval=0.2)
+        bus = await connect(dbus_address)
+        inv = Inventory()
+        fulls: list[int] = []
+        deltas: list[tuple[set, set]] = []
+
+        def on_change(defs):
+            fulls.append(len(defs or {}))
+            inv.set_defined(defs)
+
+        def on_delta(changed, removed):
+            deltas.append((set(changed), set(removed)))
+            inv.update_defined(changed, removed)
+        client = ManagerClient(dbus_address, relist_interval=0.2, on_change=on_change,
+                               on_delta=on_delta)
+        changes = []
+        inv.subscribe(lambda c: changes.append((c.kind, c.uuid)))
+        try:
+            uuids = [(await call(bus, "DefineDomain", "a{sv}", [props(f"i{i}")]))[0]
+                     for i in range(6)]
+            await client.start()
+            await eventually(lambda: len(inv) == 6, within=10.0, what="first sync")
+            assert fulls == [6] and deltas == []
+            changes.clear()
+            steps = [
+                ("created", lambda: call(bus, "DefineDomain", "a{sv}", [props("i-new")])),
+                ("modified", lambda: call(bus, "UpdateDomain", "sa{sv}",
+                                          [uuids[1], values_to_dbus({"VCPUs": 3})])),
+                ("deleted", lambda: call(bus, "UndefineDomain", "s", [uuids[2]])),
+            ]
+            for kind, act in steps:
+                reply = await act()
+                uuid = reply[0] if kind == "created" else uuids[1 if kind == "modified" else 2]
+                await eventually(lambda: changes, within=5.0, what=kind)
+                await asyncio.sleep(0.3)          # anything else would show by now
+                assert changes == [(kind, uuid)], (kind, changes)
+                assert deltas[-1] == (({uuid}, set()) if kind != "deleted"
+                                      else (set(), {uuid}))
+                changes.clear()
+            assert fulls == [6]
+            assert inv.get(uuids[1]).defined.vcpus == 3
+            # A generation gap: the client lists again (a full replace), and the
+            # inventory still equals what the Manager lists.
+            client.generation = 12345       # a generation this Manager never reported
+            await call(bus, "UpdateDomain", "sa{sv}", [uuids[3], values_to_dbus({"VCPUs": 2})])
+            await eventually(lambda: inv.get(uuids[3]).defined.vcpus == 2, within=5.0,
+                             what="the change after the gap")
+            assert fulls == [6, 6] and changes == [("modified", uuids[3])], (fulls, changes)
+            listed = {plain(e)["UUID"] for e in (await call(bus, "ListDomains"))[0]}
+            assert set(inv.defined) == listed and len(listed) == 6
+        finally:
+            await client.stop()
+            bus.disconnect()
+            await handle.stop()
+    run(scenario())
+
+
 def test_client_keeps_the_old_path_without_paging(dbus_address):
     """A Manager with ListDomains and the signals but no paging: ListDomains, as
     before; not a single call of a member it does not offer."""

@@ -1,5 +1,5 @@
 """The reference Manager against real QEMU (TCG, no guest OS) under a private,
-unprivileged libvirtd (tests/test_hotplug_qemu.py's QemuDaemon): StartDomain's own
+unprivileged libvirtd (tests/support/qemu.py's QemuDaemon): StartDomain's own
 --start-timeout (a slow start goes on and is not reported failed), libvirt's real
 error reaching the caller, and disks written with the type and format of what their
 source is (a qcow2 image, a raw one, a block device)."""
@@ -20,11 +20,11 @@ from cim_provider.sources.manager import ManagerClient, ManagerError
 try:
     from tests.support import eventually, run
     from tests.support.dbus_daemon import dbus_address  # noqa: F401 (fixture)
-    from tests.test_hotplug_qemu import QemuDaemon, pytestmark as _needs_qemu
+    from tests.support.qemu import QemuDaemon, needs_qemu as _needs_qemu
 except ImportError:          # tests/ itself is on sys.path (rootdir-less layout)
     from support import eventually, run  # type: ignore
     from support.dbus_daemon import dbus_address  # type: ignore # noqa: F401 (fixture)
-    from test_hotplug_qemu import QemuDaemon, pytestmark as _needs_qemu  # type: ignore
+    from support.qemu import QemuDaemon, needs_qemu as _needs_qemu  # type: ignore
 
 QEMU_IMG = shutil.which("qemu-img")
 pytestmark = [pytest.mark.dbus, pytest.mark.qemu, _needs_qemu]

@@ -1,5 +1,5 @@
 """Jobs on a real hypervisor (issue 12): RequestStateChange on QEMU guests (TCG, no guest
-OS, so nothing answers ACPI) under the private libvirtd of tests/test_hotplug_qemu.py.
+OS, so nothing answers ACPI) under the private libvirtd of tests/support/qemu.py.
 
 - Shutdown and reboot of a guest that ignores ACPI: 4096 and a VIRT_ConcreteJob that
   ends in Exception ("the guest did not shut down within 3 s") after a short
@@ -12,7 +12,6 @@ import os
 import re
 import signal
 import time
-import uuid as uuidlib
 
 import libvirt
 import pytest
@@ -20,67 +19,23 @@ import pywbem
 from pywbem import Uint16
 
 try:
-    from tests.support.lvserver import LibvirtServer
     from tests.support.model import cs_path, wbem_cs, wbemcli
-    from tests.test_hotplug_qemu import QEMU, QemuDaemon, pytestmark as _needs_qemu
-    from tests.test_qemu_truth_state import qemu_pid, wait_running
+    from tests.support.qemu import (needs_qemu, qemu_pid, qemu_server, start_guest)
 except ImportError:
-    from support.lvserver import LibvirtServer  # type: ignore
     from support.model import cs_path, wbem_cs, wbemcli  # type: ignore
-    from test_hotplug_qemu import QEMU, QemuDaemon, pytestmark as _needs_qemu  # type: ignore
-    from test_qemu_truth_state import qemu_pid, wait_running  # type: ignore
+    from support.qemu import (needs_qemu, qemu_pid, qemu_server, start_guest)  # type: ignore
 
-pytestmark = [pytest.mark.qemu, _needs_qemu]
+pytestmark = [pytest.mark.qemu, needs_qemu]
 SHUTDOWN_TIMEOUT = 3.0
-
-
-def acpi_xml(uuid: str, name: str) -> str:
-    return (f"<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>"
-            "<memory unit='MiB'>64</memory><vcpu>1</vcpu>"
-            "<os><type arch='x86_64' machine='pc'>hvm</type></os><features><acpi/></features>"
-            f"<devices><emulator>{QEMU}</emulator><memballoon model='none'/></devices>"
-            "</domain>")
 
 
 @pytest.fixture(scope="module")
 def qemu():
-    daemon = QemuDaemon()
-    try:
-        daemon.start()
-    except Exception as exc:
-        daemon.stop()
-        pytest.skip(f"no private qemu libvirtd here: {exc}")
-    srv = None
-    try:
-        srv = LibvirtServer(daemon.uri, metrics_interval=0, call_timeout=1.0)
+    with qemu_server(metrics_interval=0, call_timeout=1.0) as (daemon, srv):
         systems = srv.server.dispatcher.registry.provider("root/virt", "VIRT_ComputerSystem")
         systems.shutdown_timeout = SHUTDOWN_TIMEOUT
         systems.jobs.sync_wait = 0.5
         yield daemon, srv
-    finally:
-        if srv is not None:
-            try:
-                for d in srv.libvirt.listAllDomains():
-                    try:
-                        os.kill(qemu_pid(d.UUIDString()), signal.SIGCONT)
-                    except (AssertionError, OSError):
-                        pass
-                    if d.isActive():
-                        d.destroy()
-                    if d.isPersistent():
-                        d.undefine()
-            except Exception:
-                pass
-            srv.close()
-        daemon.stop()
-
-
-def guest(srv, name):
-    uuid = str(uuidlib.uuid4())
-    dom = srv.libvirt.defineXML(acpi_xml(uuid, name))
-    dom.create()
-    wait_running(srv, uuid)
-    return uuid, dom
 
 
 def request(wbem, uuid, state):
@@ -108,7 +63,7 @@ def wait_job(wbem, path, within=20.0):
 
 def test_shutdown_ignored_by_the_guest_ends_in_exception(qemu):
     _daemon, srv = qemu
-    uuid, dom = guest(srv, "noacpi")
+    uuid, dom = start_guest(srv, "noacpi")
     wbem = srv.conn()
     rv, out = request(wbem, uuid, 4)
     assert rv == 4096
@@ -168,7 +123,7 @@ def test_shutdown_ignored_by_the_guest_ends_in_exception(qemu):
 
 def test_sigstopped_qemu_suspend_and_destroy_follow_the_real_outcome(qemu):
     _daemon, srv = qemu
-    uuid, dom = guest(srv, "stopped")
+    uuid, dom = start_guest(srv, "stopped")
     wbem = srv.conn()
     pid = qemu_pid(uuid)
 

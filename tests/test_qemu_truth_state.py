@@ -1,5 +1,5 @@
 """Truthful state on a real hypervisor (issue 12): QEMU (TCG, no guest OS, 64 MiB, no
-disk) under the private, unprivileged libvirtd of tests/test_hotplug_qemu.py, served by
+disk) under the private, unprivileged libvirtd of tests/support/qemu.py, served by
 the server fed by libvirt alone (tests/support/lvserver.py).
 
 - QEMU killed with SIGKILL: libvirt reports the domain stopped (failed) and shut off
@@ -14,91 +14,32 @@ the server fed by libvirt alone (tests/support/lvserver.py).
 import os
 import signal
 import time
-import uuid as uuidlib
 
 import libvirt
 import pytest
 
 try:
-    from tests.support.lvserver import LibvirtServer
     from tests.support.model import CS, RASD, cs_path, iid_path, vssd_path
-    from tests.test_hotplug_qemu import QEMU, QemuDaemon, pytestmark as _needs_qemu
+    from tests.support.qemu import (needs_qemu, qemu_pid, qemu_server, start_guest, tiny_xml, wait_running)
 except ImportError:
-    from support.lvserver import LibvirtServer  # type: ignore
     from support.model import CS, RASD, cs_path, iid_path, vssd_path  # type: ignore
-    from test_hotplug_qemu import QEMU, QemuDaemon, pytestmark as _needs_qemu  # type: ignore
+    from support.qemu import (needs_qemu, qemu_pid, qemu_server, start_guest, tiny_xml, wait_running)  # type: ignore
 
 from cim_provider.domain.domxml import parse_domain_xml
 
-pytestmark = [pytest.mark.qemu, _needs_qemu]
+pytestmark = [pytest.mark.qemu, needs_qemu]
 INACTIVE = 2          # VIR_DOMAIN_XML_INACTIVE
-
-
-def tiny_xml(uuid: str, name: str, vcpus: str = "<vcpu>1</vcpu>") -> str:
-    """A guest with nothing to boot: it sits in the firmware, ignoring ACPI."""
-    return (f"<domain type='qemu'><name>{name}</name><uuid>{uuid}</uuid>"
-            f"<memory unit='MiB'>64</memory>{vcpus}"
-            "<os><type arch='x86_64' machine='pc'>hvm</type></os>"
-            f"<devices><emulator>{QEMU}</emulator><memballoon model='none'/></devices>"
-            "</domain>")
 
 
 @pytest.fixture(scope="module")
 def qemu():
-    daemon = QemuDaemon()
-    try:
-        daemon.start()
-    except Exception as exc:       # a host where unprivileged qemu cannot run
-        daemon.stop()
-        pytest.skip(f"no private qemu libvirtd here: {exc}")
-    srv = None
-    try:
-        srv = LibvirtServer(daemon.uri, metrics_interval=0)
-        yield daemon, srv
-    finally:
-        if srv is not None:
-            try:
-                for d in srv.libvirt.listAllDomains():
-                    if d.isActive():
-                        d.destroy()
-                    if d.isPersistent():
-                        d.undefine()
-            except Exception:
-                pass
-            srv.close()
-        daemon.stop()
-
-
-def qemu_pid(uuid: str) -> int:
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                args = f.read().split(b"\0")
-        except OSError:
-            continue
-        if args and b"qemu-system" in args[0] and uuid.encode() in args:
-            return int(entry)
-    raise AssertionError(f"no qemu process for {uuid}")
-
-
-def start(srv, xml: str, uuid: str):
-    dom = srv.libvirt.defineXML(xml)
-    dom.create()
-    wait_running(srv, uuid)
-    return dom
-
-
-def wait_running(srv, uuid: str) -> None:
-    srv.wait(lambda: (r := srv.inventory.get(uuid)) is not None and r.running is not None
-             and r.running.state.name == "RUNNING", what="the qemu guest running")
+    with qemu_server(metrics_interval=0) as pair:
+        yield pair
 
 
 def test_killed_qemu_shows_crashed_and_a_start_clears_it(qemu):
     _daemon, srv = qemu
-    uuid = str(uuidlib.uuid4())
-    dom = start(srv, tiny_xml(uuid, "crash"), uuid)
+    uuid, dom = start_guest(srv, "crash", tiny_xml("{uuid}", "{name}"))
     wbem = srv.conn()
     cs = wbem.GetInstance(cs_path(uuid))
     assert cs["EnabledState"] == 2
@@ -140,7 +81,7 @@ def test_killed_qemu_shows_crashed_and_a_start_clears_it(qemu):
 async def _reasons_at_connect(uri):
     from cim_provider.sources.libvirt import LibvirtSource
     got = {}
-    src = LibvirtSource(uri, on_stop_reasons=got.update)
+    src = LibvirtSource(uri, on_stop_reasons=lambda reasons, _held: got.update(reasons))
     await src.start()
     try:
         assert await src.wait_connected(20)
@@ -151,8 +92,8 @@ async def _reasons_at_connect(uri):
 
 def test_vcpu_hotplug_and_autostart_show_within_one_sample(qemu):
     _daemon, srv = qemu
-    uuid = str(uuidlib.uuid4())
-    dom = start(srv, tiny_xml(uuid, "vcpus", "<vcpu current='1'>2</vcpu>"), uuid)
+    uuid, dom = start_guest(srv, "vcpus", tiny_xml("{uuid}", "{name}",
+                                                   "<vcpu current='1'>2</vcpu>"))
     wbem = srv.conn()
     proc = iid_path(RASD, f"VIRT:state:{uuid}/proc")
     rasd = wbem.GetInstance(proc)

@@ -41,7 +41,10 @@ class TemplatesDemo:
         reset_test_default()
         self.lt = LoopThread()
         try:
-            self.demo = self.lt.run(start_demo([("127.0.0.1", 0)], host=HOST, templates=True))
+            # The examples show DefineSystem's synchronous answer; a loaded test machine
+            # must not turn them into jobs (the job answers: tests/test_jobs_methods.py).
+            self.demo = self.lt.run(start_demo([("127.0.0.1", 0)], host=HOST, templates=True,
+                                               sync_wait=60.0))
         except BaseException:
             self.lt.stop()
             raise

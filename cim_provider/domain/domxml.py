@@ -8,6 +8,7 @@ UUID and name, without which there is no domain.
 """
 from __future__ import annotations
 
+import sys
 import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
@@ -42,7 +43,31 @@ def _kib(elem: ET.Element | None) -> int | None:
     factor = _UNIT_KIB.get((elem.get("unit") or "KiB").lower())
     if value is None or factor is None:
         return None
-    return int(value * factor)
+    return _number(int(value * factor))
+
+
+# Values most domains of a host share (an architecture, a bus, a network, a memory
+# size) are kept once rather than once per record: records live as long as their
+# domain, 10,000 of them in the benchmark (issue 16: memory per domain).
+_NUMBERS: dict[int, int] = {}
+
+
+def _word(text: str | None) -> str | None:
+    return None if text is None else sys.intern(text)
+
+
+def _number(value: int) -> int:
+    if len(_NUMBERS) < 1024:
+        return _NUMBERS.setdefault(value, value)
+    return _NUMBERS.get(value, value)
+
+
+def _first(elem: ET.Element, tag: str) -> ET.Element | None:
+    """`elem.find(tag)` for a plain child tag, without ElementPath's machinery."""
+    for child in elem:
+        if child.tag == tag:
+            return child
+    return None
 
 
 def parse_domain_xml(xml: str, autostart: bool | None = None, *,
@@ -52,82 +77,127 @@ def parse_domain_xml(xml: str, autostart: bool | None = None, *,
     `detail`: also what only a running domain's devices show (the disks' source type,
     pool and block size, the NICs' link state, the consoles): the libvirt source asks
     for it; a definition (the reference Manager's libvirt store) keeps to what the
-    Manager contract carries, so that it compares equal to its D-Bus round trip."""
+    Manager contract carries, so that it compares equal to its D-Bus round trip.
+
+    The server parses every running domain's XML at start-up (10,000 in the benchmark,
+    docs/architecture.md "Sources": "a full read only at (re)connect"): one walk over
+    the root's children and the devices', the same elements ElementPath's `find`,
+    `findall` and `findtext` would pick (the first of a tag, in document order), at a
+    third of their cost."""
     try:
         root = ET.fromstring(xml)
     except ET.ParseError as exc:
         raise DomainXMLError(f"not XML: {exc}") from None
     if root.tag != "domain":
         raise DomainXMLError(f"root element is <{root.tag}>, not <domain>")
-    uuid = canonical_uuid(root.findtext("uuid"))
-    name = (root.findtext("name") or "").strip()
+    # The first child of each tag (find / findtext), every <devices> and <os> (findall
+    # "devices/disk" and find "os/type" look under each of them, in order).
+    first: dict[str, ET.Element] = {}
+    devices: list[ET.Element] = []
+    oses: list[ET.Element] = []
+    for child in root:
+        tag = child.tag
+        if tag == "devices":
+            devices.append(child)
+        elif tag == "os":
+            oses.append(child)
+        if tag not in first and isinstance(tag, str):
+            first[tag] = child
+    uuid_el, name_el, title_el = first.get("uuid"), first.get("name"), first.get("title")
+    uuid = canonical_uuid(uuid_el.text or "" if uuid_el is not None else None)
+    name = ((name_el.text or "") if name_el is not None else "").strip()
     if uuid is None or not name:
         raise DomainXMLError("domain XML without a valid uuid or name")
-    os_type = root.find("os/type")
+    os_type = None
+    for os_el in oses:
+        os_type = _first(os_el, "type")
+        if os_type is not None:
+            break
     disks = []
-    for d in root.findall("devices/disk"):
-        target = d.find("target")
-        dev = target.get("dev") if target is not None else None
-        if target is None or not dev:
-            continue
-        src = d.find("source")
-        source = pool = None
-        if src is not None:
-            source = src.get("file") or src.get("dev") or src.get("volume") or src.get("name")
-            pool = src.get("pool")
-        blockio = d.find("blockio") if detail else None
-        driver = d.find("driver") if detail else None
-        disks.append(Disk(target=dev, source=source,
-                          device=d.get("device") or "disk", bus=target.get("bus"),
-                          source_type=d.get("type") if detail else None,
-                          pool=pool if detail else None,
-                          block_size=_int(blockio.get("logical_block_size"))
-                          if blockio is not None else None,
-                          format=(driver.get("type") or None) if driver is not None
-                          else None))
     nics = []
-    for n in root.findall("devices/interface"):
-        mac = n.find("mac")
-        address = mac.get("address") if mac is not None else None
-        if mac is None or not address:
-            continue
-        src = n.find("source")
-        source = None
-        if src is not None:
-            source = src.get("network") or src.get("bridge") or src.get("dev")
-        model = n.find("model")
-        link = n.find("link") if detail else None
-        nics.append(Nic(mac=address.lower(), type=n.get("type"), source=source,
-                        model=model.get("type") if model is not None else None,
-                        link_state=link.get("state") if link is not None else None))
     graphics = []
-    for g in root.findall("devices/graphics") if detail else ():
-        if not g.get("type"):
-            continue
-        port = _int(g.get("port"))
-        listen = g.get("listen")
-        if listen is None:
-            first = g.find("listen")
-            listen = first.get("address") if first is not None else None
-        graphics.append(Graphics(type=g.get("type") or "", port=port or None, listen=listen,
-                                 autoport=g.get("autoport") == "yes"))
-    vcpu = root.find("vcpu")
+    for dev in devices:
+        for d in dev:
+            tag = d.tag
+            if tag == "disk":
+                disk = _disk(d, detail)
+                if disk is not None:
+                    disks.append(disk)
+            elif tag == "interface":
+                nic = _nic(d, detail)
+                if nic is not None:
+                    nics.append(nic)
+            elif tag == "graphics" and detail:
+                g = _graphics(d)
+                if g is not None:
+                    graphics.append(g)
+    vcpu = first.get("vcpu")
     vcpus = _int(vcpu.get("current")) if vcpu is not None and vcpu.get("current") else None
     if vcpus is None and vcpu is not None:
         vcpus = _int(vcpu.text)
     dtype = (root.get("type") or "").lower()
+    memory = first.get("memory")
     return DomainConfig(
         uuid=uuid, name=name,
-        title=(root.findtext("title") or None),
-        type=_TYPE_NAMES.get(dtype, root.get("type")),
-        os_type=os_type.text.strip() if os_type is not None and os_type.text else None,
-        arch=os_type.get("arch") if os_type is not None else None,
+        title=((title_el.text or None) if title_el is not None else None),
+        type=_TYPE_NAMES.get(dtype) or _word(root.get("type")),
+        os_type=_word(os_type.text.strip()) if os_type is not None and os_type.text else None,
+        arch=_word(os_type.get("arch")) if os_type is not None else None,
         vcpus=vcpus,
         max_vcpus=_int(vcpu.text) if vcpu is not None else None,
-        memory_kib=_kib(root.find("currentMemory")) or _kib(root.find("memory")),
-        max_memory_kib=_kib(root.find("memory")),
+        memory_kib=_kib(first.get("currentMemory")) or _kib(memory),
+        max_memory_kib=_kib(memory),
         autostart=None if autostart is None else bool(autostart),
         disks=tuple(disks), nics=tuple(nics), graphics=tuple(graphics))
+
+
+def _disk(d: ET.Element, detail: bool) -> Disk | None:
+    target = _first(d, "target")
+    dev = target.get("dev") if target is not None else None
+    if target is None or not dev:
+        return None
+    src = _first(d, "source")
+    source = pool = None
+    if src is not None:
+        source = src.get("file") or src.get("dev") or src.get("volume") or src.get("name")
+        pool = _word(src.get("pool"))
+    blockio = _first(d, "blockio") if detail else None
+    driver = _first(d, "driver") if detail else None
+    return Disk(target=sys.intern(dev), source=source,
+                device=_word(d.get("device")) or "disk", bus=_word(target.get("bus")),
+                source_type=_word(d.get("type")) if detail else None,
+                pool=pool if detail else None,
+                block_size=_int(blockio.get("logical_block_size"))
+                if blockio is not None else None,
+                format=(_word(driver.get("type")) or None) if driver is not None else None)
+
+
+def _nic(n: ET.Element, detail: bool) -> Nic | None:
+    mac = _first(n, "mac")
+    address = mac.get("address") if mac is not None else None
+    if mac is None or not address:
+        return None
+    src = _first(n, "source")
+    source = None
+    if src is not None:
+        source = _word(src.get("network") or src.get("bridge") or src.get("dev"))
+    model = _first(n, "model")
+    link = _first(n, "link") if detail else None
+    return Nic(mac=address.lower(), type=_word(n.get("type")), source=source,
+               model=_word(model.get("type")) if model is not None else None,
+               link_state=_word(link.get("state")) if link is not None else None)
+
+
+def _graphics(g: ET.Element) -> Graphics | None:
+    if not g.get("type"):
+        return None
+    port = _int(g.get("port"))
+    listen = g.get("listen")
+    if listen is None:
+        first = _first(g, "listen")
+        listen = first.get("address") if first is not None else None
+    return Graphics(type=_word(g.get("type")) or "", port=port or None, listen=_word(listen),
+                    autoport=g.get("autoport") == "yes")
 
 
 def config_to_domain_xml(cfg: DomainConfig, libvirt_type: str = "test") -> str:

@@ -6,15 +6,21 @@ change feed can carry the old and the new one side by side.
 from __future__ import annotations
 
 import enum
+import re
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+
+
+_CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 def canonical_uuid(value: object) -> str | None:
     """Canonical lower-case 8-4-4-4-12 form, or None when `value` is not a UUID."""
     if not isinstance(value, str) or len(value) > 64:
         return None
+    if type(value) is str and _CANONICAL.fullmatch(value):   # libvirt's: as uuid.UUID gives it
+        return value
     try:
         return str(uuidlib.UUID(value.strip()))
     except ValueError:

@@ -103,6 +103,11 @@ class RunningSource(Protocol):
 
     async def reset(self, uuid: str) -> None: ...
 
+    async def abort_job(self, uuid: str) -> bool:
+        """Abort libvirt's own job on the domain (save, dump, migration); False when it
+        has none. For a CIM job a client stops (docs/architecture.md, "Jobs")."""
+        ...
+
     async def host_info(self) -> dict[str, Any]: ...
 
     # Devices of a running domain (hot-plug). Each acts on the live domain, and with

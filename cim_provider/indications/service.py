@@ -77,15 +77,22 @@ class IndicationService:
     def _on_change(self, change: Change) -> None:
         build = self._build
         assert build is not None
+        # Nobody subscribed: no indication to build (at a first sync of 100,000
+        # definitions, building them was most of its time; docs/architecture.md,
+        # "Sources"). The last instance is still kept for a later modification.
+        listening = next(iter(self.subs.active()), None) is not None
         if change.kind == "deleted":
             assert change.old is not None       # a deletion carries the record deleted
-            old = self._last.pop(change.uuid, None) or build(change.old)
-            self.publish(self.indication("deleted", old))
+            old = self._last.pop(change.uuid, None)
+            if listening:
+                self.publish(self.indication("deleted", old or build(change.old)))
             return
         assert change.new is not None           # a creation or change carries the new one
         new = build(change.new)
         old = self._last.get(change.uuid)
         self._last[change.uuid] = new
+        if not listening:
+            return
         if change.kind == "created" or old is None:
             self.publish(self.indication("created", new))
             return

@@ -1,10 +1,11 @@
 """The merged view of every domain, kept up to date incrementally, with a change feed.
 
 Two sources feed it: libvirt (what runs now: a full snapshot after each connect, then
-one event at a time) and the Manager (what is defined: a full list each time it
-changes, or None while the Manager is away). Readers (the CIM providers) call `get`
-and `records` far more often than the sources change anything, so reads are O(1) or
-served from a cache, and every write touches only the records it concerns.
+one event at a time) and the Manager (what is defined: a full list at the first sync
+and after a gap, otherwise only what changed, or None while the Manager is away).
+Readers (the CIM providers) call `get` and `records` far more often than the sources
+change anything, so reads are O(1) or served from a cache, and every write touches
+only the records it concerns.
 
 Not thread-safe: everything runs on the asyncio loop.
 """
@@ -59,6 +60,7 @@ class Inventory:
         self._running: dict[str, RunningDomain] = {}
         self._defined: dict[str, DomainConfig] = {}
         self._stop_reasons: dict[str, str] = {}          # libvirt's, shown while not running
+        self._held: dict[str, DomainConfig] = {}         # libvirt's definitions of those
         self._records: dict[str, DomainRecord] = {}
         self._keys: list[tuple[str, str]] = []          # sorted (name, uuid)
         self._ordered: tuple[DomainRecord, ...] | None = ()
@@ -92,22 +94,47 @@ class Inventory:
         self._apply((uuid,))
 
     def set_defined(self, defined: Mapping[str, DomainConfig] | None) -> None:
-        """Replace the Manager's definitions; None means the Manager is absent."""
+        """Replace the Manager's definitions; None means the Manager is absent. Compares
+        every definition: for a full (re-)list; changes alone go to `update_defined`."""
         old = self._defined
         new = dict(defined) if defined is not None else {}
-        touched = [u for u, cfg in new.items() if old.get(u) != cfg]
+        get = old.get
+        # `is` first: an unchanged definition is usually the very object held already.
+        touched = [u for u, cfg in new.items() if (o := get(u)) is not cfg and o != cfg]
         touched += [u for u in old if u not in new]
         self._defined = new
         self._apply(touched)
 
-    def set_stop_reasons(self, reasons: Mapping[str, str]) -> None:
-        """Replace why libvirt last stopped domains on a failure (by UUID)."""
-        old = self._stop_reasons
-        new = dict(reasons)
+    def update_defined(self, changed: Mapping[str, DomainConfig],
+                       removed: Iterable[str] = ()) -> None:
+        """Apply a part of the Manager's definitions: `changed`, new or changed ones by
+        UUID, and `removed`, UUIDs it no longer lists (a UUID in both stays, as
+        `changed` says). Costs O(changed + removed), whatever the number held: the
+        Manager client's path for ListChangesSince (docs/architecture.md, "Sources")."""
+        defined = self._defined
+        touched = [u for u in removed if u not in changed and defined.pop(u, None) is not None]
+        for uuid, cfg in changed.items():
+            old = defined.get(uuid)
+            if old is cfg or old == cfg:
+                continue
+            defined[uuid] = cfg
+            touched.append(uuid)
+        self._apply(touched)
+
+    def set_stop_reasons(self, reasons: Mapping[str, str],
+                         held: Mapping[str, DomainConfig] | None = None) -> None:
+        """Replace why libvirt last stopped domains on a failure (by UUID) and, of those
+        it still holds persistently, their definitions (`held`): such a domain stays a
+        record while neither libvirt runs it nor the Manager lists it
+        (docs/architecture.md, "States")."""
+        old, old_held = self._stop_reasons, self._held
+        new, new_held = dict(reasons), dict(held or {})
         touched = [u for u, r in new.items() if old.get(u) != r]
         touched += [u for u in old if u not in new]
-        self._stop_reasons = new
-        self._apply(touched)
+        touched += [u for u, c in new_held.items() if old_held.get(u) != c]
+        touched += [u for u in old_held if u not in new_held]
+        self._stop_reasons, self._held = new, new_held
+        self._apply(dict.fromkeys(touched))
 
     # ---- reads --------------------------------------------------------------------
 
@@ -156,7 +183,10 @@ class Inventory:
         Many at once (a full snapshot at start-up or reconnect): the name order is
         sorted once at the end instead of kept by one insertion per record."""
         uuids = list(uuids)
-        bulk = len(uuids) > BULK
+        # Sorting afresh costs O(all); inserting one by one O(all) each: sort only when
+        # the batch is a good share of everything (a first sync), not for a few hundred
+        # changes among 100,000.
+        bulk = len(uuids) > BULK and len(uuids) * 16 > len(self._records)
         changes: list[Change] = []
         for uuid in uuids:
             change = self._recompute(uuid, bulk)
@@ -180,6 +210,8 @@ class Inventory:
         old = self._records.get(uuid)
         run = self._running.get(uuid)
         cfg = self._defined.get(uuid)
+        if cfg is None and run is None and uuid in self._stop_reasons:
+            cfg = self._held.get(uuid)      # libvirt's own, of a domain it stopped on a failure
         if run is None and cfg is None:
             if old is None:
                 return None

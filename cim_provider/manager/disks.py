@@ -6,12 +6,15 @@ the matching libvirt type (file, block, volume) and the image format libvirt nee
 <driver type=...>: `qemu-img info` for files and devices, the volume's own XML for
 volumes. A format that cannot be found out is left unset, never guessed (a qcow2
 image started as raw would show the guest its qcow2 header as its disk). What the
-definition states itself (`Type`, `Format`, `CapacityBytes`) is kept.
+definition states itself (`Type`, `Format`, `CapacityBytes`) is kept. A templated
+definition's rendered XML is resolved the same way (`resolve_domain_xml`).
 
 Blocking (a subprocess, libvirt calls): called off the event loop.
 """
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import logging
 import os
@@ -154,5 +157,75 @@ def resolve_disks(conn: libvirt.virConnect | None, cfg: DomainConfig, *,
     return replace(cfg, disks=tuple(disks))
 
 
-__all__ = ["DiskError", "resolve_disk", "resolve_disks", "source_kind", "image_info",
-           "volume_info"]
+def resolve_domain_xml(conn: libvirt.virConnect | None, xml: str, *, strict: bool) -> str:
+    """Domain XML written by someone else (a rendered template) with its disks resolved
+    as an ordinary definition's are: a path disk (`<source file=>` or `<source dev=>`)
+    gets the type of what the path is on this host (file or block, its source attribute
+    to match), and every disk whose `<driver>` states no type gets the image format
+    (qemu-img info; a storage volume's own XML). What the XML states in `<driver
+    type=>` is kept; disks of other types (network, dir, ...) are left as written.
+    `strict`: a storage volume libvirt does not have is a DiskError (at start). XML that
+    needs no change, or that does not parse (the caller's parser says why), comes back
+    as it was."""
+    try:
+        root = ET.fromstring(xml)
+    except ET.ParseError:
+        return xml
+    changed = False
+    for el in root.findall("devices/disk"):
+        src, target = el.find("source"), el.find("target")
+        if src is None:
+            continue
+        dev = (target.get("dev") if target is not None else None) or "?"
+        driver = el.find("driver")
+        stated = (driver.get("type") or None) if driver is not None else None
+        kind = el.get("type") or "file"
+        if kind in ("file", "block"):
+            path = src.get("file") or src.get("dev")
+            if not path or not os.path.isabs(path):
+                continue
+            # a path this host does not have stays as written: libvirt says what is wrong
+            disk = Disk(dev, path, source_type=source_kind(path) if os.path.exists(path)
+                        else kind, format=stated)
+        elif kind == "volume" and src.get("pool") and src.get("volume"):
+            disk = Disk(dev, f"{src.get('pool')}/{src.get('volume')}", source_type="volume",
+                        format=stated)
+        else:
+            continue
+        if stated is None:       # the format (and the size, unused here) from the image
+            try:
+                disk = resolve_disk(conn, disk, strict=strict)
+            except DiskError as exc:
+                raise DiskError(f"disk {dev}: {exc}") from None
+        if disk.source_type in ("file", "block") and disk.source_type != kind:
+            el.set("type", disk.source_type)
+            src.attrib.pop("file", None)
+            src.attrib.pop("dev", None)
+            src.set("dev" if disk.source_type == "block" else "file", disk.source or "")
+            changed = True
+        if disk.format and not stated:
+            if driver is None:
+                driver = ET.Element("driver")
+                el.insert(0, driver)
+            driver.set("type", disk.format)
+            changed = True
+    if not changed:
+        return xml
+    _keep_prefixes(xml)
+    return ET.tostring(root, encoding="unicode")
+
+
+def _keep_prefixes(xml: str) -> None:
+    """Write the namespaces of `xml` (`qemu:commandline`, metadata) with their own
+    prefixes, not ElementTree's ns0, ns1."""
+    try:
+        for _event, (prefix, uri) in ET.iterparse(io.StringIO(xml), events=("start-ns",)):
+            if prefix:
+                with contextlib.suppress(ValueError):
+                    ET.register_namespace(prefix, uri)
+    except ET.ParseError:
+        pass
+
+
+__all__ = ["DiskError", "resolve_disk", "resolve_disks", "resolve_domain_xml", "source_kind",
+           "image_info", "volume_info"]

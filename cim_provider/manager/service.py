@@ -57,7 +57,7 @@ from ..domain.records import DomainConfig
 from ..domain.defaults import DEFAULT_MEMORY_KIB
 from ..domain.domxml import DomainXMLError, config_to_domain_xml, parse_domain_xml
 from ..domain.records import canonical_uuid
-from .disks import DiskError, resolve_disks
+from .disks import DiskError, resolve_disks, resolve_domain_xml
 from .policy import (MAKE_ROOM, Action, Done, Plan, PolicyOptions, Refusal, Running,
                      displace, plan_start, undo, with_current_memory)
 from .policy import size_text as _size
@@ -172,6 +172,9 @@ class ManagerService(ServiceInterface):
         self.start_timeout = float(start_timeout)
         self._pending_starts: dict[str, asyncio.Future] = {}
         self.templates = templates if templates is not None else TemplateLibrary(None)
+        # What the lists show of a templated definition has its disks resolved (type,
+        # image format) as an ordinary definition's; StartDomain resolves them again.
+        self.templates.resolver = self._resolve_listed
         self.policy = policy if policy is not None else PolicyOptions()
         self._hypervisor: Optional[str] = None      # the libvirt domain type, for templates
         self._templates_changed: set[str] = set()   # by the last _collect
@@ -195,6 +198,9 @@ class ManagerService(ServiceInterface):
         self._farm_only = self.farm is not None and len(self.stores) == 1
         self._generation = 0 if self._farm_only else time.time_ns() // 1000
         self._snapshot: dict[str, Entry] = {}
+        # name -> UUIDs of the snapshot using it, kept by _sync: a name check in O(1)
+        # rather than a scan of 100,000 definitions per DefineDomain.
+        self._names: dict[str, list[str]] = {}
         self._local: dict[str, Entry] = {}          # what the local stores hold
         self._listed: list[str] = []                # sorted UUIDs the lists offer
         self._journal: collections.deque[tuple[int, str]] = collections.deque()
@@ -205,6 +211,7 @@ class ManagerService(ServiceInterface):
         self._place_lock = asyncio.Lock()           # policy + placement, one at a time
         self._start_locks: dict[str, asyncio.Lock] = {}   # one start per UUID at a time
         self._events_all = False                    # events followed on every connection
+        self._stores_seen: tuple[object, ...] = ()  # Store.version() at the last listing
         self._warned_twice: set[tuple[str, int]] = set()
         self._change_lock = asyncio.Lock()      # defines, undefines, updates, starts
         self._sync_lock = asyncio.Lock()        # snapshot comparison and signals
@@ -308,9 +315,10 @@ class ManagerService(ServiceInterface):
             loop.call_soon_threadsafe(self._want_sync)
         for lc in self._libvirt_connections():
             if not lc.owned and (self.farm is None or lc is not self.libvirt):
-                # a connection handed in (the demo's, shared with the server): its owner
-                # follows its events, and libvirt takes one callback per event and
-                # connection; this one is polled
+                # a connection handed in (shared with the rest of the process): its
+                # owner follows its events, and libvirt-python takes one callback per
+                # event and connection; this one is polled (the demo gives the Manager a
+                # connection of its own, so it follows events)
                 followed[id(lc)] = False
                 continue
             try:
@@ -339,12 +347,19 @@ class ManagerService(ServiceInterface):
         self._events_all = bool(followed) and all(followed.values())
 
     def _tick(self) -> tuple[set[str], bool]:
-        """Between safety polls (blocking): the templates that changed, and whether a
-        libvirt connection was reopened (its events missed meanwhile: re-read)."""
+        """Between safety polls (blocking): the templates that changed, and whether to
+        re-read: a libvirt connection was reopened (its events missed meanwhile), or a
+        store was written behind our back (another process, or the demo's seeding, on
+        the SQLite file: `Store.version`)."""
         changed = self.templates.refresh()
         before = set(self._events_on)
         self._watch_libvirt()
-        return changed, set(self._events_on) != before or not self._events_all
+        written = self._store_versions() != self._stores_seen
+        return changed, set(self._events_on) != before or not self._events_all or written
+
+    def _store_versions(self) -> tuple[object, ...]:
+        """What the local stores say of their own changes (blocking; None: nothing)."""
+        return tuple(None if _is_farm(s) else s.version() for s in self.stores)
 
     def _unwatch_libvirt(self) -> None:
         """Take our event callbacks off libvirt (blocking): none may call a finished loop."""
@@ -357,7 +372,7 @@ class ManagerService(ServiceInterface):
 
     def _poll_every(self) -> float:
         """poll_interval, or safety_poll while every libvirt connection has events
-        (SQLite rows only change through this service)."""
+        (SQLite rows written behind our back show in Store.version, checked by _tick)."""
         if self._events_all and self.farm is None:
             return self.safety_poll
         return self.poll_interval
@@ -468,6 +483,8 @@ class ManagerService(ServiceInterface):
         """Every definition in every local store (blocking), and the UUIDs libvirt runs
         (None: libvirt did not answer). A UUID held twice: first store wins. The farm
         store is merged on the loop (`_merged`)."""
+        # Before listing: a write after this is seen by the next _tick.
+        self._stores_seen = self._store_versions()
         try:
             running: Optional[set[str]] = self._running_uuids()
             self._trouble("libvirt", None)
@@ -595,6 +612,12 @@ class ManagerService(ServiceInterface):
             changed: list[str] = []
             snap = self._snapshot
             bulk = len(touched) > 1000        # then sort once rather than insert each
+            rows = [fe.template for u in touched if self.farm is not None
+                    and (fe := self.farm.entries.get(u)) is not None and fe.template is not None]
+            if rows:
+                # qemu-img may run for their disks: not on the loop (then cache hits)
+                with contextlib.suppress(DBusError):
+                    await self._blocking(self._render_rows, rows)
             for u in touched:
                 old = snap.get(u)
                 new = self._merged(u)
@@ -606,6 +629,7 @@ class ManagerService(ServiceInterface):
                 else:
                     snap[u] = new
                     (defined if old is None else changed).append(u)
+                self._name_index(u, old, new)
                 if not bulk:
                     self._index(u, old, new)
             if bulk:
@@ -720,6 +744,21 @@ class ManagerService(ServiceInterface):
             raise DBusError(ERROR_NOT_FOUND, f"no definition with UUID {canonical}")
         return entry
 
+    def _resolve_listed(self, xml: str) -> str:
+        """A rendered template's XML with its disks resolved for the lists (blocking;
+        a source that cannot be read, a volume libvirt lacks, is left as written)."""
+        try:
+            conn: Optional[libvirt.virConnect] = self.libvirt.get()
+        except StoreError:
+            conn = None
+        return resolve_domain_xml(conn, xml, strict=False)
+
+    def _render_rows(self, rows: list[Templated]) -> None:
+        """Render (and resolve the disks of) the farm's templated rows off the loop, so
+        that `_merged`, on the loop, finds them in the templates' cache."""
+        for row in rows:
+            self._rendered(row)
+
     def _probe_disks(self, cfg: DomainConfig) -> DomainConfig:
         """A definition's disks with the Type, Format and CapacityBytes their sources
         show now (blocking; what the definition states is kept, a source that cannot
@@ -786,10 +825,21 @@ class ManagerService(ServiceInterface):
 
     def _check_name(self, cfg: DomainConfig) -> None:
         """Names are unique across stores, as libvirt wants them."""
-        for other in self._snapshot.values():
-            if other.config.name == cfg.name and other.config.uuid != cfg.uuid:
+        for uuid in self._names.get(cfg.name, ()):
+            if uuid != cfg.uuid:
                 raise DBusError(ERROR_INVALID_ARGUMENT,
-                                f"the name {cfg.name!r} is already used by {other.config.uuid}")
+                                f"the name {cfg.name!r} is already used by {uuid}")
+
+    def _name_index(self, uuid: str, old: Optional[Entry], new: Optional[Entry]) -> None:
+        """Keep `_names` in step with one snapshot change."""
+        if old is not None and (new is None or new.config.name != old.config.name):
+            users = self._names.get(old.config.name)
+            if users is not None and uuid in users:
+                users.remove(uuid)
+                if not users:
+                    del self._names[old.config.name]
+        if new is not None and (old is None or new.config.name != old.config.name):
+            self._names.setdefault(new.config.name, []).append(uuid)
 
     # ------------------------------------------------------------ starting
 
@@ -847,13 +897,18 @@ class ManagerService(ServiceInterface):
             cfg = resolve_disks(conn, entry.config, strict=True)
             return config_to_domain_xml(cfg, libvirt_type_for(conn, cfg)), cfg
         try:
+            # its disks as what their sources are now, as an ordinary definition's
             xml, cfg = self.templates.render(row.template, row.uuid, row.name, row.values(),
                                              self._hypervisor or libvirt_type_for(
-                                                 conn, entry.config))
+                                                 conn, entry.config),
+                                             functools.partial(resolve_domain_xml, conn,
+                                                               strict=True))
         except UnknownTemplate as exc:
             raise DBusError(ERROR_FAILED, f"cannot start {row.name}: {exc.args[0]}") from None
         except TemplateError as exc:
             raise DBusError(ERROR_INVALID_ARGUMENT, f"cannot start {row.name}: {exc}") from None
+        except DiskError as exc:
+            raise DiskError(f"{row.name}: {exc}") from None
         return xml, replace(cfg, priority=row.priority, min_memory_kib=row.min_memory_kib)
 
     @staticmethod
@@ -1486,8 +1541,11 @@ class ManagerHandle:
         await self.service.close()
         for conn in self._connections:
             conn.close()          # only closes what it opened itself
-        if self._own_bus and self.bus.connected:
-            self.bus.disconnect()
+        if self._own_bus:
+            if self.bus.connected:
+                self.bus.disconnect()
+            # Also when the bus went away first (its daemon stopped by the same signal):
+            # the error it ended with is taken here, not logged as never retrieved.
             with contextlib.suppress(Exception):
                 await self.bus.wait_for_disconnect()
 

@@ -69,8 +69,8 @@ def default_db_path() -> Path:
 class LibvirtConnection:
     """One libvirt connection, opened on first use and reopened after it died.
 
-    A connection handed in by the caller (the demo shares one `test:///default`
-    connection between the Manager and the WBEM server) is used as is and never closed.
+    A connection handed in by the caller (a process that shares one connection
+    between the Manager and its own use) is used as is and never closed.
     """
 
     def __init__(self, uri: str | None = None, conn: libvirt.virConnect | None = None) -> None:
@@ -195,6 +195,12 @@ class Store(abc.ABC):
     def update_templated(self, row: Templated) -> None:
         raise StoreError(ERROR_NOT_SUPPORTED, f"{self.spec} cannot hold templated definitions")
 
+    def version(self) -> object:
+        """Something cheap that changes whenever the store's content may have (the
+        service re-reads it then, between its safety polls); None: no such thing
+        (libvirt's store follows libvirt's events instead)."""
+        return None
+
     def close(self) -> None:
         pass
 
@@ -217,6 +223,7 @@ class SqliteStore(Store):
         self._db = sqlite3.connect(self.path, timeout=10.0, isolation_level=None,
                                    check_same_thread=False)
         self._lock = threading.Lock()
+        self._writes = 0          # transactions committed through this object
         with self._lock:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=FULL")
@@ -237,6 +244,7 @@ class SqliteStore(Store):
                 self._db.execute("BEGIN IMMEDIATE")
                 yield self._db
                 self._db.execute("COMMIT")
+                self._writes += 1
             except BaseException:
                 with contextlib.suppress(sqlite3.Error):   # keep the first error
                     if self._db.in_transaction:
@@ -340,6 +348,16 @@ class SqliteStore(Store):
                         f"updating {old.uuid}")
         if n == 0:
             raise StoreError(ERROR_NOT_FOUND, f"no definition with UUID {old.uuid}")
+
+    def version(self) -> object:
+        """(commits through this object, SQLite's data_version: it moves when another
+        connection, of this process or another, commits to the file)."""
+        try:
+            with self._lock:
+                row = self._db.execute("PRAGMA data_version").fetchone()
+        except sqlite3.Error:
+            return None
+        return self._writes, row[0] if row else None
 
     def close(self) -> None:
         with self._lock:

@@ -27,6 +27,11 @@ the `safe` filter, or a variable it does not declare, is refused when it is load
 result must be one libvirt <domain> with the definition's UUID and name, within the
 contract's limits. Every failure is a TemplateError whose message names the
 variable or the line, for Error.InvalidArgument.
+
+Disks: the Manager hands a resolver in (`resolve`, `TemplateLibrary.resolver`: the
+rendered XML's disks as what their sources are, manager/disks.py), so a templated
+definition's disks get their type and image format like an ordinary definition's; the
+config then carries them (the contract's Type and Format keys).
 """
 from __future__ import annotations
 
@@ -36,7 +41,7 @@ import logging
 import os
 import re
 import threading
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -167,8 +172,11 @@ class Template:
         return out
 
     def render(self, uuid: str, name: str, given: Mapping[str, Any],
-               hypervisor: str) -> tuple[str, DomainConfig]:
-        """(domain XML, its DomainConfig) for one definition, or TemplateError."""
+               hypervisor: str, resolve: Callable[[str], str] | None = None
+               ) -> tuple[str, DomainConfig]:
+        """(domain XML, its DomainConfig) for one definition, or TemplateError.
+        `resolve`: rewrites the rendered XML (its disks, manager/disks.py) once it has
+        passed the checks on its text."""
         values = self.check(given, strict=False)
         context: dict[str, Any] = {}
         for var in self.variables:
@@ -188,17 +196,24 @@ class Template:
         except Exception as exc:        # the template's own arithmetic, a bad filter call
             raise TemplateError(f"template {self.name}, line {_line(exc) or '?'}: "
                                 f"{type(exc).__name__}: {exc}") from None
+        if resolve is not None:
+            self._check_text(xml)
+            xml = resolve(xml)
         return xml, self._config(xml, uuid, name)
 
-    def _config(self, xml: str, uuid: str, name: str) -> DomainConfig:
+    def _check_text(self, xml: str) -> None:
         if len(xml) > MAX_RENDERED:
             raise TemplateError(f"template {self.name} renders {len(xml)} characters "
                                 f"(at most {MAX_RENDERED})")
         if "<!DOCTYPE" in xml or "<!ENTITY" in xml:
             raise TemplateError(f"template {self.name} renders a DOCTYPE or ENTITY, which "
                                 "libvirt domain XML never needs")
+
+    def _config(self, xml: str, uuid: str, name: str) -> DomainConfig:
+        self._check_text(xml)
         try:
-            cfg = parse_domain_xml(xml)
+            # detail: the disks' type and <driver> format are part of the definition
+            cfg = parse_domain_xml(xml, detail=True)
         except DomainXMLError as exc:
             raise TemplateError(f"template {self.name} renders invalid domain XML: "
                                 f"{exc}{_bad_line(xml, exc)}") from None
@@ -366,6 +381,9 @@ class TemplateLibrary:
         self._broken: dict[str, str] = {}
         self._lock = threading.Lock()
         self._cache: dict[str, tuple[tuple[Any, ...], DomainConfig | TemplateError]] = {}
+        # Applied to every rendering `config` lists (the Manager's: disks resolved);
+        # blocking, so `config` is called off the event loop, or hits the cache.
+        self.resolver: Callable[[str], str] | None = None
 
     def get(self, name: str) -> Template:
         t = self.templates.get(name)
@@ -435,9 +453,10 @@ class TemplateLibrary:
         return changed
 
     def render(self, template: str, uuid: str, name: str, variables: Mapping[str, Any],
-               hypervisor: str) -> tuple[str, DomainConfig]:
+               hypervisor: str, resolve: Callable[[str], str] | None = None
+               ) -> tuple[str, DomainConfig]:
         """Render now (StartDomain): (XML, config) or TemplateError / UnknownTemplate."""
-        return self.get(template).render(uuid, name, variables, hypervisor)
+        return self.get(template).render(uuid, name, variables, hypervisor, resolve)
 
     def config(self, uuid: str, name: str, template: str, variables_json: str,
                hypervisor: str) -> DomainConfig:
@@ -454,7 +473,8 @@ class TemplateLibrary:
                 if t is None:
                     self.get(template)             # raises UnknownTemplate
                 assert t is not None
-                result = t.render(uuid, name, json.loads(variables_json), hypervisor)[1]
+                result = t.render(uuid, name, json.loads(variables_json), hypervisor,
+                                  self.resolver)[1]
             except (TemplateError, UnknownTemplate) as exc:
                 result = TemplateError(str(exc.args[0] if exc.args else exc))
             self._cache[uuid] = (key, result)

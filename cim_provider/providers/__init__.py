@@ -33,6 +33,7 @@ def virt_providers(backend: Backend, jobs: Jobs | None = None) -> list[Provider]
     caps = Capabilities(backend, pools)
     settings.capabilities = caps.settings
     vsms = ManagementServiceProvider(backend)
+    vsms.jobs = jobs
     settings.templates = vsms.templates.settings           # the Manager's templates
     allocation = AllocationAssociationsProvider(backend, pools, caps, devices)
     metrics = MetricsProvider(backend)

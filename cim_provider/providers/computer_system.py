@@ -7,18 +7,20 @@ mapping and RequestStateChange follow the tables in docs/architecture.md ("State
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pywbem
 from pywbem import CIMError, CIMInstance, CIMInstanceName
 
-from ..domain.records import DomainRecord, Kind, RunState
+from ..domain.records import DomainRecord, Kind, RunState, canonical_uuid
 from ..domain.sources import SourceError, Timeout
 from ..wbem.instance import split_values
 from ..wbem.provider import Instance, Provider
 from .backend import CS_CLASS, VIRT_NS, Backend, make
-from .jobs import RC_JOB_STARTED, Jobs, follow_state, job_path
+from .evidence import follow_state
+from .jobs import (EVIDENCE, LIBVIRT, MANAGER, RC_JOB_STARTED, Jobs, job_path, libvirt_abort,
+                   set_phase)
 
 log = logging.getLogger(__name__)
 
@@ -150,6 +152,10 @@ class SystemInstance(Instance):
 class ComputerSystemProvider(Provider):
     namespace = VIRT_NS
     classnames = (CS_CLASS,)
+    # Asked even for a system this server does not show: a farm system placed on
+    # another host is left out of this host's lists, and a start of it answers
+    # CIM_ERR_FAILED naming that host (`_startable`), else CIM_ERR_NOT_FOUND as usual.
+    invokes_on_missing = frozenset({"requeststatechange"})
 
     def __init__(self, backend: Backend):
         self.b = backend
@@ -186,6 +192,26 @@ class ComputerSystemProvider(Provider):
         self._all = (records, gen, out)
         return out
 
+    async def enumerate_keys(self, classname: str) -> Sequence[Any]:
+        """The inventory's tuple of records: a pull context makes the systems of each
+        page when it is pulled (wbem/provider.py, instances_of)."""
+        return self.b.inventory.records()
+
+    async def instances_of(self, classname: str, keys: Sequence[Any], start: int,
+                           stop: int) -> Sequence[CIMInstance]:
+        """The systems of `keys[start:stop]` (records) as they are now; a record gone
+        since is left out."""
+        last, inv = self._all, self.b.inventory
+        if last is not None and last[0] is keys and inv.records() is keys \
+                and last[1] == self.b.requested_generation:
+            return last[2][start:stop]           # nothing changed: the enumeration's own
+        out = []
+        for rec in keys[start:stop]:
+            cur = inv.get(rec.uuid)
+            if cur is not None:
+                out.append(self.instance(cur))
+        return out
+
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
         return self.instance(self.b.record_for(path))
 
@@ -219,7 +245,8 @@ class ComputerSystemProvider(Provider):
         timeout = params.get("TimeoutPeriod")
         if timeout is not None and _nonzero_interval(timeout):
             return RC_TIMEOUT_NOT_SUPPORTED, {}
-        rec = self.b.record_for(target)
+        rec = await self._startable(target) if requested == ENABLED \
+            else self.b.record_for(target)
         if requested not in states_supported(rec):
             return RC_INVALID_TRANSITION, {}
         uuid = rec.uuid
@@ -237,14 +264,47 @@ class ComputerSystemProvider(Provider):
         if jobs is None:
             await work
             return RC_OK, {}
-        job = await jobs.run("RequestStateChange", uuid,
-                             f"RequestStateChange({requested}) of {rec.name}", work)
+        job, _ = await jobs.run("RequestStateChange", uuid,
+                                f"RequestStateChange({requested}) of {rec.name}", work)
         if job is None:
             return RC_OK, {}
         return RC_JOB_STARTED, {"Job": job_path(job.instance_id)}
 
+    async def _startable(self, target: CIMInstanceName) -> DomainRecord:
+        """The record a start (2) names; CIM_ERR_FAILED with the AlreadyRunning reason
+        naming the host when a farm Manager has the definition placed already: on
+        this host (it runs here, listed with `Host`) or on another (left out of this
+        host's lists; GetDomain says where). So a start that loses a race gets the
+        same answer whether or not its server saw the winner's start yet
+        (docs/architecture.md, "RequestStateChange"; MANAGER.md, "Farm keys")."""
+        manager = self.b.manager
+        try:
+            rec = self.b.record_for(target)
+        except CIMError as exc:
+            placement = getattr(manager, "placement", None)
+            name = target.keybindings.get("Name")
+            if (exc.status_code != pywbem.CIM_ERR_NOT_FOUND or placement is None
+                    or manager is None or not manager.present or canonical_uuid(name) != name
+                    or target.keybindings.get("CreationClassName") != CS_CLASS):
+                raise
+            host = await placement(name)
+            if not host:
+                raise
+            raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start {name}: it "
+                           f"is already running on host {host}") from None
+        placed_on = getattr(manager, "placed_on", None)
+        placement = getattr(manager, "placement", None)
+        if rec.running is not None and rec.defined is not None and placed_on is not None \
+                and placement is not None and ENABLED not in states_supported(rec):
+            # The list may not carry the placement yet (libvirt's event came first).
+            host = placed_on(rec.uuid) or await placement(rec.uuid)
+            if host:
+                raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start {rec.name}: "
+                               f"{rec.name} ({rec.uuid}) is already running on host {host}")
+        return rec
+
     async def _change(self, rec: DomainRecord, requested: int, ticket: int) -> None:
-        """The state change itself, ended on evidence (providers/jobs.py,
+        """The state change itself, ended on evidence (providers/evidence.py,
         follow_state); a source call that times out is followed, not failed."""
         uuid = rec.uuid
         succeeded = False
@@ -252,6 +312,7 @@ class ComputerSystemProvider(Provider):
         try:
             if rec.running is None:                      # 2 from passive: through the Manager
                 manager = self.b.require_manager()
+                set_phase(MANAGER)                       # a D-Bus call: cannot be stopped
                 try:
                     new_uuid = await manager.start_domain(uuid)
                 except Timeout as exc:
@@ -264,6 +325,7 @@ class ComputerSystemProvider(Provider):
                     log.info("Manager refused to start %s: %s", uuid, exc)
                     raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start "
                                    f"{rec.name}: {exc.message}") from None
+                set_phase(EVIDENCE)          # the call is over: from here on, following
                 await self._settle(new_uuid or uuid)
                 if new_uuid and new_uuid != uuid:
                     await self._settle(uuid)
@@ -275,6 +337,7 @@ class ComputerSystemProvider(Provider):
                 action, act = {ENABLED: ("resume", src.resume), DISABLED: ("destroy", src.destroy),
                                4: ("shutdown", src.shutdown), QUIESCE: ("suspend", src.suspend),
                                10: ("reboot", src.reboot), 11: ("reset", src.reset)}[requested]
+                set_phase(LIBVIRT, libvirt_abort(src, uuid))
                 try:
                     await act(uuid)
                 except Timeout as exc:
@@ -285,6 +348,7 @@ class ComputerSystemProvider(Provider):
                 except SourceError as exc:
                     raise CIMError(pywbem.CIM_ERR_FAILED,
                                    f"libvirt could not {action} {rec.name}: {exc.message}") from None
+                set_phase(EVIDENCE)
                 await self._settle(uuid)
             await follow_state(self.b, uuid, requested, timeout=self.shutdown_timeout,
                                from_passive=rec.running is None, reboots_before=reboots)
@@ -333,6 +397,16 @@ class CapabilitiesProvider(Provider):
 
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
         return [self.instance(r) for r in self.b.inventory.records()]
+
+    async def enumerate_keys(self, classname: str) -> Sequence[Any]:
+        """The inventory's tuple of records (pull pages: wbem/provider.py)."""
+        return self.b.inventory.records()
+
+    async def instances_of(self, classname: str, keys: Sequence[Any], start: int,
+                           stop: int) -> Sequence[CIMInstance]:
+        inv = self.b.inventory
+        return [self.instance(cur) for rec in keys[start:stop]
+                if (cur := inv.get(rec.uuid)) is not None]
 
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
         iid = path.keybindings.get("InstanceID")

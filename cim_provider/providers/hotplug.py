@@ -8,7 +8,9 @@ Where a change goes depends on the configuration it names:
 - a definition the Manager holds (`VIRT:defined:<uuid>`): Manager.UpdateDomain with the
   new Disks / NICs list.
 
-Everything in a call is checked before anything is applied, and a call that fails
+Everything in a call is checked before anything is applied (bad input is an error at
+once), then the change runs through the service's `run_job` (Jobs.run: 0 when done
+within --sync-wait, else 4096 and a job; docs/architecture.md, "Jobs"); a call that fails
 half way undoes what it did, so nothing is left half-applied. Bad input is
 CIM_ERR_INVALID_PARAMETER naming the parameter and field: an unknown ResourceType, a
 target already in use, a MAC already present, a file or device that does not exist on
@@ -22,7 +24,7 @@ import os
 import random
 import re
 import stat
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Coroutine, Mapping, Sequence
 from typing import Any, TypeVar
 
 import pywbem
@@ -31,6 +33,7 @@ from pywbem import CIMError, CIMInstance, CIMInstanceName
 from ..domain.records import Disk, DomainConfig, DomainRecord, Nic
 from ..domain.sources import NotSupported, SourceError
 from .backend import VIRT_NS, Backend
+from .jobs import LIBVIRT, MANAGER, set_phase
 from .settings import (EPASD_CLASS, RT_DISK, RT_DVD, RT_ETHERNET, RT_FLOPPY, SASD_CLASS,
                        split_iid, vssd_iid)
 
@@ -38,6 +41,8 @@ log = logging.getLogger(__name__)
 _T = TypeVar("_T")
 
 RC_OK, RC_NOT_SUPPORTED = 0, 1
+Outcome = tuple[int, dict[str, Any]]
+RunJob = Callable[[str, list[str], str, Coroutine[Any, Any, Outcome]], Awaitable[Outcome]]
 _MAC = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2}){5}$")
 _DEVICE = {RT_DISK: "disk", RT_DVD: "cdrom", RT_FLOPPY: "floppy"}
 
@@ -119,10 +124,18 @@ class HotPlug:
 
     def __init__(self, backend: Backend,
                  embedded: Callable[[str, Any, str], CIMInstance],
-                 manager_call: Callable[[str, Awaitable[Any]], Awaitable[Any]]):
+                 manager_call: Callable[[str, Awaitable[Any]], Awaitable[Any]],
+                 run_job: RunJob | None = None):
         self.b = backend
         self.embedded = embedded
         self.manager_call = manager_call
+        self.run_job = run_job
+
+    async def _run(self, method: str, uuids: list[str], title: str,
+                   work: Coroutine[Any, Any, Outcome]) -> Outcome:
+        if self.run_job is None:
+            return await work
+        return await self.run_job(method, uuids, title, work)
 
     # ---- what a call names ------------------------------------------------------------
 
@@ -179,6 +192,7 @@ class HotPlug:
             return RC_NOT_SUPPORTED
         changes = {"Disks": [disk_values(d) for d in disks],
                    "NICs": [nic_values(n) for n in nics]}
+        set_phase(MANAGER)
         try:
             await self.manager_call(what, manager.update_domain(rec.uuid, changes))
         except NotSupported:
@@ -195,6 +209,8 @@ class HotPlug:
         calls: dict[str, Callable[..., Awaitable[None]]] = {
             "attach": src.attach_device, "detach": src.detach_device}
         done: list[tuple[str, Disk | Nic, Any]] = []
+        # No abort hook: stopping between steps would leave a change half applied.
+        set_phase(LIBVIRT)
         try:
             for op, dev, old in steps:
                 if op == "update":
@@ -280,15 +296,31 @@ class HotPlug:
             self._check_new(cfg, dev, taken, what)
             new.append(dev)
         which = parts[1]
+        if not self._can_apply(which):
+            return RC_NOT_SUPPORTED, {}
+
+        async def apply() -> Outcome:
+            if which == "defined":
+                rc = await self._update_definition(
+                    rec, [*cfg.disks, *(d for d in new if isinstance(d, Disk))],
+                    [*cfg.nics, *(n for n in new if isinstance(n, Nic))], "add the devices")
+            else:
+                rc = await self._live(rec, [("attach", dev, None) for dev in new])
+            if rc != RC_OK:
+                return rc, {}
+            return RC_OK, {"ResultingResourceSettings": [rasd_path(which, rec.uuid, d)
+                                                         for d in new]}
+        return await self._run("AddResourceSettings", [rec.uuid],
+                               f"AddResourceSettings of {rec.name}", apply())
+
+    def _can_apply(self, which: str) -> bool:
+        """Checked before a call starts: the source it needs is there (else the usual
+        CIM_ERR_FAILED), and a definition change needs Manager.UpdateDomain (False:
+        Not Supported)."""
         if which == "defined":
-            rc = await self._update_definition(
-                rec, [*cfg.disks, *(d for d in new if isinstance(d, Disk))],
-                [*cfg.nics, *(n for n in new if isinstance(n, Nic))], "add the devices")
-        else:
-            rc = await self._live(rec, [("attach", dev, None) for dev in new])
-        if rc != RC_OK:
-            return rc, {}
-        return RC_OK, {"ResultingResourceSettings": [rasd_path(which, rec.uuid, d) for d in new]}
+            return self.b.require_manager().offers("UpdateDomain")
+        self.b.require_libvirt()
+        return True
 
     async def remove_resource_settings(self, params: Mapping[str, Any]):
         refs = params.get("ResourceSettings") or []
@@ -308,17 +340,25 @@ class HotPlug:
             if dev in groups.setdefault(key, []):
                 raise bad(what, f"{parts[2]} is named twice")
             groups[key].append(dev)
-        for key, devices in groups.items():
-            rec, cfg = records[key]
-            if key[1] == "defined":
-                rc = await self._update_definition(
-                    rec, [d for d in cfg.disks if d not in devices],
-                    [n for n in cfg.nics if n not in devices], "remove the devices")
-            else:
-                rc = await self._live(rec, [("detach", d, None) for d in devices])
-            if rc != RC_OK:
-                return rc, {}
-        return RC_OK, {}
+        if not all(self._can_apply(which) for _uuid, which in groups):
+            return RC_NOT_SUPPORTED, {}
+
+        async def apply() -> Outcome:
+            for key, devices in groups.items():
+                rec, cfg = records[key]
+                if key[1] == "defined":
+                    rc = await self._update_definition(
+                        rec, [d for d in cfg.disks if d not in devices],
+                        [n for n in cfg.nics if n not in devices], "remove the devices")
+                else:
+                    rc = await self._live(rec, [("detach", d, None) for d in devices])
+                if rc != RC_OK:
+                    return rc, {}
+            return RC_OK, {}
+        uuids = list(dict.fromkeys(uuid for uuid, _which in groups))
+        names = ", ".join(dict.fromkeys(records[k][0].name for k in groups))
+        return await self._run("RemoveResourceSettings", uuids,
+                               f"RemoveResourceSettings of {names}", apply())
 
     def device_change(self, r: CIMInstance, parts: tuple[str, str, str | None], what: str
                       ) -> tuple[DomainRecord, DomainConfig, Disk | Nic, Disk | Nic]:

@@ -7,11 +7,16 @@ AddResourceSettings, RemoveResourceSettings, the device part of
 ModifyResourceSettings). Converters: `definition_from_settings` (embedded VSSD + RASDs
 -> the Manager's DefineDomain dict) and `changes_from_*` (ModifySystemSettings /
 ModifyResourceSettings -> UpdateDomain changes).
+
+Every method checks its input first (bad input is an error at once, never a job), then
+runs the change itself through Jobs.run (`run_job`): 0 with its output parameters when
+it is done within `sync_wait`, else 4096 and a VIRT_ConcreteJob whose
+VIRT_AffectedJobElement names the systems changed (docs/architecture.md, "Jobs").
 """
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Iterable, Mapping
+from collections.abc import Awaitable, Coroutine, Iterable, Mapping
 from typing import Any, TypeVar
 
 import pywbem
@@ -23,6 +28,8 @@ from .backend import VIRT_NS, VSMS_CLASS, Backend, make
 from .computer_system import system_path
 from .health import Health, health_of
 from .hotplug import HotPlug, rasd_path
+from .jobs import (LIBVIRT, MANAGER, RC_JOB_STARTED, Jobs, MethodReturn, affects, job_path,
+                   set_phase)
 from .settings import RASD_CLASS, RT_DISK, RT_DVD, RT_ETHERNET, RT_FLOPPY, RT_MEMORY, RT_PROCESSOR, split_iid
 from .templates import Templates
 
@@ -32,6 +39,12 @@ _T = TypeVar("_T")
 VSMC_CLASS = "VIRT_VirtualSystemManagementCapabilities"
 VSMC_IID = "VIRT:VirtualSystemManagementCapabilities"
 RC_OK, RC_NOT_SUPPORTED = 0, 1
+Outcome = tuple[int, dict[str, Any]]
+# VIRT_VirtualSystemManagementCapabilities.*MethodsSupported: DefineSystem 2,
+# DestroySystem 3, ModifyResourceSettings 5, ModifySystemSettings 6,
+# RemoveResourceSettings 7, AddResourceSettings 10. Each answers 0 when done within
+# --sync-wait (synchronously) and 4096 with a job otherwise (asynchronously).
+METHODS_SUPPORTED = [2, 3, 5, 6, 7, 10]
 # the EmbeddedInstance classes of the methods' parameters
 VSSD_BASE, RASD_BASE = "CIM_VirtualSystemSettingData", "CIM_ResourceAllocationSettingData"
 _UNIT_KIB = {"byte*2^10": 1, "kilobytes": 1, "kb": 1, "byte*2^20": 1024, "megabytes": 1024,
@@ -170,14 +183,39 @@ class ManagementServiceProvider(Provider):
         self._service_health: Health | None = None
         self._caps = make(backend, VSMC_CLASS, {
             "InstanceID": VSMC_IID, "ElementName": "Virtual system management capabilities",
-            # DefineSystem 2, DestroySystem 3, ModifyResourceSettings 5, ModifySystemSettings 6,
-            # RemoveResourceSettings 7, AddResourceSettings 10
-            "SynchronousMethodsSupported": [2, 3, 5, 6, 7, 10],
+            "SynchronousMethodsSupported": METHODS_SUPPORTED,
+            "AsynchronousMethodsSupported": METHODS_SUPPORTED,
             "VirtualSystemTypesSupported": ["KVM", "QEMU", "Xen", "LXC", "Test"],
         }, vsmc_path())
-        self.hotplug = HotPlug(backend, self._embedded, self._manager_call)
+        self.hotplug = HotPlug(backend, self._embedded, self._manager_call, self.run_job)
         # the Manager's templates: reference configurations for DefineSystem
         self.templates = Templates(backend)
+        # Where the methods become jobs (virt_providers hands in the server's Jobs);
+        # None: they run synchronously.
+        self.jobs: Jobs | None = None
+
+    async def run_job(self, method: str, uuids: list[str], title: str,
+                      work: Coroutine[Any, Any, Outcome]) -> Outcome:
+        """Run a method's checked change (docs/architecture.md, "Jobs"): its own
+        (return code, output) when done within sync_wait, else 4096 and `Job`. A
+        change that ends Not Supported (1) after 4096 ends its job in Exception."""
+        jobs = self.jobs
+        if jobs is None:
+            return await work
+
+        async def checked() -> dict[str, Any]:
+            rc, out = await work
+            if rc != RC_OK:
+                raise MethodReturn(rc, f"{method}: not supported (return code {rc}): the "
+                                   "Manager or libvirt's driver does not offer this change")
+            return out
+        try:
+            job, out = await jobs.run(method, uuids, title, checked())
+        except MethodReturn as exc:
+            return exc.rc, {}
+        if job is None:
+            return RC_OK, out
+        return RC_JOB_STARTED, {"Job": job_path(job.instance_id)}
 
     def service(self) -> CIMInstance:
         """The service instance, showing the sources' health (rebuilt when it changes)."""
@@ -238,9 +276,17 @@ class ManagementServiceProvider(Provider):
         vssd = self._embedded("SystemSettings", params["SystemSettings"], VSSD_BASE)
         rasds = [self._embedded(f"ResourceSettings[{i}]", r, RASD_BASE)
                  for i, r in enumerate(params.get("ResourceSettings") or [])]
+        name = vssd.get("ElementName") or vssd.get("VirtualSystemIdentifier") or "a system"
+        title = f"DefineSystem of {name}"
         if params.get("ReferenceConfiguration") is not None:
-            return await self.templates.define_system(vssd, rasds,
-                                                      params["ReferenceConfiguration"])
+            async def from_template() -> Outcome:
+                set_phase(MANAGER)
+                rc, out = await self.templates.define_system(
+                    vssd, rasds, params["ReferenceConfiguration"])
+                if out.get("ResultingSystem") is not None:
+                    affects(out["ResultingSystem"]["Name"])
+                return rc, out
+            return await self.run_job("DefineSystem", [], title, from_template())
         try:
             definition = definition_from_settings(vssd, rasds)
         except (ValueError, TypeError) as exc:
@@ -248,13 +294,18 @@ class ManagementServiceProvider(Provider):
         manager = self.b.require_manager()
         if not manager.offers("DefineDomain"):
             return RC_NOT_SUPPORTED, {}
-        try:
-            uuid = await self._manager_call("define the system",
-                                            manager.define_domain(definition))
-        except NotSupported:
-            return RC_NOT_SUPPORTED, {}
-        await self.b.settle_defined()
-        return RC_OK, {"ResultingSystem": system_path(uuid)}
+
+        async def define() -> Outcome:
+            set_phase(MANAGER)
+            try:
+                uuid = await self._manager_call("define the system",
+                                                manager.define_domain(definition))
+            except NotSupported:
+                return RC_NOT_SUPPORTED, {}
+            affects(uuid)           # VIRT_AffectedJobElement: the new system
+            await self.b.settle_defined()
+            return RC_OK, {"ResultingSystem": system_path(uuid)}
+        return await self.run_job("DefineSystem", [], title, define())
 
     async def destroy_system(self, params: Mapping[str, Any]):
         """DestroySystem: undefine the Manager's definition, then destroy the running domain.
@@ -268,37 +319,49 @@ class ManagementServiceProvider(Provider):
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER, "AffectedSystem is required")
         rec = self.b.record_for(target)
         src = self.b.require_libvirt() if rec.running is not None else None
-        if rec.defined is not None:
-            manager = self.b.require_manager()
-            if not manager.offers("UndefineDomain"):
-                return RC_NOT_SUPPORTED, {}
-            try:
-                await self._manager_call("undefine the system", manager.undefine_domain(rec.uuid))
-            except NotSupported:
-                return RC_NOT_SUPPORTED, {}
-            await self.b.settle_defined()
-        if src is not None:
-            try:
-                await src.destroy(rec.uuid)
-            except NotFound:
-                pass
-            except SourceError as exc:
-                raise CIMError(pywbem.CIM_ERR_FAILED,
-                               f"libvirt could not destroy {rec.name}: {exc.message}") from None
-            await self.b.settle_running(rec.uuid)
-        self.b.forget_requests(rec.uuid)
-        return RC_OK, {}
+        manager = self.b.require_manager() if rec.defined is not None else None
+        if manager is not None and not manager.offers("UndefineDomain"):
+            return RC_NOT_SUPPORTED, {}
 
-    async def _update(self, uuid: str, changes: dict[str, Any]):
+        async def destroy() -> Outcome:
+            if manager is not None:
+                set_phase(MANAGER)
+                try:
+                    await self._manager_call("undefine the system",
+                                             manager.undefine_domain(rec.uuid))
+                except NotSupported:
+                    return RC_NOT_SUPPORTED, {}
+                await self.b.settle_defined()
+            if src is not None:
+                set_phase(LIBVIRT)   # the definition is gone already: no stopping here
+                try:
+                    await src.destroy(rec.uuid)
+                except NotFound:
+                    pass
+                except SourceError as exc:
+                    raise CIMError(pywbem.CIM_ERR_FAILED, f"libvirt could not destroy "
+                                   f"{rec.name}: {exc.message}") from None
+                await self.b.settle_running(rec.uuid)
+            self.b.forget_requests(rec.uuid)
+            return RC_OK, {}
+        return await self.run_job("DestroySystem", [rec.uuid], f"DestroySystem of {rec.name}",
+                                  destroy())
+
+    def _updatable(self, uuid: str) -> str | None:
+        """The name of the definition `uuid` when the Manager can update it, None when it
+        does not offer UpdateDomain; CIM_ERR_NOT_FOUND without a definition."""
         rec = self.b.inventory.get(uuid)
         if rec is None or rec.defined is None:
             raise CIMError(pywbem.CIM_ERR_NOT_FOUND,
                            f"no defined configuration for {uuid}: only the Manager's "
                            "definitions can be modified")
-        manager = self.b.require_manager()
-        if not manager.offers("UpdateDomain"):
-            return RC_NOT_SUPPORTED
+        return rec.name if self.b.require_manager().offers("UpdateDomain") else None
+
+    async def _update(self, uuid: str, changes: dict[str, Any]) -> int:
+        """Manager.UpdateDomain (checked with _updatable before)."""
         if changes:
+            manager = self.b.require_manager()
+            set_phase(MANAGER)
             try:
                 await self._manager_call("modify the system",
                                          manager.update_domain(uuid, changes))
@@ -322,7 +385,14 @@ class ManagementServiceProvider(Provider):
             changes["Name"] = str(vssd["ElementName"])
         if _autostart(vssd) is not None:
             changes["Autostart"] = _autostart(vssd)
-        return await self._update(parts[0], changes), {}
+        name = self._updatable(parts[0])
+        if name is None:
+            return RC_NOT_SUPPORTED, {}
+
+        async def modify() -> Outcome:
+            return await self._update(parts[0], changes), {}
+        return await self.run_job("ModifySystemSettings", [parts[0]],
+                                  f"ModifySystemSettings of {name}", modify())
 
     async def modify_resource_settings(self, params: Mapping[str, Any]):
         """ModifyResourceSettings: vCPUs (proc) and memory (mem) of a definition; a disk's
@@ -377,12 +447,24 @@ class ManagementServiceProvider(Provider):
             # class (CIM_ResourceAllocationSettingData, say) the client embedded.
             paths.append(CIMInstanceName(RASD_CLASS, {"InstanceID": rasd["InstanceID"]},
                                          namespace=VIRT_NS))
-        if devices:         # first: the likelier to fail (libvirt, the guest)
-            rc = await self.hotplug.apply_device_changes(devices)
-            if rc != RC_OK:
-                return rc, {}
-        for uuid, changes in per_uuid.items():
-            rc = await self._update(uuid, changes)
-            if rc != RC_OK:
-                return rc, {}
-        return RC_OK, {"ResultingResourceSettings": paths}
+        names = {}
+        for uuid in per_uuid:
+            name = self._updatable(uuid)
+            if name is None:
+                return RC_NOT_SUPPORTED, {}
+            names[uuid] = name
+        uuids = list(dict.fromkeys([rec.uuid for rec, *_ in devices] + list(per_uuid)))
+        names.update({rec.uuid: rec.name for rec, *_ in devices})
+
+        async def modify() -> Outcome:
+            if devices:         # first: the likelier to fail (libvirt, the guest)
+                rc = await self.hotplug.apply_device_changes(devices)
+                if rc != RC_OK:
+                    return rc, {}
+            for uuid, changes in per_uuid.items():
+                rc = await self._update(uuid, changes)
+                if rc != RC_OK:
+                    return rc, {}
+            return RC_OK, {"ResultingResourceSettings": paths}
+        return await self.run_job("ModifyResourceSettings", uuids, "ModifyResourceSettings of "
+                                  + ", ".join(names[u] for u in uuids), modify())

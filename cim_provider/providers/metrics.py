@@ -2,10 +2,14 @@
 
 The libvirt source samples every running domain once per `--metrics-interval` with
 one getAllDomainStats call (in its call threads) and hands the sample to
-inventory.resources; nothing here asks libvirt. The values of a sample are built in a
-worker thread as soon as it arrives (so 10,000 domains cost the loop nothing; a read
-right after a sample waits for it without blocking the loop); a value read while no
-build is under way for the current sample is built on the spot.
+inventory.resources; nothing here asks libvirt. A sample costs nothing here: its
+figures stay the numbers of the sample (inventory.resources keeps the last two), and a
+system's values are built from them when a request reads them, kept until the next
+sample (docs/architecture.md, "CIM model": "from the last two samples"). Building
+every value of a sample up front made 60,000 instances per interval at 10,000 domains:
+seconds of a thread holding the GIL beside the loop, and megabytes kept that nobody
+might read. An enumeration of every value builds them in batches, yielding to the
+loop between batches.
 
 - VIRT_BaseMetricDefinition (key Id = VIRT:metric:<name>): cpu (percent of the
   domain's vCPUs over the last interval), memory (KiB in use, from the balloon),
@@ -21,7 +25,7 @@ from __future__ import annotations
 import asyncio
 import datetime
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import pywbem
@@ -120,21 +124,43 @@ class ValueBuilder:
         return out
 
 
-def build_values(cls: CIMClass, records: Sequence[DomainRecord], sample: StatsSample,
-                 previous: StatsSample | None) -> dict[str, tuple[int, list[CIMInstance]]]:
-    """Every running system's values of one sample: uuid -> (record version, values).
-    Pure (reads immutable records and samples only): runs in a worker thread."""
-    builder = ValueBuilder(cls)
-    out = {}
-    for rec in records:
-        stats = sample.stats.get(rec.uuid) if rec.running is not None else None
-        if stats is None:
-            continue
-        old = previous.stats.get(rec.uuid) if previous is not None else None
-        usage = usage_between(old, stats, previous.monotonic if previous else None,
-                              sample.monotonic, sample.time)
-        out[rec.uuid] = (rec.version, builder.values(rec, usage))
-    return out
+def system_values(builder: ValueBuilder, rec: DomainRecord, sample: StatsSample | None,
+                  previous: StatsSample | None) -> list[CIMInstance]:
+    """One system's values from two samples (pure: immutable record and samples); none
+    for a system not running or not in the newer sample."""
+    stats = sample.stats.get(rec.uuid) if sample is not None and rec.running is not None \
+        else None
+    if sample is None or stats is None:
+        return []
+    old = previous.stats.get(rec.uuid) if previous is not None else None
+    return builder.values(rec, usage_between(old, stats, previous.monotonic if previous
+                                             else None, sample.monotonic, sample.time))
+
+
+class _PerSample:
+    """What was built from the current sample, by key; emptied when a new sample
+    arrives (noticed by the sample count), so values nobody reads again are not kept
+    past their interval."""
+
+    __slots__ = ("samples", "data")
+
+    def __init__(self) -> None:
+        self.samples = -1
+        self.data: dict[Any, tuple[int, Any]] = {}
+
+    def get(self, samples: int, key: Any, version: int, build: Any) -> Any:
+        if samples != self.samples:
+            self.samples, self.data = samples, {}
+        hit = self.data.get(key)
+        if hit is not None and hit[0] == version:
+            return hit[1]
+        value = build()
+        self.data[key] = (version, value)
+        return value
+
+
+# Systems whose values an enumeration builds between two yields to the loop (~6 ms).
+BATCH = 200
 
 
 class MetricsProvider(Provider):
@@ -145,14 +171,13 @@ class MetricsProvider(Provider):
     def __init__(self, backend: Backend):
         self.b = backend
         self.res: HostResources = backend.inventory.resources
-        self._cache = backend.new_cache()
-        # The values of the current sample, built in a worker thread: (sample, values)
-        self._built: tuple[StatsSample, dict[str, tuple[int, list[CIMInstance]]]] | None = None
-        self._builder: ValueBuilder | None = None           # for values built on the spot
-        self._builds: set[asyncio.Future[Any]] = set()
-        self._pending: tuple[StatsSample, asyncio.Future[Any]] | None = None
+        # Built on request from the current sample: per system, and its builder (the
+        # sample's datetimes, shared by its values).
+        self._values = _PerSample()
+        self._builder: tuple[int, ValueBuilder] | None = None
         # The last enumeration of values: (records tuple, sample, values). The same
-        # tuple while neither changed, so the dispatcher reuses its rendering.
+        # tuple while neither changed, so the dispatcher reuses its rendering; dropped
+        # with its sample.
         self._all: tuple[Any, Any, tuple[CIMInstance, ...]] | None = None
         self.res.subscribe(self._on_resources)
         self._defs = [make(backend, DEF_CLASS, {
@@ -170,59 +195,30 @@ class MetricsProvider(Provider):
         return list(self._defs) if self.on else []
 
     def _on_resources(self, kind: str, _name: str) -> None:
-        """A new sample: build its values in a worker thread, off the loop."""
-        if kind != "sample" or self.res.sample is None:
-            return
-        self._builder = None
-        sample, previous = self.res.sample, self.res.previous
-        records = self.b.inventory.records()         # an immutable tuple
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:
-            return
-        fut = loop.run_in_executor(None, build_values, self.b.cls(VALUE_CLASS), records,
-                                   sample, previous)
-        self._builds.add(fut)
-        self._pending = (sample, fut)
-
-        def done(f: asyncio.Future[Any]) -> None:
-            self._builds.discard(f)
-            if f.cancelled() or f.exception() is not None:
-                if not f.cancelled():
-                    log.error("building metric values failed: %s", f.exception())
-                return
-            if self.res.sample is sample:             # not overtaken by a newer sample
-                self._built = (sample, f.result())
-        fut.add_done_callback(done)
-
-    async def ready(self) -> None:
-        """Wait (without blocking the loop) for the build of the current sample's values
-        when one is under way: a read right after a sample uses it, not a second build."""
-        pending = self._pending
-        if pending is not None and pending[0] is self.res.sample and not pending[1].done():
-            await asyncio.gather(asyncio.shield(pending[1]), return_exceptions=True)
+        """A new sample: what was built from the one before goes (O(1) here)."""
+        if kind == "sample":
+            self._all = None
+            self._builder = None
+            self._values = _PerSample()
 
     async def close(self) -> None:
-        for fut in list(self._builds):
-            await asyncio.gather(fut, return_exceptions=True)
+        """Nothing runs in the background."""
+
+    def builder(self) -> ValueBuilder:
+        """The current sample's builder."""
+        samples = self.res.samples
+        current = self._builder
+        if current is None or current[0] != samples:
+            current = self._builder = (samples, ValueBuilder(self.b.cls(VALUE_CLASS)))
+        return current[1]
 
     def values_of(self, rec: DomainRecord) -> list[CIMInstance]:
-        """The metric values of one system for the current sample: the worker thread's,
-        else built here (once per sample and record version)."""
-        built = self._built
-        if built is not None and built[0] is self.res.sample:
-            hit = built[1].get(rec.uuid)
-            if hit is not None and hit[0] == rec.version:
-                return hit[1]
-
-        def build() -> list[CIMInstance]:
-            usage = self.res.usage(rec.uuid) if rec.running is not None else None
-            if usage is None:
-                return []
-            if self._builder is None:
-                self._builder = ValueBuilder(self.b.cls(VALUE_CLASS))
-            return self._builder.values(rec, usage)
-        return self._cache.get((rec.uuid, "metrics"), (self.res.samples, rec.version), build)
+        """The metric values of one system for the current sample, built once per
+        sample and record version."""
+        if rec.running is None or self.res.sample is None:
+            return []
+        return self._values.get(self.res.samples, rec.uuid, rec.version, lambda: system_values(
+            self.builder(), rec, self.res.sample, self.res.previous))
 
     def measured(self) -> Iterable[DomainRecord]:
         """The records the last sample has figures for."""
@@ -235,14 +231,24 @@ class MetricsProvider(Provider):
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
         if classname.lower() == DEF_CLASS.lower():
             return self.definitions()
-        await self.ready()
-        records, sample = self.b.inventory.records(), self.res.sample
+        records, sample, previous = self.b.inventory.records(), self.res.sample, \
+            self.res.previous
         last = self._all
         if last is not None and last[0] is records and last[1] is sample:
             return last[2]
-        out = tuple(v for rec in self.measured() for v in self.values_of(rec))
-        self._all = (records, sample, out)
-        return out
+        # One sample's values throughout, though the loop may take a newer one while
+        # this yields: built from the samples and records as they were at the call.
+        builder = ValueBuilder(self.b.cls(VALUE_CLASS))
+        out: list[CIMInstance] = []
+        measured = self.measured()
+        for i, rec in enumerate(measured):
+            if i and not i % BATCH:
+                await asyncio.sleep(0)
+            out += system_values(builder, rec, sample, previous)
+        values = tuple(out)
+        if self.res.sample is sample and self.b.inventory.records() is records:
+            self._all = (records, sample, values)
+        return values
 
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
         if path.classname.lower() == DEF_CLASS.lower():
@@ -250,7 +256,6 @@ class MetricsProvider(Provider):
         parts = split_value_iid(path.keybindings.get("InstanceID"))
         rec = self.b.inventory.get(parts[0]) if parts else None
         if rec is not None:
-            await self.ready()
             for v in self.values_of(rec):
                 if v["InstanceID"] == path.keybindings["InstanceID"]:
                     return v
@@ -266,7 +271,7 @@ class MetricAssociationsProvider(AssociationProvider):
     def __init__(self, backend: Backend, metrics: MetricsProvider):
         self.b = backend
         self.m = metrics
-        self._cache = backend.new_cache()
+        self._cache = _PerSample()          # emptied by the next sample, as the values
 
     def _assoc(self, cls: str, a: CIMInstanceName, d: CIMInstanceName,
                extra: dict[str, Any] | None = None) -> CIMInstance:
@@ -285,15 +290,29 @@ class MetricAssociationsProvider(AssociationProvider):
                 return [self._assoc(FOR_ME, sp, v.path) for v in values]
             return [self._assoc(INSTANCE, def_path(v["MetricDefinitionId"][len(PREFIX):]),
                                 v.path) for v in values]
-        return self._cache.get((rec.uuid, cls), (self.m.res.samples, rec.version), build)
+        return self._cache.get(self.m.res.samples, (rec.uuid, cls), rec.version, build)
 
     def _canon(self, classname: str) -> str:
         return next(c for c in self.classnames if c.lower() == classname.lower())
 
+    async def _every(self, cls: str, key: tuple | None = None) -> list[CIMInstance]:
+        """`cls` of every measured system (referring to `key`), built in batches with a
+        yield to the loop between them; all from one sample (again when a new sample
+        arrived meanwhile, up to three times; samples that keep arriving faster than a
+        walk leave the last walk, which may straddle two of them)."""
+        for _ in range(3):
+            samples = self.m.res.samples
+            out: list[CIMInstance] = []
+            for i, rec in enumerate(self.m.measured()):
+                if i and not i % BATCH:
+                    await asyncio.sleep(0)
+                out += [a for a in self.of_record(rec, cls) if key is None or _names(a, key)]
+            if self.m.res.samples == samples:
+                break
+        return out
+
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
-        cls = self._canon(classname)
-        await self.m.ready()
-        return [a for rec in self.m.measured() for a in self.of_record(rec, cls)]
+        return await self._every(self._canon(classname))
 
     async def references(self, classname: str, source: CIMInstanceName) -> Iterable[CIMInstance]:
         cls = self._canon(classname)
@@ -301,7 +320,6 @@ class MetricAssociationsProvider(AssociationProvider):
         scls = source.classname.lower()
         if scls not in (CS_CLASS.lower(), VALUE_CLASS.lower(), DEF_CLASS.lower()):
             return []
-        await self.m.ready()
         rec = None
         if scls == CS_CLASS.lower():
             try:
@@ -312,8 +330,7 @@ class MetricAssociationsProvider(AssociationProvider):
             parts = split_value_iid(source.keybindings.get("InstanceID"))
             rec = self.b.inventory.get(parts[0]) if parts else None
         elif scls == DEF_CLASS.lower() and cls != FOR_ME:     # every measured system (O(N))
-            return [a for r in self.m.measured() for a in self.of_record(r, cls)
-                    if _names(a, key)]
+            return await self._every(cls, key)
         if rec is None:
             return []
         return [a for a in self.of_record(rec, cls) if _names(a, key)]

@@ -9,12 +9,12 @@ when such calls hold every thread of the pool, the connection is given up with i
 and a new connection gets a new pool. Opens and closes run in threads of their own, so
 a hung call never holds up a reconnect.
 
-The module is longer than most (about 800 lines) because the connection's life cycle
+The module is longer than most (about 850 lines) because the connection's life cycle
 (open, register events, load, drop, give up, reconnect), the per-domain re-reads and
 what the events leave behind (stop reasons, reboot counts) share one generation counter
 and must be read together; the event adapter
-(libvirt_events.py), the blocking calls (libvirt_calls.py) and the thread pools
-(libvirt_threads.py) live apart.
+(libvirt_events.py), the blocking calls (libvirt_calls.py; libvirt_stopped.py for the
+domains stopped on a failure) and the thread pools (libvirt_threads.py) live apart.
 """
 from __future__ import annotations
 
@@ -30,13 +30,13 @@ from typing import Any, Callable, TypeVar
 import libvirt
 
 from ..domain.domxml import disk_to_xml, nic_to_xml
-from ..domain.records import Disk, Nic, RunningDomain, canonical_uuid
+from ..domain.records import Disk, DomainConfig, Nic, RunningDomain, canonical_uuid
 from ..domain.sources import ResourceFeed, SourceStatus
-from .libvirt_calls import (STOPPED_FAILURES, DomainNotFound, LibvirtError, LibvirtTimeout,
-                            LibvirtUnavailable, change_device, guarded, quietly, read_all,
-                            read_one, read_stop_reasons)
+from .libvirt_calls import (DomainNotFound, LibvirtError, LibvirtTimeout, LibvirtUnavailable,
+                            change_device, guarded, quietly, read_all, read_one)
 from .libvirt_events import ensure_event_loop_impl
 from .libvirt_host import HostWatch
+from .libvirt_stopped import STOPPED_FAILURES, Stopped, read_definition, read_stopped
 from .libvirt_threads import MAX_STRAY, POOL_SIZE, CallPool, Count, in_thread
 
 _T = TypeVar("_T")
@@ -76,7 +76,8 @@ class LibvirtSource:
                  on_snapshot: Callable[[dict[str, RunningDomain]], None] | None = None,
                  on_domain: Callable[[str, RunningDomain | None], None] | None = None,
                  feed: ResourceFeed | None = None, metrics_interval: float = 0.0,
-                 on_stop_reasons: Callable[[dict[str, str]], None] | None = None) -> None:
+                 on_stop_reasons: Callable[[dict[str, str], dict[str, DomainConfig]], None]
+                 | None = None) -> None:
         if uri is None and conn is None:
             uri = os.environ.get("LIBVIRT_DEFAULT_URI") or None
         self.uri = uri
@@ -89,8 +90,13 @@ class LibvirtSource:
         # gone, start failed in the guest), per UUID, until it starts again: read from
         # the inactive domains' shut-off reasons at connect, then from lifecycle
         # events; a domain that stays known (persistent, or the Manager's twin) shows
-        # it. Every change goes to `on_stop_reasons` as the whole map.
+        # it. Every change goes to `on_stop_reasons` as the whole map, with `held`.
         self.stop_reasons: dict[str, str] = {}
+        # Of those, the persistent definitions libvirt still holds (the domain is shut
+        # off): they keep a crashed persistent domain visible while the Manager does not
+        # list it. Nothing else defined-but-shut-off is offered: passive definitions are
+        # the Manager's (docs/architecture.md, "States" and "Sources").
+        self.held: dict[str, DomainConfig] = {}
         self._reboots: dict[str, int] = {}     # reboot events per UUID (jobs wait on them)
         self.on_stop_reasons = on_stop_reasons
         self._connected = False
@@ -256,19 +262,22 @@ class LibvirtSource:
         if gen != self._gen:
             raise LibvirtUnavailable("connection lost while reading pools and networks")
         try:
-            reasons = await self._call(functools.partial(read_stop_reasons, conn),
+            stopped = await self._call(functools.partial(read_stopped, conn),
                                        timeout=self.load_timeout, what="read stop reasons")
         except LibvirtUnavailable:
             raise
         except LibvirtError as exc:
             log.warning("libvirt: cannot read why inactive domains stopped: %s", exc.message)
-            reasons = {}
+            stopped = Stopped({}, {}, frozenset())
         if gen != self._gen:
             raise LibvirtUnavailable("connection lost while reading stop reasons")
-        # Events seen while disconnected are lost: the shut-off reasons say the rest.
+        # Events seen while disconnected are lost: the shut-off reasons say the rest. A
+        # reason is kept only for a domain libvirt no longer has (a transient one that
+        # crashed: the Manager's twin still shows it).
         self.stop_reasons = {u: r for u, r in self.stop_reasons.items()
-                             if u not in snapshot and u not in reasons}
-        self.stop_reasons.update(reasons)
+                             if u not in snapshot and u not in stopped.inactive}
+        self.stop_reasons.update(stopped.reasons)
+        self.held = dict(stopped.held)
         self._notify_stop_reasons()
         self.running = snapshot
         self.connected = True
@@ -520,9 +529,14 @@ class LibvirtSource:
                 gen, conn = self._gen, self._conn
                 if conn is None:
                     return LibvirtUnavailable(f"not connected to libvirt ({self._describe()})")
+                held: DomainConfig | None = None
                 try:
                     dom = await self._call(functools.partial(read_one, conn, uuid),
                                            what="read domain")
+                    if dom is None and uuid in self.stop_reasons:
+                        # Stopped on a failure: libvirt's definition keeps it visible.
+                        held = await self._call(functools.partial(read_definition, conn, uuid),
+                                                what="read definition")
                 except LibvirtError as exc:
                     if gen == self._gen:
                         self._retry_later(uuid, exc)
@@ -531,6 +545,9 @@ class LibvirtSource:
                     return LibvirtUnavailable("the connection to libvirt was lost while "
                                               "reading the domain")
                 self._retries.pop(uuid, None)
+                # The definition first: a crashed persistent domain never vanishes between
+                # "not running" and "held" (no deletion, then a creation, for one crash).
+                self._set_held(uuid, held)
                 self._set_domain(uuid, dom)
                 self.domain_reads += 1
             if self._stopping:
@@ -618,17 +635,32 @@ class LibvirtSource:
         if self.stop_reasons.get(uuid) == reason:
             return
         self.stop_reasons.pop(uuid, None)
+        self.held.pop(uuid, None)     # read again with the domain (_refresher)
         if reason is not None:
             if len(self.stop_reasons) >= MAX_STOP_REASONS:
-                del self.stop_reasons[next(iter(self.stop_reasons))]
+                oldest = next(iter(self.stop_reasons))
+                del self.stop_reasons[oldest]
+                self.held.pop(oldest, None)
             self.stop_reasons[uuid] = reason
             log.info("libvirt: domain %s stopped: %s", uuid, reason)
+        self._notify_stop_reasons()
+
+    def _set_held(self, uuid: str, cfg: DomainConfig | None) -> None:
+        """The persistent definition of a domain stopped on a failure (None: none)."""
+        if cfg is not None and uuid not in self.stop_reasons:
+            cfg = None
+        if self.held.get(uuid) == cfg:
+            return
+        if cfg is None:
+            del self.held[uuid]
+        else:
+            self.held[uuid] = cfg
         self._notify_stop_reasons()
 
     def _notify_stop_reasons(self) -> None:
         if self.on_stop_reasons is not None:
             try:
-                self.on_stop_reasons(dict(self.stop_reasons))
+                self.on_stop_reasons(dict(self.stop_reasons), dict(self.held))
             except Exception:
                 log.exception("libvirt: on_stop_reasons callback failed")
 
@@ -744,6 +776,32 @@ class LibvirtSource:
 
     async def reset(self, uuid: str) -> None:
         await self._action(uuid, "reset", lambda d: d.reset(0))
+
+    async def abort_job(self, uuid: str) -> bool:
+        """Abort libvirt's own job on the domain (save, dump, migration: those
+        virDomainGetJobInfo reports, not NONE) with virDomainAbortJob; False when
+        there is none. A driver without jobs (the test driver) raises NotSupported.
+        For a CIM job a client stops (providers/jobs.py)."""
+        key = canonical_uuid(uuid)
+        if key is None:
+            raise DomainNotFound(f"no domain with UUID {uuid!r}", libvirt.VIR_ERR_NO_DOMAIN)
+        conn = self._live_conn()
+
+        def work() -> bool:
+            dom = conn.lookupByUUIDString(key)
+            # The control state first: it never waits for the domain's job lock. Not OK
+            # (JOB, OCCUPIED) means an ordinary call holds the domain (a suspend QEMU
+            # does not answer), which nothing aborts and behind which virDomainGetJobInfo
+            # would wait; libvirt's own jobs (save, dump, migration) leave it OK.
+            if dom.controlInfo()[0] != libvirt.VIR_DOMAIN_CONTROL_OK:
+                return False
+            if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
+                return False
+            dom.abortJob()
+            return True
+
+        return await self._call(work, timeout=min(self.call_timeout, 5.0),
+                                what="abort of a job")
 
     async def _device(self, uuid: str, op: str, device: Disk | Nic, *, config: bool,
                       old: Disk | Nic | None = None) -> None:

@@ -165,38 +165,6 @@ def read_all(conn: libvirt.virConnect) -> dict[str, RunningDomain]:
     return out
 
 
-# Why libvirt stopped a domain, when that was a failure: lifecycle event STOPPED's
-# details, and the reasons of a domain's SHUTOFF state (virDomainShutoffReason).
-STOPPED_FAILURES = {
-    getattr(libvirt, "VIR_DOMAIN_EVENT_STOPPED_CRASHED", 2):
-        "the guest crashed (libvirt: stopped, crashed)",
-    getattr(libvirt, "VIR_DOMAIN_EVENT_STOPPED_FAILED", 5):
-        "the hypervisor process ended unexpectedly or the start failed in the guest "
-        "(libvirt: stopped, failed)",
-}
-SHUTOFF_FAILURES = {
-    getattr(libvirt, "VIR_DOMAIN_SHUTOFF_CRASHED", 3):
-        "the guest crashed or its hypervisor process ended (libvirt: shut off, crashed)",
-    getattr(libvirt, "VIR_DOMAIN_SHUTOFF_FAILED", 6):
-        "the start failed in the guest (libvirt: shut off, failed)",
-}
-
-
-def read_stop_reasons(conn: libvirt.virConnect) -> dict[str, str]:
-    """UUID -> reason of every inactive (persistent) domain libvirt shut off on a
-    failure: one listing, then one state call per inactive domain."""
-    out: dict[str, str] = {}
-    for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_INACTIVE):
-        try:
-            state, reason = dom.state()[:2]
-        except libvirt.libvirtError as exc:
-            log.debug("no state for %s: %s", dom.UUIDString(), exc)
-            continue
-        if state == libvirt.VIR_DOMAIN_SHUTOFF and reason in SHUTOFF_FAILURES:
-            out[canonical_uuid(dom.UUIDString()) or dom.UUIDString()] = SHUTOFF_FAILURES[reason]
-    return out
-
-
 def read_autostart(conn: libvirt.virConnect) -> set[str]:
     """The UUIDs of the active domains marked autostart (one listing call)."""
     flags = libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE | libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART

@@ -6,15 +6,17 @@ possibly written by someone else. So this client follows its presence on the bus
 and StartDomain are required), treats every entry it returns as untrusted input, and
 puts a timeout on every call so that no caller can hang on it.
 
-The module is longer than most (about 600 lines) because it is one state machine:
+The module is longer than most (about 900 lines) because it is one state machine:
 presence, introspection, listing and calls share one lock and one epoch counter, and
-their invariants are easier to check in one place. Its errors live in manager_errors.py.
+their invariants are easier to check in one place. Its errors live in manager_errors.py,
+the changes of an incremental listing (and how they are applied) in manager_changes.py.
 """
 from __future__ import annotations
 
 import asyncio
 import contextlib
 import logging
+import sys
 import time
 from collections.abc import Callable, Mapping
 from typing import Any
@@ -22,21 +24,22 @@ from typing import Any
 from ..contract import (BUS_NAME, CHANGE_SIGNALS, DOMAINS_DISPLACED, ERROR_INVALID_ARGUMENT,
                         ERROR_NOT_SUPPORTED, INTERFACE, TEMPLATES_CHANGED,
                         OBJECT_PATH, REQUIRED_METHODS, InvalidEntry, Member,
-                        active_from_dbus, config_from_dbus, interface_members, members,
-                        templates_from_dbus, values_to_dbus, variant_of)
+                        active_from_dbus, config_from_dbus, host_from_dbus, interface_members,
+                        members, templates_from_dbus, values_to_dbus, variant_of)
 from ..contract.bus import (DBUS_INTERFACE, DBUS_NAME, DBUS_PATH, DBusError, Message,
                             MessageBus, MessageType, bus_description, connect, intr)
 from ..domain.records import DomainConfig
 from ..domain.records import canonical_uuid
 from ..domain.sources import SourceStatus
+from .manager_changes import Delta, merge_delta
 from .manager_errors import (ABSENT_MEMBER_ERRORS, ERR_BAD_REPLY, ERR_TIMEOUT, ERR_UNAVAILABLE,
                              ManagerError, ManagerFailed, ManagerNotSupported, ManagerRefused,
                              ManagerTimeout, ManagerUnavailable, error_from_dbus)
 
 log = logging.getLogger(__name__)
 
-# Signals often come in bursts (a tool defining ten domains): wait this long after one
-# before re-listing, so a burst costs one ListDomains.
+# Signals often come in bursts (a tool defining ten domains): signals within this long
+# of the last read wait for the rest of it, so a burst costs one or two ListDomains.
 DEBOUNCE = 0.05
 # Back-off between attempts to reach the bus itself (not the Manager) after it failed.
 RECONNECT_MIN, RECONNECT_MAX = 0.5, 30.0
@@ -54,6 +57,10 @@ LIST_TIMEOUT = 60.0
 PAGE_SIZE = 2000
 
 OnChange = Callable[[dict[str, DomainConfig] | None], None]
+# on_delta(changed, removed): only these definitions changed (by UUID) or went away.
+OnDelta = Callable[[dict[str, DomainConfig], set[str]], None]
+# A full listing: definitions, active UUIDs, farm hosts by UUID, the generation read.
+Listing = tuple[dict[str, DomainConfig], set[str], dict[str, str], "int | None"]
 
 
 def _count_types(signature: str) -> int:
@@ -92,7 +99,10 @@ class ManagerClient:
 
     `on_change(defs)` runs on the event loop with all current definitions whenever a
     (re)read differs from the previous one (definitions or the set of active UUIDs),
-    and with None when the Manager goes away.
+    and with None when the Manager goes away. With `on_delta`, a read that brings only
+    changes (ListChangesSince) calls `on_delta(changed, removed)` instead, with just
+    the definitions that changed and the UUIDs no longer listed: O(changed), not
+    O(all) (docs/architecture.md, "Sources"). A full (re-)list still calls on_change.
 
     Without the change signals the list is re-read every `relist_interval` seconds;
     with them, on each signal, every `relist_interval` after a failed read until one
@@ -108,7 +118,8 @@ class ManagerClient:
                  relist_interval: float = 5.0, on_change: OnChange | None = None,
                  safety_relist: float | None = SAFETY_RELIST,
                  start_timeout: float = START_TIMEOUT,
-                 list_timeout: float = LIST_TIMEOUT) -> None:
+                 list_timeout: float = LIST_TIMEOUT,
+                 on_delta: OnDelta | None = None) -> None:
         self.bus_spec = bus
         self.call_timeout = call_timeout
         self.start_timeout = start_timeout
@@ -116,8 +127,11 @@ class ManagerClient:
         self.relist_interval = relist_interval
         self.safety_relist = safety_relist
         self.on_change = on_change
+        self.on_delta = on_delta
         self.definitions: dict[str, DomainConfig] | None = None
         self.active: set[str] = set()
+        # Farm Managers: the host each listed entry is placed on (its `Host` key).
+        self.hosts: dict[str, str] = {}
         self.generation: int | None = None
         # ListTemplates (when offered): plain dicts, see contract.templates_from_dbus;
         # None until read. Re-read on TemplatesChanged, else with the periodic re-lists.
@@ -135,6 +149,7 @@ class ManagerClient:
         self._debounce = False
         self._refresh_failed = False       # the last read of this Manager failed
         self._refresh_lock = asyncio.Lock()
+        self._last_read = 0.0              # time.monotonic() when the last read ended
         self._task: asyncio.Task[None] | None = None
         self._watch: asyncio.Task[None] | None = None
         self._stopping = False
@@ -296,7 +311,11 @@ class ManagerClient:
             if self._owner is None:
                 continue
             if self._debounce:
-                await asyncio.sleep(DEBOUNCE)
+                # The first signal after a quiet spell is read at once (a define shows
+                # without delay); more within DEBOUNCE of a read share the next one.
+                wait = self._last_read + DEBOUNCE - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
                 self._debounce = False
                 self._wake.clear()
                 timed_out = False
@@ -306,6 +325,7 @@ class ManagerClient:
                 if self._owner is not None:
                     self._refresh_failed = True
                 log.exception("unexpected error while reading the Manager's domains")
+            self._last_read = time.monotonic()
 
     def _wait_timeout(self) -> float | None:
         if self._owner is None:
@@ -378,6 +398,7 @@ class ManagerClient:
         self.templates = None
         self._refresh_failed = False
         self._first_attempt.set()
+        self.hosts = {}
         if self.definitions is not None or self.active:
             self.definitions = None
             self.active = set()
@@ -390,6 +411,16 @@ class ManagerClient:
             self.on_change(None if defs is None else dict(defs))
         except Exception:
             log.exception("on_change callback failed")
+
+    def _notify_delta(self, changed: dict[str, DomainConfig], removed: set[str]) -> None:
+        """Only these changed: `on_delta` when given, else the whole set to on_change."""
+        if self.on_delta is None:
+            self._notify(self.definitions)
+            return
+        try:
+            self.on_delta(changed, removed)
+        except Exception:
+            log.exception("on_delta callback failed")
 
     # ------------------------------------------------------------ reading the list
 
@@ -437,8 +468,9 @@ class ManagerClient:
         """
         if (started is not None and not self.knows_twins and self.definitions is not None
                 and started in self.definitions):
-            self.definitions = {k: v for k, v in self.definitions.items() if k != started}
-            self._notify(self.definitions)
+            del self.definitions[started]
+            self.hosts.pop(started, None)
+            self._notify_delta({}, {started})
         await self._refresh(force=True)
 
     async def _refresh(self, force: bool = False, periodic: bool = False) -> None:
@@ -465,8 +497,9 @@ class ManagerClient:
                         self._templates_stale or self.templates is None
                         or (periodic and not self.offers(TEMPLATES_CHANGED))):
                     await self._read_templates()
+                result: Listing | Delta
                 if self.offers("ListDomainsPage"):
-                    defs, active, generation = await self._read_paged()
+                    result = await self._read_paged()
                 else:
                     polling = not CHANGE_SIGNALS <= self._offered
                     generation = None
@@ -479,7 +512,9 @@ class ManagerClient:
                             self._failing_since = None
                             return
                     entries, with_active = await self._list()
-                    defs, active = self._parse(entries, with_active)
+                    defs, active, hosts = self._parse(entries, with_active)
+                    del entries
+                    result = (defs, active, hosts, generation)
             except ManagerError as exc:
                 if epoch == self._epoch:
                     # Retried every relist_interval (see _wait_timeout) until a read
@@ -503,9 +538,23 @@ class ManagerClient:
             if self.definitions is None and self._waiting_since is not None:
                 log.info("the Manager listed its domains after %.1f s",
                          time.time() - self._waiting_since)
-            self.generation = generation
             if wakes == self._wakes:
                 self._wake.clear()     # nothing new arrived while we listed
+            if isinstance(result, Delta):
+                # Only what changed, applied in place: O(changed) here and in the
+                # inventory (docs/architecture.md, "Sources").
+                self.generation = result.generation
+                if self.definitions is None:      # never: a delta needs a listing first
+                    self.definitions = {}
+                applied = merge_delta(result, self.definitions, self.active, self.hosts)
+                if applied.changed or applied.removed:
+                    log.debug("Manager changes: %d new or changed, %d removed",
+                              len(applied.changed), len(applied.removed))
+                    self._notify_delta(applied.changed, applied.removed)
+                return
+            defs, active, hosts, generation = result
+            self.generation = generation
+            self.hosts = hosts
             if defs != self.definitions or active != self.active:
                 self.definitions = defs
                 self.active = active
@@ -541,56 +590,74 @@ class ManagerClient:
         value = getattr(reply[0], "value", None) if reply else None
         return value if isinstance(value, int) else None
 
-    async def _read_paged(self) -> tuple[dict[str, DomainConfig], set[str], int | None]:
+    async def _read_paged(self) -> Listing | Delta:
         """A Manager with ListDomainsPage: only the changes since the generation we
-        hold when it offers ListChangesSince and Generation; else (or when it cannot
-        say) everything in pages, then the changes made during the walk."""
+        hold when it offers ListChangesSince and Generation (a Delta); else (or when it
+        cannot say) everything in pages, then the changes made during the walk. Each
+        page is parsed as it arrives, so the raw entries of only one page are held."""
         incremental = self.offers("ListChangesSince") and self.offers("Generation")
         if incremental and self.definitions is not None and self.generation is not None:
             try:
-                result = await self._changes_since(self.generation, self.definitions,
-                                                   self.active)
-                if result is not None:
-                    return result
+                delta = await self._changes_since(self.generation)
+                if delta is not None:
+                    return delta
             except (ManagerUnavailable, ManagerTimeout):
                 raise
             except ManagerError as exc:
                 log.info("listing the Manager's domains again: %s", exc)
         generation = await self._get_generation() if self.offers("Generation") else None
-        entries: list[Any] = []
+        defs: dict[str, DomainConfig] = {}
+        active: set[str] = set()
+        hosts: dict[str, str] = {}
         cursor = ""
+        count = 0
         started = time.monotonic()
-        while True:
-            page, cursor_next = await self._call_multi("ListDomainsPage", cursor, PAGE_SIZE,
-                                                       timeout=self.list_timeout)
-            if not isinstance(page, (list, tuple)) or not isinstance(cursor_next, str):
-                raise ManagerFailed(ERR_BAD_REPLY, "ListDomainsPage returned the wrong types")
-            entries.extend(page)
-            if not cursor_next:
-                break
-            if cursor_next == cursor or time.monotonic() - started > self.list_timeout:
-                raise ManagerFailed(ERR_BAD_REPLY, "ListDomainsPage does not come to an end")
-            cursor = cursor_next
-        defs, active = self._parse(entries, True)
-        log.debug("listed %d entries in pages in %.2f s", len(entries),
-                  time.monotonic() - started)
+
+        def ask(after: str) -> asyncio.Task[list[Any]]:
+            return asyncio.ensure_future(self._call_multi("ListDomainsPage", after, PAGE_SIZE,
+                                                          timeout=self.list_timeout))
+        # The next page is asked for before this one is parsed: the Manager builds it
+        # while we parse (half the time of a first sync of 100,000 otherwise).
+        pending: asyncio.Task[list[Any]] | None = ask(cursor)
+        try:
+            while pending is not None:
+                page, cursor_next = await pending
+                pending = None
+                if not isinstance(page, (list, tuple)) or not isinstance(cursor_next, str):
+                    raise ManagerFailed(ERR_BAD_REPLY,
+                                        "ListDomainsPage returned the wrong types")
+                if cursor_next:
+                    if cursor_next == cursor or time.monotonic() - started > self.list_timeout:
+                        raise ManagerFailed(ERR_BAD_REPLY,
+                                            "ListDomainsPage does not come to an end")
+                    cursor = cursor_next
+                    pending = ask(cursor)
+                self._parse_into(page, True, defs, active, hosts, first=count)
+                count += len(page)
+                del page
+        finally:
+            if pending is not None:        # failed or cancelled meanwhile
+                pending.cancel()
+                pending.add_done_callback(lambda t: t.cancelled() or t.exception())
+        log.debug("listed %d entries in pages in %.2f s", count, time.monotonic() - started)
         if incremental and generation is not None:
             try:
-                result = await self._changes_since(generation, defs, active)
+                delta = await self._changes_since(generation)
             except (ManagerUnavailable, ManagerTimeout):
                 raise
             except ManagerError as exc:
                 log.info("cannot ask what changed while listing (%s); listing again next "
                          "time", exc)
-                result = None
-            return result if result is not None else (defs, active, None)
-        return defs, active, generation
+                delta = None
+            if delta is None:
+                return defs, active, hosts, None
+            merge_delta(delta, defs, active, hosts)
+            return defs, active, hosts, delta.generation
+        return defs, active, hosts, generation
 
-    async def _changes_since(self, generation: int, defs: Mapping[str, DomainConfig],
-                             active: set[str]
-                             ) -> tuple[dict[str, DomainConfig], set[str], int] | None:
-        """`defs` and `active` brought from `generation` to now with ListChangesSince;
-        None when the generations do not follow (the caller lists again)."""
+    async def _changes_since(self, generation: int) -> Delta | None:
+        """What changed since `generation` (ListChangesSince), parsed; None when the
+        generations do not follow (the caller lists again)."""
         current, changed, removed = await self._call_multi("ListChangesSince", generation)
         if (not isinstance(current, int) or not isinstance(changed, (list, tuple))
                 or not isinstance(removed, (list, tuple))):
@@ -599,28 +666,19 @@ class ManagerClient:
             log.info("the Manager's generation went back from %d to %d; listing again",
                      generation, current)
             return None
-        if current == generation and not changed and not removed:
-            return dict(defs), set(active), current
-        new_defs = dict(defs)
-        new_active = set(active)
+        delta = Delta(current)
+        if not changed and not removed:
+            return delta
         for u in removed:
             cu = canonical_uuid(u) if isinstance(u, str) else None
             if cu is not None:
-                new_defs.pop(cu, None)
-                new_active.discard(cu)
-        good, good_active = self._parse(list(changed), True)
+                delta.removed.add(cu)
+        self._parse_into(changed, True, delta.changed, delta.active, delta.hosts)
         for entry in changed:          # a changed entry that is now unusable is gone
             cu = _entry_uuid(entry)
-            if cu is not None and cu not in good:
-                new_defs.pop(cu, None)
-                new_active.discard(cu)
-        for u, cfg in good.items():
-            new_defs[u] = cfg
-            if u in good_active:
-                new_active.add(u)
-            else:
-                new_active.discard(u)
-        return new_defs, new_active, current
+            if cu is not None and cu not in delta.changed:
+                delta.removed.add(cu)
+        return delta
 
     async def _list(self) -> tuple[list[Any], bool]:
         if self.offers("ListDomains"):
@@ -635,14 +693,23 @@ class ManagerClient:
         return await self._call("ListInactiveDomains", timeout=self.list_timeout), False
 
     def _parse(self, entries: list[Any], with_active: bool
-               ) -> tuple[dict[str, DomainConfig], set[str]]:
+               ) -> tuple[dict[str, DomainConfig], set[str], dict[str, str]]:
         """Keep the good entries; skip each bad one with one warning."""
         defs: dict[str, DomainConfig] = {}
         active: set[str] = set()
-        for i, entry in enumerate(entries):
+        hosts: dict[str, str] = {}
+        self._parse_into(entries, with_active, defs, active, hosts)
+        return defs, active, hosts
+
+    def _parse_into(self, entries: Any, with_active: bool, defs: dict[str, DomainConfig],
+                    active: set[str], hosts: dict[str, str], first: int = 0) -> None:
+        """`_parse` adding to `defs`, `active` and `hosts` (the `Host` of an entry that
+        has one); `first`: the number of the first entry, for warnings (pages)."""
+        for i, entry in enumerate(entries, first):
             try:
                 cfg = config_from_dbus(entry)
                 is_active = with_active and active_from_dbus(entry)
+                host = host_from_dbus(entry)
             except InvalidEntry as exc:
                 self._warn_once(("entry", f"{_ident(entry)}: {exc}"),
                                 "skipping Manager entry #%d (%s): %s", i, _ident(entry), exc)
@@ -655,7 +722,8 @@ class ManagerClient:
             defs[cfg.uuid] = cfg
             if is_active:
                 active.add(cfg.uuid)
-        return defs, active
+            if host:
+                hosts[cfg.uuid] = sys.intern(host)
 
     def _warn_once(self, key: tuple[str, str], fmt: str, *args: Any) -> None:
         """One warning per bad thing per Manager instance, not one per poll."""
@@ -799,6 +867,26 @@ class ManagerClient:
             return config_from_dbus(result)
         except InvalidEntry as exc:
             raise ManagerFailed(ERR_BAD_REPLY, f"GetDomain returned a bad entry: {exc}") from None
+
+    def placed_on(self, uuid: str) -> str | None:
+        """The farm host this host's Manager lists `uuid` as placed on (its `Host`
+        key: MANAGER.md, "Farm keys and errors"); None when not listed with one."""
+        return self.hosts.get(uuid) if self.listed else None
+
+    async def placement(self, uuid: str) -> str | None:
+        """Where a definition this host's lists do not show runs, by GetDomain (a farm
+        Manager answers it with `Active` and `Host` for one running on another host);
+        None when it runs nowhere, is unknown, or the answer cannot be had."""
+        if not self.offers("GetDomain"):
+            return None
+        try:
+            entry = await self._call("GetDomain", self._uuid(uuid))
+            if isinstance(entry, Mapping) and active_from_dbus(entry):
+                host = host_from_dbus(entry)
+                return host[:256] if host else None
+        except (ManagerError, InvalidEntry) as exc:
+            log.debug("GetDomain %s: %s", uuid, exc)
+        return None
 
     async def update_domain(self, uuid: str, changes: Mapping[str, Any]) -> None:
         try:

@@ -11,13 +11,13 @@ complete instances (see provider.py for the contract).
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Iterable, Sequence
+from collections.abc import Awaitable, Iterable
 from typing import Any, Callable
 
 import pywbem
 from pywbem import CIMClass, CIMClassName, CIMError, CIMInstance, CIMInstanceName
 
-from . import queries, writes
+from . import pullops, queries, writes
 from . import writer as w
 from .audit import AuditHook, report
 from .context import OperationContext, Pieces, Result
@@ -25,9 +25,8 @@ from .methods import invoke_method
 from .params import SIGNATURES, UNSUPPORTED, Signature, convert_params, convert_value
 from .provider import AssociationProvider, Provider, Registry, path_key, reference_values
 from .pull import PullContexts
-from .render import (IWP, OWP, Named, Pacer, PathKeys, Paths, Renders, Views, encode,
-                     instance_path, join_items, name_item, named_instance, pieces_of, put,
-                     with_path)
+from .render import (OWP, Named, Pacer, PathKeys, Paths, Renders, Views, encode, name_item,
+                     named_instance, pieces_of, put, with_path)
 from .repository import Namespace, Repository
 from .request import CIMRequest
 from .views import class_view
@@ -50,6 +49,7 @@ class Dispatcher:
         self._keys: dict[tuple[str, str], list] = {}
         self.views = Views()             # request shapes, resolved once
         self.renders = Renders()         # rendered enumerations, while unchanged
+        self.pages = pullops.Pages()     # rendered pages of pull operations
         self.paths = Paths()             # NAMESPACEPATH per host and namespace
         self._leaves: dict[tuple[str, str], tuple[int, list]] = {}
 
@@ -219,25 +219,20 @@ class Dispatcher:
             out.extend(await prov.enumerate_instances(leaf))
         return out
 
-    async def _names(self, ns: Namespace, classname: str, kind: str, render, flat: bool):
-        """`render(instance)` of each instance name (EnumerateInstanceNames: `flat`
-        Pieces; OpenEnumerateInstancePaths: items and offsets). A provider that does
+    async def _names(self, ns: Namespace, classname: str) -> Pieces:
+        """INSTANCENAME of each instance (EnumerateInstanceNames). A provider that does
         not override enumerate_instance_names (which then lists its instances' paths)
         gives its instances, whose names are kept rendered."""
-        out, items, offsets = Pieces(), [], [0]      # type: ignore[var-annotated]  # reason: items of any pieces
+        out = Pieces()
         for leaf, prov in self._providers_for(ns, classname):
-            key: tuple | None = (kind, ns.name, leaf, self.host)
+            key: tuple | None = ("names", ns.name, leaf, self.host)
             if type(prov).enumerate_instance_names is Provider.enumerate_instance_names:
                 insts: Iterable = await prov.enumerate_instances(leaf)
             else:
                 insts, key = [Named(path) for path in
                               await prov.enumerate_instance_names(leaf)], None
-            if flat:
-                out.extend(await self.renders.flat(key, insts, render))
-            else:
-                items, offsets = join_items(items, offsets,
-                                       *await self.renders.items(key, insts, render))
-        return out if flat else (items, offsets)
+            out.extend(await self.renders.flat(key, insts, name_item, joined=True))
+        return out
 
     async def get_instance(self, path: CIMInstanceName, ns: Namespace | None = None) -> CIMInstance:
         """A normalized path -> the provider's instance (used by associations too)."""
@@ -269,7 +264,7 @@ class Dispatcher:
 
     async def op_EnumerateInstanceNames(self, ns: Namespace, p: dict, ctx) -> Result:
         cls = self.get_class(ns, p["ClassName"])
-        return Result(await self._names(ns, cls.classname, "names", name_item, True))
+        return Result(await self._names(ns, cls.classname))
 
     # -- associations ---------------------------------------------------------------
 
@@ -375,107 +370,20 @@ class Dispatcher:
         return Result([w.objectpath_xml(a.path, self.host)
                        for a in await self._reference_instances(ns, p["ObjectName"], p)])
 
-    # -- pull operations --------------------------------------------------------------
-
-    def _check_open(self, p: dict) -> float:
-        if p["FilterQueryLanguage"] is not None or p["FilterQuery"] is not None:
-            raise CIMError(pywbem.CIM_ERR_FILTERED_ENUMERATION_NOT_SUPPORTED,
-                           "filtered enumerations are not supported")
-        if p["ContinueOnError"]:
-            raise CIMError(pywbem.CIM_ERR_CONTINUATION_ON_ERROR_NOT_SUPPORTED,
-                           "ContinueOnError is not supported")
-        return self.pulls.check_timeout(p["OperationTimeout"])
-
-    def _open(self, ns: Namespace, p: dict, ctx: OperationContext, kind: str,
-              items: Sequence, offsets: Sequence[int] | None = None) -> Result:
-        timeout = self._check_open(p)
-        ctx_id, chunk, eos = self.pulls.open(ns.name, kind, items, p["MaxObjectCount"],
-                                             timeout, ctx.client, offsets)
-        return self._pull_result(chunk, eos, ctx_id,
-                                 None if offsets is None else offsets[:len(chunk) + 1])
-
-    @staticmethod
-    def _pull_result(chunk: Sequence, eos: bool, ctx_id: str | None,
-                     offsets: Sequence[int] | None = None) -> Result:
-        params = [w.paramvalue_xml("EndOfSequence", eos, "boolean")]
-        if not eos:
-            params.append(w.paramvalue_xml("EnumerationContext", ctx_id, "string"))
-        if chunk and type(chunk[0]) is str:     # ExecQuery's items: text
-            return Result(list(chunk), params)
-        return Result(pieces_of(chunk, offsets), params)
+    # -- pull operations: pullops.py -------------------------------------------------
 
     async def _with_paths(self, ns: Namespace, insts: Iterable[CIMInstance], p: dict,
                           deep: bool, classname: str | None, wrap: tuple[bytes, bytes],
-                          key: tuple | None = None, own_ns: bool = True
-                          ) -> tuple[list, list[int]]:
-        """An item of pieces per instance with its full path (pull operations:
-        VALUE.INSTANCEWITHPATH, Associators and References: VALUE.OBJECTWITHPATH) and
-        their byte offsets; kept under `key` while the provider's tuple is unchanged.
-        Class origins come from each instance's own namespace (`own_ns`)."""
+                          own_ns: bool = True) -> tuple[list, list[int]]:
+        """An item of pieces per instance with its full path (OpenAssociatorInstances,
+        OpenReferenceInstances: VALUE.INSTANCEWITHPATH, Associators and References:
+        VALUE.OBJECTWITHPATH) and their byte offsets. Class origins come from each
+        instance's own namespace (`own_ns`)."""
         view = self.views.get(ns, classname or "", deep, p["PropertyList"],
                               p["IncludeClassOrigin"])
         render = with_path(view, self.paths, self.host, ns.name, wrap,
                            self.repo.namespace if own_ns else None)
-        return await self.renders.items(key + (view,) if key else None, insts, render)
-
-    async def op_OpenEnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
-        self._check_open(p)
-        cls = self.get_class(ns, p["ClassName"])
-        items: list = []
-        offsets: list[int] = [0]
-        for leaf, prov in self._providers_for(ns, cls.classname):
-            got, offs = await self._with_paths(
-                ns, await prov.enumerate_instances(leaf), p, p["DeepInheritance"],
-                cls.classname, IWP, ("iwp", ns.name, leaf, self.host))
-            items, offsets = join_items(items, offsets, got, offs)
-        return self._open(ns, p, ctx, "instances", items, offsets)
-
-    async def op_OpenEnumerateInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
-        self._check_open(p)
-        cls = self.get_class(ns, p["ClassName"])
-        items, offsets = await self._names(ns, cls.classname, "paths",
-                                           instance_path(self.paths, self.host, ns.name), False)
-        return self._open(ns, p, ctx, "paths", items, offsets)
-
-    async def op_OpenAssociatorInstances(self, ns: Namespace, p: dict, ctx) -> Result:
-        self._check_open(p)
-        items, offsets = await self._with_paths(
-            ns, await self._associators(ns, p["InstanceName"], p), p, True, None, IWP)
-        return self._open(ns, p, ctx, "instances", items, offsets)
-
-    async def op_OpenAssociatorInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
-        self._check_open(p)
-        source = self._source(ns, p["InstanceName"])
-        await self.get_instance(source)
-        items = [encode(w.instancepath_xml(t, self.host))
-                 for t in await self._associator_paths(ns, source, p)]
-        return self._open(ns, p, ctx, "paths", items)
-
-    async def op_OpenReferenceInstances(self, ns: Namespace, p: dict, ctx) -> Result:
-        self._check_open(p)
-        items, offsets = await self._with_paths(
-            ns, await self._reference_instances(ns, p["InstanceName"], p), p, True, None, IWP)
-        return self._open(ns, p, ctx, "instances", items, offsets)
-
-    async def op_OpenReferenceInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
-        self._check_open(p)
-        items = [encode(w.instancepath_xml(a.path, self.host))
-                 for a in await self._reference_instances(ns, p["InstanceName"], p)]
-        return self._open(ns, p, ctx, "paths", items)
-
-    async def op_PullInstancesWithPath(self, ns: Namespace, p: dict, ctx) -> Result:
-        chunk, offsets, eos, ctx_id = self.pulls.pull_with_offsets(
-            ns.name, "instances", p["EnumerationContext"], p["MaxObjectCount"], ctx.client)
-        return self._pull_result(chunk, eos, ctx_id, offsets)
-
-    async def op_PullInstancePaths(self, ns: Namespace, p: dict, ctx) -> Result:
-        chunk, offsets, eos, ctx_id = self.pulls.pull_with_offsets(
-            ns.name, "paths", p["EnumerationContext"], p["MaxObjectCount"], ctx.client)
-        return self._pull_result(chunk, eos, ctx_id, offsets)
-
-    async def op_CloseEnumeration(self, ns: Namespace, p: dict, ctx) -> Result:
-        self.pulls.close(ns.name, p["EnumerationContext"], ctx.client)
-        return Result(None)
+        return await self.renders.items(None, insts, render)
 
 
 _END = {True: encode(w.message_end(True)), False: encode(w.message_end(False))}
@@ -498,18 +406,18 @@ OPERATIONS: dict[str, tuple[Signature, Handler]] = {
     "AssociatorNames": (SIGNATURES["AssociatorNames"], Dispatcher.op_AssociatorNames),
     "References": (SIGNATURES["References"], Dispatcher.op_References),
     "ReferenceNames": (SIGNATURES["ReferenceNames"], Dispatcher.op_ReferenceNames),
-    "OpenEnumerateInstances": (SIGNATURES["OpenEnumerateInstances"], Dispatcher.op_OpenEnumerateInstances),
+    "OpenEnumerateInstances": (SIGNATURES["OpenEnumerateInstances"], pullops.op_OpenEnumerateInstances),
     "OpenEnumerateInstancePaths": (SIGNATURES["OpenEnumerateInstancePaths"],
-                                   Dispatcher.op_OpenEnumerateInstancePaths),
-    "OpenAssociatorInstances": (SIGNATURES["OpenAssociatorInstances"], Dispatcher.op_OpenAssociatorInstances),
+                                   pullops.op_OpenEnumerateInstancePaths),
+    "OpenAssociatorInstances": (SIGNATURES["OpenAssociatorInstances"], pullops.op_OpenAssociatorInstances),
     "OpenAssociatorInstancePaths": (SIGNATURES["OpenAssociatorInstancePaths"],
-                                    Dispatcher.op_OpenAssociatorInstancePaths),
-    "OpenReferenceInstances": (SIGNATURES["OpenReferenceInstances"], Dispatcher.op_OpenReferenceInstances),
+                                    pullops.op_OpenAssociatorInstancePaths),
+    "OpenReferenceInstances": (SIGNATURES["OpenReferenceInstances"], pullops.op_OpenReferenceInstances),
     "OpenReferenceInstancePaths": (SIGNATURES["OpenReferenceInstancePaths"],
-                                   Dispatcher.op_OpenReferenceInstancePaths),
-    "PullInstancesWithPath": (SIGNATURES["PullInstancesWithPath"], Dispatcher.op_PullInstancesWithPath),
-    "PullInstancePaths": (SIGNATURES["PullInstancePaths"], Dispatcher.op_PullInstancePaths),
-    "CloseEnumeration": (SIGNATURES["CloseEnumeration"], Dispatcher.op_CloseEnumeration),
+                                   pullops.op_OpenReferenceInstancePaths),
+    "PullInstancesWithPath": (SIGNATURES["PullInstancesWithPath"], pullops.op_PullInstancesWithPath),
+    "PullInstancePaths": (SIGNATURES["PullInstancePaths"], pullops.op_PullInstancePaths),
+    "CloseEnumeration": (SIGNATURES["CloseEnumeration"], pullops.op_CloseEnumeration),
     "CreateInstance": (SIGNATURES["CreateInstance"], writes.op_CreateInstance),
     "ModifyInstance": (SIGNATURES["ModifyInstance"], writes.op_ModifyInstance),
     "DeleteInstance": (SIGNATURES["DeleteInstance"], writes.op_DeleteInstance),

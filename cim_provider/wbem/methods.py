@@ -36,7 +36,18 @@ async def invoke_method(d: Dispatcher, req: CIMRequest, ctx: OperationContext) -
     if isinstance(target, CIMInstanceName):
         cls = d.get_class(ns, target.classname, pywbem.CIM_ERR_INVALID_CLASS)
         target = d.normalize_path(ns, target)
-        await d.get_instance(target, ns)
+        try:
+            await d.get_instance(target, ns)
+        except CIMError as exc:
+            # DSP0200: a method on an instance that does not exist is CIM_ERR_NOT_FOUND,
+            # unless its provider knows of it where this server does not show it (a
+            # farm system running on another host: a start answers where it runs) and
+            # says so by naming the method, lower case, in its `invokes_on_missing`
+            # (e.g. providers/computer_system.py).
+            prov = d.registry.provider(ns.name, cls.classname)
+            if exc.status_code != pywbem.CIM_ERR_NOT_FOUND or \
+                    req.method.lower() not in getattr(prov, "invokes_on_missing", ()):
+                raise
     else:
         cls = d.get_class(ns, target.classname, pywbem.CIM_ERR_INVALID_CLASS)
         target = CIMClassName(cls.classname, namespace=ns.name)
@@ -72,8 +83,20 @@ async def invoke_method(d: Dispatcher, req: CIMRequest, ctx: OperationContext) -
     for name, value in (out or {}).items():
         decl = decls.get(name.lower())
         pieces.append(w.paramvalue_xml(decl.name if decl else name, value,
-                                       decl.type if decl else None))
+                                       decl.type if decl else None, _embedded_kind(decl)))
     return pieces
+
+
+def _embedded_kind(decl: Any) -> str | None:
+    """"instance" / "object" for a parameter declared EmbeddedInstance / EmbeddedObject:
+    its value goes out marked as DSP0200 asks (writer.paramvalue_xml)."""
+    if decl is None:
+        return None
+    if decl.qualifiers.get("EmbeddedInstance") is not None:
+        return "instance"
+    if decl.qualifiers.get("EmbeddedObject") is not None:
+        return "object"
+    return None
 
 
 def _param_path(d: Dispatcher, ns: Namespace, path: CIMInstanceName, what: str) -> CIMInstanceName:

@@ -29,7 +29,7 @@ What the dispatcher may rely on, so that reads cost little at 10,000 systems:
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import pywbem
@@ -58,6 +58,25 @@ class Provider:
 
     async def enumerate_instance_names(self, classname: str) -> Iterable[CIMInstanceName]:
         return [inst.path for inst in await self.enumerate_instances(classname)]
+
+    # Pull operations (DSP0200 5.4) take an enumeration page by page: a snapshot of its
+    # keys when the context opens, the instances of each page when it is pulled
+    # (docs/architecture.md, "Data flow": pull contexts). The defaults take the
+    # instances themselves as keys; a provider that can make an instance from a key
+    # (a record) overrides both, so that no context makes them all at once and a page
+    # leaves out what went away since the Open.
+
+    async def enumerate_keys(self, classname: str) -> Sequence[Any]:
+        """The enumeration's keys in order: an immutable snapshot (a tuple) that only
+        `instances_of` reads. Default: the instances."""
+        insts = await self.enumerate_instances(classname)
+        return insts if type(insts) is tuple else tuple(insts)
+
+    async def instances_of(self, classname: str, keys: Sequence[Any], start: int,
+                           stop: int) -> Sequence[CIMInstance]:
+        """The instances of `keys[start:stop]` as they are now, in order, leaving out
+        those gone since `keys` was taken. Default: the keys (instances) as taken."""
+        return keys[start:stop]
 
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
         for inst in await self.enumerate_instances(path.classname):

@@ -11,6 +11,7 @@ from pywbem import CIMClass, CIMError, CIMInstance
 from . import wql
 from . import writer as w
 from .context import Result
+from .pullops import pull_result
 from .render import Pacer
 from .repository import Namespace
 from .views import class_view, instance_view
@@ -76,10 +77,10 @@ async def op_OpenQueryInstances(d: Dispatcher, ns: Namespace, p: dict, ctx) -> R
     items = [w.instance_xml(inst) for inst in await query_instances(d, ns, query, cls)]
     ctx_id, chunk, eos = d.pulls.open(ns.name, "query", items, p["MaxObjectCount"],
                                       timeout, ctx.client)
-    res = d._pull_result(chunk, eos, ctx_id)
+    res = pull_result(chunk, eos, ctx_id)
     if p["ReturnQueryResultClass"]:
         view = class_view(cls, False, None if query.select is None else list(query.select))
-        assert res.params is not None        # _pull_result always sets them
+        assert res.params is not None        # pull_result always sets them
         res.params.insert(0, w.paramvalue_class_xml("QueryResultClass", view))
     return res
 
@@ -87,4 +88,4 @@ async def op_OpenQueryInstances(d: Dispatcher, ns: Namespace, p: dict, ctx) -> R
 async def op_PullInstances(d: Dispatcher, ns: Namespace, p: dict, ctx) -> Result:
     chunk, eos, ctx_id = d.pulls.pull(ns.name, "query", p["EnumerationContext"],
                                       p["MaxObjectCount"], ctx.client)
-    return d._pull_result(chunk, eos, ctx_id)
+    return pull_result(chunk, eos, ctx_id)

@@ -4,7 +4,9 @@ Why our own: pywbem's `tocimxml()` builds a DOM per object (about 440 µs per
 instance here) and writes self-closing tags, which sblim wbemcli's hand-written
 parser cannot read. This writer concatenates strings, never self-closes an element,
 gives INSTANCE only CLASSNAME, ERROR only CODE and DESCRIPTION and PARAMVALUE only
-NAME and PARAMTYPE (what wbemcli accepts), and leaves NULL output parameters out.
+NAME and PARAMTYPE (what wbemcli accepts) -- plus EmbeddedObject on an embedded
+instance (DSP0201: a string parameter holding escaped INSTANCE XML, e.g. GetError's
+Error), which wbemcli ignores and pywbem decodes -- and leaves NULL output parameters out.
 
 Every function returns a `str`; the HTTP layer joins and encodes the pieces.
 """
@@ -345,17 +347,44 @@ def message_end(intrinsic: bool) -> str:
     return f"</{tag}></SIMPLERSP></MESSAGE></CIM>"
 
 
-def paramvalue_xml(name: str, value: object, type_: str | None = None) -> str:
-    """An output PARAMVALUE; NULL values are left out (wbemcli crashes on them)."""
+def _embedded_kind(value: object) -> str | None:
+    """"instance" or "object" when `value` (or every non-NULL element of it) is an
+    embedded CIMInstance or CIMClass, else None."""
+    items = value if isinstance(value, (list, tuple)) else (value,)
+    kinds = {"instance" if isinstance(v, CIMInstance) else
+             "object" if isinstance(v, CIMClass) else "" for v in items if v is not None}
+    if kinds == {"instance"}:
+        return "instance"
+    if kinds and "" not in kinds:
+        return "object"             # classes, or classes and instances mixed
+    return None
+
+
+def paramvalue_xml(name: str, value: object, type_: str | None = None,
+                   embedded: str | None = None) -> str:
+    """An output PARAMVALUE; NULL values are left out (wbemcli crashes on them).
+
+    An embedded instance (a CIMInstance, or a list of them, as GetError's Error) is
+    written as DSP0200 asks: PARAMTYPE="string", EmbeddedObject="instance" and a VALUE
+    (VALUE.ARRAY) holding the escaped INSTANCE text, so a client hands back an
+    instance, not a string. `embedded` ("instance" / "object", from the parameter's
+    EmbeddedInstance / EmbeddedObject qualifier) marks a value that is already text.
+    """
     if value is None:
         return ""
     type_ = type_ or cimtype_of(value)
     if type_ == "reference" or isinstance(value, CIMInstanceName):
         return f'<PARAMVALUE NAME="{esc(name)}" PARAMTYPE="reference">{value_xml(value)}</PARAMVALUE>'
-    if isinstance(value, (CIMInstance, CIMClass)) or (
-            isinstance(value, (list, tuple)) and value and isinstance(value[0], CIMInstance)):
-        type_ = "string"
-    return f'<PARAMVALUE NAME="{esc(name)}" PARAMTYPE="{type_}">{value_xml(value, type_)}</PARAMVALUE>'
+    kind = _embedded_kind(value)
+    if kind is None and embedded and type_ == "string" and all(
+            isinstance(v, str) and v.lstrip().startswith("<")
+            for v in (value if isinstance(value, (list, tuple)) else (value,)) if v is not None):
+        kind = embedded
+    if kind is None:
+        return (f'<PARAMVALUE NAME="{esc(name)}" PARAMTYPE="{type_}">'
+                f"{value_xml(value, type_)}</PARAMVALUE>")
+    return (f'<PARAMVALUE NAME="{esc(name)}" PARAMTYPE="string" EmbeddedObject="{kind}">'
+            f'{value_xml(value, "string")}</PARAMVALUE>')
 
 
 def returnvalue_xml(value: object, type_: str | None = None) -> str:
