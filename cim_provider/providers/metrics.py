@@ -1,8 +1,9 @@
 """Usage metrics of running systems (DSP1053 Base Metrics).
 
-The libvirt source samples every running domain once per `--metrics-interval` with
-one getAllDomainStats call (in its call threads) and hands the sample to
-inventory.resources; nothing here asks libvirt. A sample costs nothing here: its
+The libvirt source samples every running domain once per `--metrics-interval` (in its
+call threads, a slice of domains per call; the first sample one interval after the
+connect) and hands the sample to inventory.resources, packed as numbers
+(sources/libvirt_stats.py); nothing here asks libvirt. A sample costs nothing here: its
 figures stay the numbers of the sample (inventory.resources keeps the last two), and a
 system's values are built from them when a request reads them, kept until the next
 sample (docs/architecture.md, "CIM model": "from the last two samples"). Building

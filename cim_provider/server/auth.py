@@ -80,8 +80,21 @@ def verify_password(password: str, encoded: str) -> bool:
     return hmac.compare_digest(got, want)
 
 
-# A hash to check unknown user names against, so they cost as much as known ones.
-_DUMMY_HASH = hash_password(secrets.token_urlsafe(16))
+_DUMMY: list[str] = []
+_DUMMY_LOCK = threading.Lock()
+
+
+def _dummy_hash() -> str:
+    """A hash to check unknown user names against, so they cost as much as known ones.
+    Made on the first unknown name, not at import: scrypt's tens of milliseconds are
+    not part of every start-up (issue 16, start-up; docs/architecture.md, "Data flow":
+    server/auth.py checks the users). Verification runs in worker threads: the lock
+    makes it once."""
+    if not _DUMMY:
+        with _DUMMY_LOCK:
+            if not _DUMMY:
+                _DUMMY.append(hash_password(secrets.token_urlsafe(16)))
+    return _DUMMY[0]
 
 
 # --- the users file ---------------------------------------------------------------------
@@ -325,7 +338,7 @@ class Authenticator:
             except Exception as exc:       # a broken PAM stack is a failed login, logged
                 log.error("PAM error for %r: %s", user[:64], exc)
                 return None
-        verify_password(password, _DUMMY_HASH)   # unknown users cost the same
+        verify_password(password, _dummy_hash())   # unknown users cost the same
         return None
 
     async def __call__(self, request: web.Request, ctx: OperationContext) -> web.Response | None:

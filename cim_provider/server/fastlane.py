@@ -1,26 +1,33 @@
-"""The fast lane: a plain keep-alive GetInstance answered before aiohttp sees it.
+"""The fast lane: plain keep-alive reads answered before aiohttp sees them.
 
 aiohttp spends ~150 µs on each request (request and response objects, a task, the
 router, the response writer) where a GetInstance of a cached instance needs ~30 µs
-of our own. On a connection of an unauthenticated server, the lane reads each
-request's bytes as they arrive (http.py's parser wrapper hands them over first),
-frames complete requests itself, and answers the common one: POST to /cimom or / over
-HTTP/1.1, plain headers, a Content-Length body, the CIM headers of a GetInstance
-whose body parses and matches them, when aiohttp has nothing in hand on the
-connection. The answer is the dispatcher's, with the head aiohttp would write (only
-Date can differ), in one transport.write. Anything else (another method or path,
-M-POST, chunked or compressed bodies, Expect, Upgrade, Connection: close, HTTP/1.0,
-limits exceeded, a header or body the lane would have to judge, a dispatch that does
-not complete at once) goes to aiohttp unchanged and in order, which then answers as
-it always did, errors included.
+of our own, and an EnumerateInstanceNames of 10,000 kept INSTANCENAMEs (3 MB) needs
+a few µs before its bytes go to the kernel. On a connection of an unauthenticated
+server, the lane reads each request's bytes as they arrive (http.py's parser wrapper
+hands them over first), frames complete requests itself, and answers the common ones:
+POST to /cimom or / over HTTP/1.1, plain headers, a Content-Length body, the CIM
+headers of a GetInstance, EnumerateInstanceNames or EnumerateInstances whose body
+parses and matches them (the same parser and header checks as aiohttp's path), when
+aiohttp has nothing in hand on the connection and the transport has no backlog. The
+answer is the dispatcher's, with the head aiohttp would write (only Date can differ):
+a small body joined into one transport.write, a large one handed over as its cached
+pieces in one transport.writelines when http.py would write it that way too
+(`as_is`: nothing joined or copied, docs/architecture.md "Data flow": rendered once,
+sent many times). Anything else (another method or path, M-POST, chunked or
+compressed bodies, Expect, Upgrade, Connection: close, HTTP/1.0, limits exceeded, a
+header or body the lane would have to judge, a dispatch that does not complete at
+once, a body http.py would stream chunk by chunk) goes to aiohttp unchanged and in
+order, which then answers as it always did, errors included.
 
 aiohttp internals this relies on (aiohttp 3.9 to 3.14, pinned <3.15 in
 pyproject.toml): RequestHandler's `_waiter` (set while it awaits the next request),
 `_messages`, `_current_request`, `_request_handler` (the application's bound
 `_handle`), `_keepalive_timeout` and `_next_keepalive_close_time` (the idle deadline,
 moved on after each answer). If they change, `_idle` is False and every request
-takes aiohttp's path: slower, never wrong. tests/test_perf_paths.py checks that the
-lane answers, and that it answers exactly what aiohttp would.
+takes aiohttp's path: slower, never wrong. tests/test_perf_paths.py and
+tests/test_fastlane_enumerations.py check that the lane answers, and that it answers
+exactly what aiohttp would.
 """
 from __future__ import annotations
 
@@ -33,7 +40,7 @@ from typing import Any
 from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE
 
-from ..wbem.context import OperationContext
+from ..wbem.context import OperationContext, Pieces
 from ..wbem.dispatch import Dispatcher
 from ..wbem.request import RequestError, parse_request
 
@@ -47,6 +54,12 @@ _REFUSED_HEADERS = frozenset((b"transfer-encoding", b"expect", b"upgrade",
 # Seconds a request's body may take to follow its head before the request (and the
 # connection) is left to aiohttp; a client sends both at once, or nearly.
 HOLD_BODY = 0.05
+# The operations the lane answers (CIMMethod, lower case): reads that change nothing,
+# so one whose dispatch cannot complete at once is dropped and run again by aiohttp.
+METHODS = frozenset(("getinstance", "enumerateinstancenames", "enumerateinstances"))
+# Bytes the transport may still hold from earlier answers: above, aiohttp answers
+# (its writer waits for the client, the lane never waits).
+BACKLOG = 64 * 1024
 _PREFIX = (b"HTTP/1.1 200 OK\r\nContent-Type: application/xml; charset=\"utf-8\"\r\n"
            b"CIMOperation: MethodResponse\r\nContent-Length: ")
 
@@ -56,7 +69,9 @@ class FastLane:
 
     def __init__(self, dispatcher: Dispatcher, *, max_body: int, max_depth: int,
                  max_line: int, max_field: int, max_headers: int, max_request: int,
-                 check_headers: Callable[[dict[str, str], Any], None]):
+                 check_headers: Callable[[dict[str, str], Any], None],
+                 as_is: Callable[[Pieces, Any], bool] = lambda body, transport: False,
+                 join_max: int = 1024 * 1024):
         self.dispatcher = dispatcher
         self.max_body = max_body
         self.max_depth = max_depth
@@ -65,6 +80,8 @@ class FastLane:
         self.max_headers = max_headers
         self.max_request = max_request          # larger bodies: aiohttp (parsed off the loop)
         self.check_headers = check_headers
+        self.as_is = as_is        # http.py: the body goes out in one writelines() as it is
+        self.join_max = join_max  # larger bodies not `as_is`: aiohttp streams them
         self.hold = max_line + max_headers * (max_field + 4) + max_request
         self.answered = 0
 
@@ -76,7 +93,8 @@ class Connection:
     """The lane of one connection: bytes held until a request is complete, and
     whether the lane still looks at this connection's requests."""
 
-    __slots__ = ("lane", "protocol", "buf", "active", "answered", "_client", "_timer")
+    __slots__ = ("lane", "protocol", "buf", "active", "answered", "handed", "_client",
+                 "_timer")
 
     def __init__(self, lane: FastLane, protocol: Any):
         self.lane = lane
@@ -84,6 +102,9 @@ class Connection:
         self.buf = b""
         self.active = True
         self.answered = 0                      # requests answered here (connections.py)
+        # (request body, response pieces) of a request answered but not written here
+        # (http.py streams it): aiohttp's handler of that very request takes it.
+        self.handed: tuple[bytes, Pieces] | None = None
         self._client: str | None = None
         self._timer: asyncio.TimerHandle | None = None
 
@@ -191,14 +212,18 @@ class Connection:
             and getattr(p, "_current_request", True) is None
 
     def _answer(self, headers: dict[str, str], body: bytes) -> bool:
-        """Answer a GetInstance; False (nothing done) for anything aiohttp should see."""
+        """Answer a read of METHODS; False (nothing written) for anything aiohttp
+        should see."""
         method = headers.get("cimmethod")
-        if method is None or method.strip().lower() != "getinstance":
+        if method is None or method.strip().lower() not in METHODS:
             return False
         op = headers.get("cimoperation")
         pv = headers.get("cimprotocolversion")
         if op is None or op.strip().lower() != "methodcall" or (
                 pv is not None and not pv.strip().startswith("1.")):
+            return False
+        transport = self.protocol.transport
+        if transport is not None and transport.get_write_buffer_size() > BACKLOG:
             return False
         lane = self.lane
         try:
@@ -206,34 +231,54 @@ class Connection:
             lane.check_headers(headers, req)
         except RequestError:
             return False
-        if not req.intrinsic or req.method.lower() != "getinstance":
+        if not req.intrinsic or req.method.lower() not in METHODS:
             return False
         coro = lane.dispatcher.respond(req, OperationContext(client=self._peer(),
                                                              direct=True))
         try:
             coro.send(None)
         except StopIteration as done:
-            pieces = done.value
+            pieces: Pieces = done.value
         except Exception:        # unexpected (CIM errors are answered): run it again
-            log.debug("fast lane: GetInstance raised; aiohttp's path runs it again",
+            log.debug("fast lane: %s raised; aiohttp's path runs it again", req.method,
                       exc_info=True)
             return False
         else:
-            # It waits for something: a read, so it can be dropped and run again by
-            # aiohttp's path (GeneratorExit at its await; nothing was written).
+            # It waits for something (a read, or a turn of the loop in a long
+            # rendering): dropped and run again by aiohttp's path (GeneratorExit at its
+            # await; nothing was written, and these reads change nothing).
             coro.close()
             return False
-        transport = self.protocol.transport
         if transport is None or transport.is_closing():
             return True                          # gone: nothing to answer to
-        data = b"".join(pieces.pieces)
+        as_is = lane.as_is(pieces, transport)
+        if not as_is and pieces.size > lane.join_max:
+            # Streamed chunk by chunk, waiting for the client: aiohttp's writer. The
+            # request goes to aiohttp next, and its handler takes the answer made here
+            # instead of dispatching again (`take`).
+            self.handed = (body, pieces)
+            return False
+        head = b"%s%d\r\nDate: %s\r\nServer: %s\r\n\r\n" % (
+            _PREFIX, pieces.size, rfc822_formatted_time().encode(), SERVER_SOFTWARE.encode())
         self.answered += 1
         lane.answered += 1
+        self.handed = None           # aiohttp is idle: whatever it was handed is done
         self._keepalive()
-        transport.write(b"%s%d\r\nDate: %s\r\nServer: %s\r\n\r\n%s" % (
-            _PREFIX, len(data), rfc822_formatted_time().encode(), SERVER_SOFTWARE.encode(),
-            data))
+        if as_is:
+            # The kept pieces themselves: the transport holds references to them until
+            # the kernel has taken their bytes (uvloop: writev, nothing copied).
+            transport.writelines([head, *pieces.pieces])
+        else:
+            transport.write(b"".join([head, *pieces.pieces]))
         return True
+
+    def take(self) -> tuple[bytes, Pieces] | None:
+        """(body, answer) of the request the lane handed to aiohttp after answering it,
+        once: aiohttp's handler calls this as it starts on each request of the
+        connection, so only the first one after the handover (the very request, in
+        order) can get it, and uses it when its body is the same."""
+        handed, self.handed = self.handed, None
+        return handed
 
     def _peer(self) -> str:
         client = self._client

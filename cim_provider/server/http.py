@@ -236,6 +236,13 @@ def _lane_of(protocol: Any) -> Connection | None:
     return lane.connection(protocol) if lane is not None else None
 
 
+def _handed(request: web.Request) -> tuple[bytes, Pieces] | None:
+    """What the fast lane of the request's connection answered and left to aiohttp to
+    write (fastlane.py, Connection.take); the lane is found as in answered_fast."""
+    lane = getattr(getattr(request.protocol, "_parser", None), "_lane", None)
+    return lane.take() if isinstance(lane, Connection) else None
+
+
 def answered_fast(handler: Any) -> int:
     """Requests the fast lane has answered on the connection of `handler` (aiohttp's
     RequestHandler): connections.py's header deadline ends with each of them."""
@@ -261,6 +268,7 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
     parse_pool = ThreadPoolExecutor(PARSE_THREADS, thread_name_prefix="cim-parse")
 
     async def handle(request: web.Request) -> web.StreamResponse:
+        handed = _handed(request)
         if request.path not in CIM_PATHS:
             raise web.HTTPNotFound(text="CIM operations are served on /cimom\n")
         if request.method not in ("POST", "M-POST"):
@@ -298,6 +306,9 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
             _check_headers(headers, req)
         except RequestError as exc:
             return _error_response(exc, prefix)
+        if handed is not None and handed[0] == body:
+            # The fast lane made this very answer and left the writing to us.
+            return await write(request, handed[1], prefix)
         return await respond(request, req, ctx, prefix)
 
     async def large(request: web.Request, body: bytes, headers: dict[str, str],
@@ -327,13 +338,15 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
 
     async def respond(request: web.Request, req: CIMRequest, ctx: OperationContext,
                       prefix: str | None) -> web.StreamResponse:
-        body = await dispatcher.respond(req, ctx)
+        return await write(request, await dispatcher.respond(req, ctx), prefix)
+
+    async def write(request: web.Request, body: Pieces,
+                    prefix: str | None) -> web.StreamResponse:
         out_headers = {"Content-Type": 'application/xml; charset="utf-8"',
                        (prefix or "") + "CIMOperation": "MethodResponse"}
         if prefix is not None:
             out_headers["Ext"] = ""
-        if body.size > STREAM_ABOVE or (body.size > AS_IS_ABOVE and (
-                len(body.pieces) <= AS_IS_PIECES or _gathers(request.transport))):
+        if body.size > STREAM_ABOVE or _written_as_is(body, request.transport):
             return await _stream(request, body, out_headers)
         return web.Response(body=b"".join(body.pieces), headers=out_headers)
 
@@ -342,12 +355,14 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
 
     app = web.Application(client_max_size=limits.max_body)
     if authenticate is None:
-        # Unauthenticated: plain GetInstance requests take the fast lane (fastlane.py).
+        # Unauthenticated: plain GetInstance, EnumerateInstanceNames and
+        # EnumerateInstances requests take the fast lane (fastlane.py).
         app[_LANE] = FastLane(dispatcher, max_body=limits.max_body,
                               max_depth=limits.max_depth, max_line=limits.max_line_size,
                               max_field=limits.max_field_size,
                               max_headers=limits.max_headers, max_request=PARSE_OFF_LOOP,
-                              check_headers=_check_headers)
+                              check_headers=_check_headers, as_is=_written_as_is,
+                              join_max=STREAM_ABOVE)
     app.router.add_route("*", "/{tail:.*}", handle)
     app.on_cleanup.append(stop_parsing)
     return app
@@ -393,6 +408,13 @@ def _chunks(body: Pieces) -> Iterator[bytes]:
             batch, size = [], 0
     if batch:
         yield b"".join(batch)
+
+
+def _written_as_is(body: Pieces, transport: Any) -> bool:
+    """A large body handed to the transport in one writelines() of its pieces, nothing
+    joined (see the top of this module): few pieces, or a gathering transport."""
+    return body.size > AS_IS_ABOVE and (len(body.pieces) <= AS_IS_PIECES or (
+        body.size <= WRITELINES_MAX and _gathers(transport)))
 
 
 def _gathers(transport: Any) -> bool:
