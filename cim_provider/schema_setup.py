@@ -62,6 +62,21 @@ def load_repository(cache_dir: Path | None) -> Repository | None:
     return None
 
 
+def schema_missing(cache_dir: Path | None) -> bool:
+    """True after telling the user what to run, when the schema or a writable class cache
+    is missing: checked before anything else starts, so that this is all `serve` says
+    (the repository itself is loaded later, beside libvirt's open)."""
+    unwritable = _unwritable_class_cache(cache_dir)
+    if unwritable is not None:
+        print(unwritable, file=sys.stderr, flush=True)
+        return True
+    where = resolve_cache_dir(cache_dir)
+    if not schema_zip_in(where).is_file():
+        print(SchemaNotFound(where), file=sys.stderr, flush=True)
+        return True
+    return False
+
+
 def _unwritable_class_cache(cache_dir: Path | None) -> str | None:
     """Why the classes cannot be compiled into the cache directory, when they must be
     (no class cache for the current schema and MOF yet); None when they need not be or

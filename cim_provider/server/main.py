@@ -40,7 +40,7 @@ from .listen import parse_listen, show_address
 from ..wbem.provider import Provider, Registry
 from ..wbem.pull import PullContexts
 from ..wbem.repository import Repository
-from ..schema_setup import add_cache_dir_argument, load_repository
+from ..schema_setup import add_cache_dir_argument, load_repository, schema_missing
 
 if TYPE_CHECKING:
     from ..sources.libvirt import LibvirtSource
@@ -344,6 +344,8 @@ async def _serve(args: argparse.Namespace, t0: float) -> int:
     from .notify import Notifier
     from .reload import Reloader
     notifier = Notifier.from_env()        # systemd Type=notify; a no-op without it
+    if schema_missing(args.cache_dir):    # exit 2, having said what to run, and nothing else
+        return 2
     host = host_fqdn()
     state_dir = args.state_dir or default_state_dir()
     listen = args.listen or ([] if args.https_listen else [("127.0.0.1", 5988)])
