@@ -346,6 +346,11 @@ async def _serve(args: argparse.Namespace, t0: float) -> int:
     notifier = Notifier.from_env()        # systemd Type=notify; a no-op without it
     if schema_missing(args.cache_dir):    # exit 2, having said what to run, and nothing else
         return 2
+    # From here on a SIGTERM/SIGINT stops the server cleanly (exit 0), also one that
+    # arrives while it starts (a listener may accept before start-up has finished).
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     host = host_fqdn()
     state_dir = args.state_dir or default_state_dir()
     listen = args.listen or ([] if args.https_listen else [("127.0.0.1", 5988)])
@@ -383,9 +388,6 @@ async def _serve(args: argparse.Namespace, t0: float) -> int:
                         state_dir=state_dir, hooks=handle.on_reload, notifier=notifier)
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGHUP, reloader.reload)
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
     # SIGUSR1 logs the server's counts: introspection without a network endpoint.
     loop.add_signal_handler(signal.SIGUSR1, lambda: log.info("stats: %s", " ".join(
         f"{k}={v}" for k, v in handle.stats().items())))

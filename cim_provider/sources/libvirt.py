@@ -789,11 +789,14 @@ class LibvirtSource:
 
         def work() -> bool:
             dom = conn.lookupByUUIDString(key)
-            # The control state first: it never waits for the domain's job lock. Not OK
-            # (JOB, OCCUPIED) means an ordinary call holds the domain (a suspend QEMU
-            # does not answer), which nothing aborts and behind which virDomainGetJobInfo
-            # would wait; libvirt's own jobs (save, dump, migration) leave it OK.
-            if dom.controlInfo()[0] != libvirt.VIR_DOMAIN_CONTROL_OK:
+            # The control state first: it never waits for the domain's job lock.
+            # OCCUPIED (or ERROR) means an ordinary call holds the monitor (a suspend
+            # QEMU does not answer), which nothing aborts and behind which
+            # virDomainGetJobInfo would wait; libvirt's own jobs (save, dump,
+            # migration) show JOB ("can be monitored by virDomainGetJobInfo") or OK
+            # between their monitor commands.
+            if dom.controlInfo()[0] not in (libvirt.VIR_DOMAIN_CONTROL_OK,
+                                            libvirt.VIR_DOMAIN_CONTROL_JOB):
                 return False
             if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
                 return False
