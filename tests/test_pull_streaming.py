@@ -115,6 +115,18 @@ def _state(text: str) -> tuple[bool, str | None]:
     return eos.group(1) == "TRUE", ctx.group(1) if ctx else None
 
 
+def _walk(small, count: int = 1000) -> list[str]:
+    """Every response of one Open + Pulls walk, `count` per page, to EndOfSequence."""
+    text = small.open(count)
+    pages = [text]
+    eos, ctx = _state(text)
+    while not eos:
+        text = small.pull(ctx, count)
+        pages.append(text)
+        eos, ctx = _state(text)
+    return pages
+
+
 def _error(text: str) -> int | None:
     m = re.search(r'<ERROR CODE="(\d+)"', text)
     return int(m.group(1)) if m else None
@@ -203,13 +215,7 @@ def test_pages_are_the_bytes_of_the_instances(small):
     bodies = re.findall(r"<INSTANCE .*?</INSTANCE>", whole)
     walks = []
     for _ in range(2):
-        text = small.open(1000)
-        pages = [text]
-        eos, ctx = _state(text)
-        while not eos:
-            text = small.pull(ctx, 1000)
-            pages.append(text)
-            eos, ctx = _state(text)
+        pages = _walk(small)
         walks.append([re.sub(r'(NAME="EnumerationContext"[^>]*><VALUE>)[^<]+', r"\1", page)
                       for page in pages])
         got = re.findall(r"<INSTANCE .*?</INSTANCE>", "".join(pages))
@@ -299,13 +305,7 @@ def test_pages_kept_within_their_bounds(small, monkeypatch):
     monkeypatch.setattr(pullops, "PAGE_OWN_BYTES", 600 * 1024)   # about one page
     walks = []
     for _ in range(2):
-        text = small.open(1000)
-        pages = [text]
-        eos, ctx = _state(text)
-        while not eos:
-            text = small.pull(ctx, 1000)
-            pages.append(text)
-            eos, ctx = _state(text)
+        pages = _walk(small)
         walks.append(_names("".join(pages)))
         assert len(small.dispatcher.pages) <= 2 and small.dispatcher.pages._own <= 600 * 1024
     assert walks[0] == walks[1] and len(walks[0]) == 2500
