@@ -227,7 +227,7 @@ def test_a_device_attached_elsewhere_appears_within_a_second(qemu):
 
 
 def test_metrics_of_a_qemu_guest(qemu):
-    """With QEMU the bulk statistics carry everything: one getAllDomainStats per sample."""
+    """With QEMU the bulk statistics carry everything (virDomainListGetStats per slice)."""
     _daemon, srv, _dom, uuid = qemu
     start = srv.on_loop(lambda: srv.resources.samples)
     srv.wait(lambda: srv.resources.samples >= start + 2, what="two samples")

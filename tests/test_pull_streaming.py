@@ -302,13 +302,27 @@ def test_page_pieces_join_only_short_runs():
 
 def test_pages_kept_within_their_bounds(small, monkeypatch):
     from cim_provider.wbem import pullops
-    monkeypatch.setattr(pullops, "PAGE_OWN_BYTES", 600 * 1024)   # about one page
+    monkeypatch.setattr(pullops, "PAGE_PIECES", 5000)   # about one page of 1,000 systems
     walks = []
     for _ in range(2):
         pages = _walk(small)
         walks.append(_names("".join(pages)))
-        assert len(small.dispatcher.pages) <= 2 and small.dispatcher.pages._own <= 600 * 1024
+        assert len(small.dispatcher.pages) <= 2 and small.dispatcher.pages._pieces <= 5000
     assert walks[0] == walks[1] and len(walks[0]) == 2500
+
+
+def test_page_shares_bytes_between_systems(small):
+    """A kept page holds each system's own cached INSTANCENAME and INSTANCE objects and
+    one shared object per run of tags between them: no copy of any system's bytes."""
+    _walk(small)
+    assert len(small.dispatcher.pages) == 3
+    for _insts, body, own in small.dispatcher.pages._pages.values():
+        distinct = {id(p): p for p in body.pieces}
+        shared = [p for p in distinct.values() if b"<INSTANCENAME" not in p
+                  and b"<INSTANCE " not in p]
+        assert own <= sum(len(p) for p in shared) < 1024
+        assert sum(1 for p in body.pieces if b"<INSTANCENAME" in p) <= 1000
+        assert all(p.count(b"<INSTANCENAME") <= 1 for p in body.pieces)
 
 
 # --- the contexts on their own --------------------------------------------------------

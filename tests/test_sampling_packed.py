@@ -57,6 +57,25 @@ def test_the_same_domains_share_one_index():
     assert fewer.index is not again.index and B not in fewer
 
 
+def test_slices_read_into_one_packer_are_the_whole_sample():
+    """read_chunk adds slice after slice to one Packer: the rows of a later slice keep
+    their own positions, odd values included (the `big` side table), and the UUID kept
+    is the running record's own string object."""
+    huge = (2**64, -1, None, 1, 2, 3, 4, 5)
+    rows = [(str(uuidlib.UUID(int=100 + i)), (i,) * ls.WIDTH) for i in range(7)]
+    rows[5] = (rows[5][0], huge)
+    whole = ls.pack(rows)
+    packer = ls.Packer()
+    for i in range(0, len(rows), 3):
+        for uuid, row in rows[i:i + 3]:
+            packer.add(uuid, row)
+    sliced = packer.finish()
+    assert dict(sliced) == dict(whole) and list(sliced) == [u for u, _ in rows]
+    assert sliced.row(rows[5][0]) == huge and set(sliced.big) == {(5, 0), (5, 1)}
+    assert all(a is b for a, (b, _row) in zip(sliced, rows))
+    assert len(sliced.packed) == ls.WIDTH * len(rows)
+
+
 def test_usage_from_packed_samples_is_the_usage_from_plain_ones():
     old = DomainStats(cpu_time_ns=10 * 10**9, vcpus=2, memory_used_kib=100,
                       block_rd_bytes=1000, block_wr_bytes=0, net_rx_bytes=5, net_tx_bytes=7)

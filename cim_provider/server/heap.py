@@ -5,7 +5,7 @@ The C heap keeps what libvirt frees: with the test driver inside the server (the
 benchmark's in-process configuration, docs/architecture.md "Sources") opening a node
 of 10,000 domains leaves ~30 MiB of freed libxml2 trees in the heap, 3 KiB per
 domain that the process's RSS would carry for ever; each usage sample (one
-getAllDomainStats in a libvirt call thread) leaves a little more. malloc_trim hands
+listing and its statistics in libvirt call threads) leaves a little more. malloc_trim hands
 the free pages back: ~2 ms once at start-up, well under a millisecond after a sample,
 run in a worker thread. Elsewhere than glibc (musl has no malloc_trim) this does
 nothing.

@@ -3,7 +3,7 @@
 Read in full at each connect (with the domains); then libvirt's storage-pool events
 (lifecycle and refresh) and network lifecycle events say which pool or network to read
 again, and a sampler takes one usage sample of every running domain per interval (the
-first one interval after the connect): one getAllDomainStats call names the domains,
+first one interval after the connect): one listing names the active domains,
 their counters are read in slices (sources/libvirt_stats.py) and kept packed. Every
 blocking call runs in the connection's call pool (`LibvirtSource._call`); what is
 learnt goes to a `domain.sources.ResourceFeed`.
@@ -23,8 +23,7 @@ from ..domain.records import DomainConfig, DomainStats, RunningDomain, StatsSamp
 from ..domain.sources import ResourceFeed
 from .libvirt_calls import (LibvirtError, read_autostart, read_capacity, read_network,
                             read_networks, read_pool, read_pools)
-from .libvirt_stats import (CHUNK, PackedStats, Row, differing_vcpus, list_active, pack,
-                            read_chunk)
+from .libvirt_stats import CHUNK, Packer, PackedStats, differing_vcpus, list_active, read_chunk
 
 if TYPE_CHECKING:
     from .libvirt import LibvirtSource
@@ -187,21 +186,20 @@ class HostWatch:
         timeout = self.src.load_timeout
         doms = await self.src._call(functools.partial(list_active, conn), timeout=timeout,
                                     what="list domains for usage statistics")
-        rows: list[tuple[str, Row]] = []
+        packer = Packer()
         asked, bulk, from_bulk = self._bulk, self._bulk, 0
         for i in range(0, len(doms), CHUNK):
             if gen != self.src._gen:
                 return None
-            part, bulk, got = await self.src._call(
-                functools.partial(read_chunk, conn, doms[i:i + CHUNK], running, bulk),
+            bulk, got = await self.src._call(
+                functools.partial(read_chunk, conn, doms[i:i + CHUNK], running, packer, bulk),
                 timeout=timeout, what="read usage statistics")
-            rows += part
             from_bulk += got
         # A driver whose bulk statistics had no domain's CPU time in a whole sample
         # (libvirt's test driver) is not asked for them again on this connection: the
         # per-domain calls give every figure anyway, and 10,000 answers without one
         # cost the call threads (and the loop beside them) ~80 ms per sample.
-        self._bulk = bulk and not (asked and bool(rows) and not from_bulk)
+        self._bulk = bulk and not (asked and bool(packer.uuids) and not from_bulk)
         previous = self._last
 
         def work() -> tuple[StatsSample, Any, set[str] | None, set[str]]:
@@ -212,7 +210,7 @@ class HostWatch:
             except libvirt.libvirtError as exc:
                 log.debug("libvirt: no autostart listing: %s", exc)
                 autostart = None
-            stats = pack(rows, previous)
+            stats = packer.finish(previous)
             return (StatsSample(time.time(), time.monotonic(), stats), read_pools(conn),
                     autostart, differing_vcpus(stats, running))
 

@@ -13,7 +13,10 @@ same slices at a time.
 A sample is kept as numbers, not objects (issue 16: <= 4 KiB of RSS per domain): one
 array of eight 64-bit integers per sample in domain order, and an index UUID -> row
 that consecutive samples share while the same domains run (`PackedStats`, a read-only
-Mapping of DomainStats made on access). Everything here blocks: the caller runs it in
+Mapping of DomainStats made on access). Each slice goes straight into that array
+(`Packer`): a row object per domain kept until the whole sample was read left ~3.5 MiB
+of Python's small-object heap behind at 10,000 domains, and a listing through
+getAllDomainStats (a dict per domain) as much again. Everything here blocks: the caller runs it in
 the connection's threads.
 """
 from __future__ import annotations
@@ -85,34 +88,50 @@ class PackedStats(Mapping[str, DomainStats]):
         return len(self.index)
 
 
+class Packer:
+    """One sample built slice by slice: the UUIDs (the running records' own strings) and
+    their values straight into one integer array, so a sample of 10,000 domains leaves
+    no row objects behind in Python's small-object heap (issue 16: RSS per domain)."""
+
+    __slots__ = ("uuids", "values", "big")
+
+    def __init__(self) -> None:
+        self.uuids: list[str] = []
+        self.values = array("q")
+        self.big: dict[tuple[int, int], int] = {}
+
+    def add(self, uuid: str, row: Row) -> None:
+        """`row` (FIELDS values, None when unknown) as the next row."""
+        i = len(self.uuids)
+        self.uuids.append(uuid)
+        append = self.values.append
+        for f, v in enumerate(row):
+            if v is None:
+                append(_UNKNOWN)
+            elif 0 <= v < _LIMIT:
+                append(v)
+            else:
+                # Not a counter a slot holds as itself: a per-device call answering -1
+                # for "not supported", or one of 2**63 or more (never seen).
+                append(_UNKNOWN)
+                self.big[(i, f)] = v
+
+    def finish(self, previous: PackedStats | None = None) -> PackedStats:
+        """The sample; the index of `previous` is reused when it names the same
+        domains in the same order (a dict keeps its keys in insertion order)."""
+        index: Mapping[str, int] | None = previous.index if previous is not None else None
+        if index is None or len(index) != len(self.uuids) or any(
+                a != b for a, b in zip(index, self.uuids)):
+            index = {uuid: i for i, uuid in enumerate(self.uuids)}
+        return PackedStats(index, self.values, self.big)
+
+
 def pack(rows: Sequence[tuple[str, Row]], previous: PackedStats | None = None) -> PackedStats:
-    """A PackedStats of `rows` ((uuid, FIELDS values) in order); the index of
-    `previous` is reused when it names the same domains in the same order."""
-    index: Mapping[str, int] | None = previous.index if previous is not None else None
-    if index is None or len(index) != len(rows) or any(
-            index.get(uuid) != i for i, (uuid, _row) in enumerate(rows)):
-        index = {uuid: i for i, (uuid, _row) in enumerate(rows)}
-    flat = [v for _uuid, row in rows for v in row]
-    try:
-        values = array("q", [_UNKNOWN if v is None else v for v in flat])
-    except OverflowError:
-        values = None
-    # Exact only when every -1 stands for a None (libvirt's counters are unsigned, but
-    # a per-device call may answer -1 for "not supported"): else slot by slot.
-    if values is not None and (not values or min(values) >= _UNKNOWN) \
-            and values.count(_UNKNOWN) == flat.count(None):
-        return PackedStats(index, values)
-    values = array("q", bytes(8 * len(flat)))
-    big: dict[tuple[int, int], int] = {}
-    for pos, v in enumerate(flat):
-        if v is None:
-            values[pos] = _UNKNOWN
-        elif 0 <= v < _LIMIT:
-            values[pos] = v
-        else:
-            values[pos] = _UNKNOWN
-            big[divmod(pos, WIDTH)] = v
-    return PackedStats(index, values, big)
+    """A PackedStats of `rows` ((uuid, FIELDS values) in order), as Packer builds it."""
+    packer = Packer()
+    for uuid, row in rows:
+        packer.add(uuid, row)
+    return packer.finish(previous)
 
 
 def differing_vcpus(stats: PackedStats, running: Mapping[str, RunningDomain]) -> set[str]:
@@ -194,27 +213,18 @@ def domain_row(dom: libvirt.virDomain, running: RunningDomain | None) -> Row:
 
 
 def list_active(conn: libvirt.virConnect) -> list[libvirt.virDomain]:
-    """The active domains: one getAllDomainStats call with only the state group (the
-    cheapest answer per domain; one bulk call per sample, as before the slices), or a
-    listing where the driver has no bulk statistics."""
-    try:
-        answers = conn.getAllDomainStats(libvirt.VIR_DOMAIN_STATS_STATE,
-                                         libvirt.VIR_CONNECT_GET_ALL_DOMAINS_STATS_ACTIVE)
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_SUPPORT:
-            raise
-        return conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
-    return [dom for dom, _state in answers]
+    """The active domains: one listing (no statistics object per domain)."""
+    return conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE)
 
 
 def read_chunk(conn: libvirt.virConnect, doms: Sequence[libvirt.virDomain],
-               running: Mapping[str, RunningDomain], bulk: bool = True
-               ) -> tuple[list[tuple[str, Row]], bool, int]:
-    """The rows of `doms` (uuid, FIELDS): one virDomainListGetStats call (`bulk`),
-    per-domain calls for the domains whose bulk answer lacks the CPU time. Returns the
-    rows, whether bulk statistics are supported, and how many rows came from them. A
-    domain stopped meanwhile has no row. The UUID string kept is the running record's
-    when there is one, so samples hold no copies of it."""
+               running: Mapping[str, RunningDomain], packer: Packer, bulk: bool = True
+               ) -> tuple[bool, int]:
+    """The rows of `doms` added to `packer`: one virDomainListGetStats call (`bulk`),
+    per-domain calls for the domains whose bulk answer lacks the CPU time. Returns
+    whether bulk statistics are supported and how many rows came from them. A domain
+    stopped meanwhile has no row. The UUID string kept is the running record's when
+    there is one, so samples hold no copies of it."""
     answers: Sequence[tuple[libvirt.virDomain, Mapping[str, Any]]]
     if bulk:
         try:
@@ -225,7 +235,6 @@ def read_chunk(conn: libvirt.virConnect, doms: Sequence[libvirt.virDomain],
             bulk = False
     if not bulk:
         answers = [(dom, {}) for dom in doms]
-    out: list[tuple[str, Row]] = []
     from_bulk = 0
     for dom, stats in answers:
         uuid = dom.UUIDString()
@@ -236,15 +245,15 @@ def read_chunk(conn: libvirt.virConnect, doms: Sequence[libvirt.virDomain],
         if rec is not None:
             uuid = rec.uuid
         if "cpu.time" in stats:
-            out.append((uuid, bulk_row(stats)))
+            packer.add(uuid, bulk_row(stats))
             from_bulk += 1
             continue
         try:
-            out.append((uuid, domain_row(dom, rec)))
+            packer.add(uuid, domain_row(dom, rec))
         except libvirt.libvirtError as exc:
             if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:   # stopped meanwhile
                 raise
-    return out, bulk, from_bulk
+    return bulk, from_bulk
 
 
 def read_stats(conn: libvirt.virConnect,
@@ -252,9 +261,8 @@ def read_stats(conn: libvirt.virConnect,
     """Every active domain's counters by UUID in one go (tests, tools); the sampler
     reads the same in slices."""
     doms = list_active(conn)
-    rows: list[tuple[str, Row]] = []
+    packer = Packer()
     bulk = True
     for i in range(0, len(doms), CHUNK):
-        part, bulk, _from_bulk = read_chunk(conn, doms[i:i + CHUNK], running, bulk)
-        rows += part
-    return pack(rows)
+        bulk, _from_bulk = read_chunk(conn, doms[i:i + CHUNK], running, packer, bulk)
+    return packer.finish()
