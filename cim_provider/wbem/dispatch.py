@@ -231,7 +231,7 @@ class Dispatcher:
             else:
                 insts, key = [Named(path) for path in
                               await prov.enumerate_instance_names(leaf)], None
-            out.extend(await self.renders.flat(key, insts, name_item, joined=True))
+            out.extend(await self.renders.flat(key, insts, name_item))
         return out
 
     async def get_instance(self, path: CIMInstanceName, ns: Namespace | None = None) -> CIMInstance:

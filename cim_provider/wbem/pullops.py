@@ -43,7 +43,7 @@ class Pages:
     PAGE_OWN_BYTES. A page is its instances' own cached INSTANCENAME and INSTANCE bytes
     and the shared tags between them joined (`_page_pieces`), which the HTTP front
     hands to the transport as they are (http.py, WRITELINES_MAX). Kept joined whole
-    instead (render.compact), a 2 MB page was written faster still, but that is a
+    instead, a 2 MB page was written faster still, but that is a
     second copy of every page (~2 KiB per system instead of ~40 bytes of pointers)."""
 
     def __init__(self) -> None:
