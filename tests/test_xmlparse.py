@@ -249,3 +249,44 @@ def test_dismantled_tree_leaves_the_request_whole(monkeypatch):
     assert dismantled.params == kept.params
     assert dismantled.params["PropertyList"] == ["A", "B"]
     assert dismantled.params["InstanceName"].keybindings["R"].keybindings["Z"] is not None
+
+
+def _chunked(body: bytes, size: int) -> list[bytes]:
+    return [body[i:i + size] for i in range(0, len(body), size)]
+
+
+CHUNKINGS = [("whole", None), ("1-byte chunks", 1), ("7-byte chunks", 7), ("300-byte chunks", 300)]
+
+
+@pytest.mark.parametrize("desc, size", CHUNKINGS)
+@pytest.mark.parametrize("slice_size", [5, 64, 256 * 1024])
+def test_chunks_and_slices_give_the_same_tree(desc, size, slice_size, monkeypatch):
+    """A body parsed from the chunks it arrived in, and fed to expat a slice at a time
+    (issue 16: bounded C calls beside the event loop), gives the tree of the whole body,
+    multi-byte characters split between chunks included."""
+    import cim_provider.wbem.xmlparse as xp
+    monkeypatch.setattr(xp, "SLICE", slice_size)
+    for body in SAMPLES:
+        got = parse_tupletree(body if size is None else _chunked(body, size))
+        assert got == _whole(body), desc
+
+
+def _whole(body: bytes) -> tuple:
+    import cim_provider.wbem.xmlparse as xp
+    saved, xp.SLICE = xp.SLICE, 1 << 30
+    try:
+        return parse_tupletree(body)
+    finally:
+        xp.SLICE = saved
+
+
+@pytest.mark.parametrize("cut", range(1, 9))
+def test_a_doctype_split_between_chunks_is_refused(cut, monkeypatch):
+    import cim_provider.wbem.xmlparse as xp
+    monkeypatch.setattr(xp, "SLICE", 16)
+    body = (b'<?xml version="1.0"?><!DOCTYPE CIM [<!ENTITY a "aaaa">]>'
+            + imethodcall("EnumerateInstances")[21:])
+    at = body.index(b"<!DOCTYPE") + cut
+    for parts in ([body[:at], body[at:]], body):
+        with pytest.raises(XMLRequestError, match="DOCTYPE"):
+            parse_tupletree(parts)
