@@ -290,3 +290,18 @@ def test_a_doctype_split_between_chunks_is_refused(cut, monkeypatch):
     for parts in ([body[:at], body[at:]], body):
         with pytest.raises(XMLRequestError, match="DOCTYPE"):
             parse_tupletree(parts)
+
+
+@pytest.mark.parametrize("pad", [0, 40_000])
+def test_parse_request_from_chunks_is_parse_request_from_bytes(pad):
+    """http.py hands a large body over in the chunks it arrived in; a small one (the
+    templates' size) is joined first. Either way the request is the one its bytes make."""
+    params = '<IPARAMVALUE NAME="ClassName"><CLASSNAME NAME="VIRT_X"/></IPARAMVALUE>' + "".join(
+        f'<IPARAMVALUE NAME="P{i}"><VALUE>v{i}</VALUE></IPARAMVALUE>' for i in range(pad // 40))
+    body = imethodcall("EnumerateInstanceNames", params)
+    whole = parse_request(body)
+    for size in (1000, 65536):
+        got = parse_request(_chunked(body, size))
+        assert (got.method, got.namespace, got.params.keys()) == \
+            (whole.method, whole.namespace, whole.params.keys())
+        assert got.params["ClassName"] == whole.params["ClassName"]

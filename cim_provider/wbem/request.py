@@ -7,6 +7,7 @@ so the HTTP front only has to copy them onto the response.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -73,8 +74,14 @@ class _UnreadableKey(str):
 DISMANTLE_ABOVE = 1 << 20
 
 
-def parse_request(body: bytes, max_depth: int = 64) -> CIMRequest:
-    """Parse a complete request body (DSP0201 SIMPLEREQ)."""
+def parse_request(body: bytes | Sequence[bytes], max_depth: int = 64) -> CIMRequest:
+    """Parse a complete request body (DSP0201 SIMPLEREQ): the bytes, or the chunks
+    they arrived in (a large body is never joined: xmlparse feeds it a slice at a
+    time)."""
+    if not isinstance(body, (bytes, bytearray)):
+        if sum(map(len, body)) > TEMPLATE_MAX:
+            return parse_full(body, max_depth)
+        body = b"".join(body)
     if len(body) <= TEMPLATE_MAX:
         req = _TEMPLATES.request(body, max_depth)
         if req is not None:
@@ -82,8 +89,9 @@ def parse_request(body: bytes, max_depth: int = 64) -> CIMRequest:
     return parse_full(body, max_depth)
 
 
-def parse_full(body: bytes, max_depth: int = 64) -> CIMRequest:
-    """Parse a complete request body with expat and pywbem's tuple parser."""
+def parse_full(body: bytes | Sequence[bytes], max_depth: int = 64) -> CIMRequest:
+    """Parse a complete request body (bytes or chunks) with expat and pywbem's tuple
+    parser."""
     try:
         tree = parse_tupletree(body, max_depth)
     except XMLRequestError as exc:
@@ -91,7 +99,8 @@ def parse_full(body: bytes, max_depth: int = 64) -> CIMRequest:
     try:
         return _request(tree)
     finally:
-        if len(body) > DISMANTLE_ABOVE:
+        size = len(body) if isinstance(body, (bytes, bytearray)) else sum(map(len, body))
+        if size > DISMANTLE_ABOVE:
             _dismantle(tree)
 
 
