@@ -8,7 +8,9 @@ class cache, so `serve` starts in well under a second. The cache directory is ch
 as wbem/repository.py's `resolve_cache_dir` says (`--cache-dir` first).
 
 Also here: the `--cache-dir` option and the schema check shared by every command that
-needs the repository (`serve`, `demo`).
+needs the repository (`serve`, `demo`). wbem/repository.py (and pywbem with it) is
+imported only by the functions that use it: `serve` builds its parser from this module
+and starts libvirt's open before the rest of the server is imported (server/main.py).
 """
 from __future__ import annotations
 
@@ -21,13 +23,13 @@ import tarfile
 import tempfile
 import zipfile
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .wbem.repository import (DEFAULT_MOF_DIR, SCHEMA_ZIP_NAME, Repository, SchemaNotFound,
-                              _cache_key, class_cache_in, resolve_cache_dir, schema_zip_in)
+if TYPE_CHECKING:
+    from .wbem.repository import Repository
 
-# The pywbem source distribution that carries the zip (tests/schema/), and where.
+# The pywbem source distribution that carries the zip (tests/schema/).
 PYWBEM_SDIST_VERSION = "1.9.1"
-SDIST_MEMBER = f"pywbem-{PYWBEM_SDIST_VERSION}/tests/schema/{SCHEMA_ZIP_NAME}"
 
 CACHE_DIR_HELP = ("where the DMTF schema and the compiled classes are kept; must be "
                   "writable when the classes are compiled (default: "
@@ -47,6 +49,7 @@ def load_repository(cache_dir: Path | None) -> Repository | None:
     """The repository, or None after telling the user how to fetch a missing schema
     (or what is wrong with an unreadable one, or a class cache that must be written
     to a directory that is not writable)."""
+    from .wbem.repository import Repository, SchemaNotFound, resolve_cache_dir
     unwritable = _unwritable_class_cache(cache_dir)
     if unwritable is not None:
         print(unwritable, file=sys.stderr, flush=True)
@@ -66,6 +69,7 @@ def schema_missing(cache_dir: Path | None) -> bool:
     """True after telling the user what to run, when the schema or a writable class cache
     is missing: checked before anything else starts, so that this is all `serve` says
     (the repository itself is loaded later, beside libvirt's open)."""
+    from .wbem.repository import SchemaNotFound, resolve_cache_dir, schema_zip_in
     unwritable = _unwritable_class_cache(cache_dir)
     if unwritable is not None:
         print(unwritable, file=sys.stderr, flush=True)
@@ -81,6 +85,8 @@ def _unwritable_class_cache(cache_dir: Path | None) -> str | None:
     """Why the classes cannot be compiled into the cache directory, when they must be
     (no class cache for the current schema and MOF yet); None when they need not be or
     can be. Reading an existing cache from a read-only directory is fine."""
+    from .wbem.repository import (DEFAULT_MOF_DIR, _cache_key, class_cache_in,
+                                  resolve_cache_dir, schema_zip_in)
     where = resolve_cache_dir(cache_dir)
     zip_path = schema_zip_in(where)
     if not zip_path.is_file():
@@ -124,6 +130,8 @@ def _is_schema_zip(path: Path) -> bool:
 
 def fetch_schema_zip(dest: Path, python: str = sys.executable) -> None:
     """Download pywbem's sdist with pip and take the schema zip out of it into `dest`."""
+    from .wbem.repository import SCHEMA_ZIP_NAME
+    member_name = f"pywbem-{PYWBEM_SDIST_VERSION}/tests/schema/{SCHEMA_ZIP_NAME}"
     with tempfile.TemporaryDirectory(prefix="cim-provider-schema-") as tmp:
         cmd = [python, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
                "--disable-pip-version-check", f"pywbem=={PYWBEM_SDIST_VERSION}", "-d", tmp]
@@ -140,14 +148,14 @@ def fetch_schema_zip(dest: Path, python: str = sys.executable) -> None:
                              f"{detail.strip()}")
         try:
             with tarfile.open(sdists[0]) as tar:
-                member = tar.extractfile(SDIST_MEMBER)
+                member = tar.extractfile(member_name)
                 if member is None:
-                    raise KeyError(SDIST_MEMBER)
+                    raise KeyError(member_name)
                 part = Path(tmp) / SCHEMA_ZIP_NAME
                 with member, part.open("wb") as out:
                     shutil.copyfileobj(member, out)
         except (KeyError, OSError, tarfile.TarError) as exc:
-            raise SetupError(f"{sdists[0].name} has no {SDIST_MEMBER}: {exc}") from None
+            raise SetupError(f"{sdists[0].name} has no {member_name}: {exc}") from None
         install_zip(part, dest)
 
 
@@ -171,6 +179,7 @@ def install_zip(src: Path, dest: Path) -> None:
 def setup_schema(cache_dir: Path | None = None, source: Path | None = None) -> Repository:
     """Fill the cache directory (the zip: from `source`, else kept, else fetched) and
     compile the class cache. SetupError when that fails."""
+    from .wbem.repository import Repository, class_cache_in, resolve_cache_dir, schema_zip_in
     where = resolve_cache_dir(cache_dir)
     dest = schema_zip_in(where)
     try:
@@ -195,6 +204,7 @@ def setup_schema(cache_dir: Path | None = None, source: Path | None = None) -> R
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     from . import __version__
+    from .wbem.repository import SCHEMA_ZIP_NAME
     p.add_argument("--version", action="version", version=f"cim-provider {__version__}")
     add_cache_dir_argument(p)
     p.add_argument("--from", dest="source", type=Path, default=None, metavar="ZIP",
@@ -205,6 +215,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from .wbem.repository import SchemaNotFound
     try:
         setup_schema(args.cache_dir, args.source)
     except (SetupError, SchemaNotFound) as exc:

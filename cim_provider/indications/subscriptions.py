@@ -62,15 +62,6 @@ STATE_ENABLED, STATE_DISABLED = 2, 4
 PROTOCOL_CIMXML, PERSISTENCE_PERMANENT = 2, 2
 
 
-def default_state_dir() -> Path:
-    """/var/lib/cim-provider for root, else $XDG_STATE_HOME/cim-provider."""
-    if os.geteuid() == 0:
-        return Path("/var/lib/cim-provider")
-    base = os.environ.get("XDG_STATE_HOME") or os.path.join(os.path.expanduser("~"),
-                                                            ".local", "state")
-    return Path(base) / "cim-provider"
-
-
 # --- the subscription set ----------------------------------------------------------------
 
 def interop_key(path: CIMInstanceName) -> tuple:

@@ -23,10 +23,10 @@ from ..wbem.context import CHUNK, Pieces
 from ..wbem.dispatch import Dispatcher, OperationContext
 from ..wbem.request import CIMRequest, RequestError, parse_request
 from .fastlane import Connection, FastLane
+from .security import DEFAULT_MAX_BODY
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MAX_BODY = 16 * 1024 * 1024
 CIM_PATHS = ("/cimom", "/")
 _MAN_NS = re.compile(r";\s*ns\s*=\s*(\d+)", re.I)
 

@@ -2,6 +2,12 @@
 
 One asyncio loop carries HTTP, D-Bus and libvirt events. `start_server` is also
 what the demo and the tests use in-process.
+
+Importing this module imports nothing heavy: `serve` starts libvirt's open (seconds for
+thousands of domains, without the GIL) before aiohttp and the server's own modules are
+imported, and imports them in a worker thread while it runs (issue 16, start-up;
+docs/architecture.md, "Sources"). So those are imported inside the functions that use
+them; tests/test_startup_order.py checks the order.
 """
 from __future__ import annotations
 
@@ -18,33 +24,30 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
-from aiohttp import web
-from pywbem import CIMProperty
-
-from ..indications.service import IndicationService
-from ..indications.subscriptions import (Subscriptions, default_state_dir,
-                                        subscription_providers)
-from ..inventory.inventory import Inventory
-from ..providers import Backend, virt_providers
-from ..providers.interop import interop_providers
-from ..providers.jobs import Job, Jobs, JobsProvider
 from . import heap, security
-from .audit import AuditLog, AuditLogError
-from .health_watch import HealthWatcher
-from ..providers.host_system import HostSystemProvider
-from ..providers.management_service import ManagementServiceProvider
-from .connections import ConnectionGuard, GuardedSite
-from ..wbem.dispatch import Dispatcher
-from .http import DEFAULT_MAX_BODY, HTTPLimits, make_app
-from .listen import parse_listen, show_address
-from ..wbem.provider import Provider, Registry
-from ..wbem.pull import PullContexts
-from ..wbem.repository import Repository
-from ..schema_setup import add_cache_dir_argument, load_repository, schema_missing
+from .listen import show_address
+from .options import add_arguments, default_state_dir  # noqa: F401  (cli.py: serve's options)
+from ..schema_setup import load_repository, schema_missing
 
 if TYPE_CHECKING:
+    import concurrent.futures
+
+    import libvirt
+    from aiohttp import web
+
+    from ..indications.service import IndicationService
+    from ..inventory.inventory import Inventory
+    from ..providers.jobs import Job, JobsProvider
     from ..sources.libvirt import LibvirtSource
     from ..sources.manager import ManagerClient
+    from ..wbem.dispatch import Dispatcher
+    from ..wbem.provider import Provider
+    from ..wbem.repository import Repository
+    from .audit import AuditLog
+    from .connections import ConnectionGuard
+    from .health_watch import HealthWatcher
+    from .http import HTTPLimits
+
 
 log = logging.getLogger(__name__)
 
@@ -84,15 +87,21 @@ async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
                         manager_timeout: float = 5.0, relist_interval: float = 5.0,
                         manager_start_timeout: float = 60.0,
                         manager_list_timeout: float = 60.0,
-                        metrics_interval: float = 10.0) -> Sources:
+                        metrics_interval: float = 10.0,
+                        libvirt_opening: concurrent.futures.Future[libvirt.virConnect] | None
+                        = None) -> Sources:
     """Connect libvirt (events on this loop) and follow the Manager; neither has to be up.
-    `metrics_interval`: seconds between usage samples of the running domains (0: none)."""
+    `metrics_interval`: seconds between usage samples of the running domains (0: none);
+    `libvirt_opening`: an open of `libvirt_uri` already under way (libvirt_events.open_soon)
+    that the first connection takes instead of opening another."""
+    from ..inventory.inventory import Inventory
     from ..sources.libvirt import LibvirtSource
     inv = Inventory()
     lv = LibvirtSource(libvirt_uri, conn=libvirt_conn, call_timeout=call_timeout,
                        on_snapshot=inv.set_running, on_domain=inv.update_running,
                        on_stop_reasons=inv.set_stop_reasons,
-                       feed=inv.resources, metrics_interval=metrics_interval)
+                       feed=inv.resources, metrics_interval=metrics_interval,
+                       opening=libvirt_opening)
     await lv.start()
     mgr = None
     if manager_bus:
@@ -173,6 +182,25 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     included, and a security.StartupError saying which and why is raised (for a
     listener also an OSError with its errno).
     """
+    # _import_server (below) imports these ahead, in `serve`'s worker thread.
+    from aiohttp import web
+
+    from ..indications.service import IndicationService
+    from ..indications.subscriptions import Subscriptions, subscription_providers
+    from ..providers import Backend, virt_providers
+    from ..providers.computer_system import ComputerSystemProvider
+    from ..providers.host_system import HostSystemProvider
+    from ..providers.interop import interop_providers
+    from ..providers.jobs import Jobs, JobsProvider
+    from ..providers.management_service import ManagementServiceProvider
+    from ..wbem.dispatch import Dispatcher
+    from ..wbem.provider import Registry
+    from ..wbem.pull import PullContexts
+    from ..wbem.repository import Repository
+    from .audit import AuditLog, AuditLogError
+    from .connections import ConnectionGuard, GuardedSite
+    from .health_watch import HealthWatcher
+    from .http import HTTPLimits, make_app
     if https and ssl_context is None:
         raise ValueError("HTTPS listeners need an ssl_context")
     try:
@@ -194,7 +222,6 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
     subs.load()
     indications = IndicationService(repo, host, subs, **(indication_options or {}))
     if sources is not None:
-        from ..providers.computer_system import ComputerSystemProvider
         systems = next(p for p in model if isinstance(p, ComputerSystemProvider))
         systems.shutdown_timeout = shutdown_timeout
         indications.attach(sources.inventory, systems.instance)
@@ -251,6 +278,7 @@ async def start_server(listen: list[tuple[str, int]], *, repo: Repository | None
 def _publish_job(indications: IndicationService, provider: JobsProvider, job: Job,
                  previous: int | None) -> None:
     """A job's change as a CIM_InstModification (InstCreation when it appears)."""
+    from pywbem import CIMProperty
     now = provider.instance(job)
     if previous is None:
         indications.publish(indications.indication("created", now,
@@ -264,85 +292,8 @@ def _publish_job(indications: IndicationService, provider: JobsProvider, job: Jo
                                "JobStatus"], classname="CIM_InstModification"))
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
-    from .. import __version__
-    p.add_argument("--version", action="version", version=f"cim-provider {__version__}")
-    listeners = security.group(p, "listeners")
-    listeners.add_argument(
-        "--listen", action="append", type=parse_listen, metavar="HOST:PORT",
-        help="address to serve plain HTTP on, repeatable; PORT alone is every address, "
-             "IPv4 and IPv6, which needs --insecure-http and authentication (default: "
-             "127.0.0.1:5988 unless --https-listen is given)")
-    security.add_arguments(p)
-    security.group(p, "TLS").add_argument(
-        "--insecure-listeners", action="store_true",
-        help="send a listener destination's username and password to an HTTPS listener "
-             "whose certificate does not verify (default: such indications are not sent; "
-             "listeners without credentials are never verified)")
-    limits = security.group(p, "limits")
-    limits.add_argument("--max-body", type=int, default=DEFAULT_MAX_BODY, metavar="BYTES",
-                        help="largest request body; larger ones get 413 "
-                             "(default: %(default)s, 16 MiB)")
-    sources = security.group(p, "sources")
-    sources.add_argument("--libvirt-uri", default=None, metavar="URI",
-                         help="libvirt URI of the running domains (default: "
-                              "$LIBVIRT_DEFAULT_URI, else libvirt's own default)")
-    sources.add_argument("--manager-bus", default="system", metavar="system|session|ADDRESS",
-                         help="bus of org.example.virt.Manager; honours "
-                              "$DBUS_SYSTEM_BUS_ADDRESS / $DBUS_SESSION_BUS_ADDRESS "
-                              "(default: %(default)s)")
-    sources.add_argument("--libvirt-timeout", type=float, default=10.0, metavar="SECONDS",
-                         help="time before a libvirt call fails (an action, a read of one "
-                              "domain; a full read at connect gets at least 60 s); a call "
-                              "that times out is still followed, its domain read again "
-                              "(default: %(default)s)")
-    sources.add_argument("--manager-timeout", type=float, default=5.0, metavar="SECONDS",
-                         help="time before a Manager call fails (default: %(default)s)")
-    sources.add_argument("--manager-start-timeout", type=float, default=60.0,
-                         metavar="SECONDS",
-                         help="time before a StartDomain call to the Manager fails: it "
-                              "answers once the guest runs; this bounds the D-Bus call "
-                              "only, not the guest's start in libvirt (default: "
-                              "%(default)s)")
-    sources.add_argument("--manager-list-timeout", type=float, default=60.0,
-                         metavar="SECONDS",
-                         help="time before a listing call (ListDomains, ListInactiveDomains) "
-                              "fails; a listing carries every definition, so it gets longer "
-                              "than other calls, and one that times out is tried again at "
-                              "once (default: %(default)s)")
-    sources.add_argument("--manager-relist", type=float, default=5.0, metavar="SECONDS",
-                         help="time between re-reads of a Manager without signals "
-                              "(default: %(default)s)")
-    sources.add_argument("--sync-wait", type=float, default=2.0, metavar="SECONDS",
-                         help="how long RequestStateChange waits for the change to show "
-                              "before it answers 4096 (Job Started) with a VIRT_ConcreteJob "
-                              "to poll (default: %(default)s)")
-    sources.add_argument("--shutdown-timeout", type=float, default=300.0, metavar="SECONDS",
-                         help="how long a shutdown, reboot or start job waits for libvirt to "
-                              "show the guest shut off, rebooted or running before it ends "
-                              "in Exception (default: %(default)s)")
-    sources.add_argument("--metrics-interval", type=float, default=10.0, metavar="SECONDS",
-                         help="time between usage samples of the running domains (CPU, "
-                              "memory, disk and network, read in slices of 250 domains; the "
-                              "first one interval after connect); 0 turns metrics off "
-                              "(default: %(default)s)")
-    files = security.group(p, "files")
-    add_cache_dir_argument(files)
-    files.add_argument("--state-dir", type=Path, default=None, metavar="DIR",
-                       help="where indication subscriptions and the self-signed TLS pair "
-                            "are kept; must be writable (default: /var/lib/cim-provider as "
-                            "root, else $XDG_STATE_HOME/cim-provider)")
-    logs = security.group(p, "logging")
-    logs.add_argument("--audit-log", type=Path, default=None, metavar="FILE",
-                      help="also append every modifying operation (methods, instance "
-                           "writes) to FILE as a JSON line; created with mode 0600, "
-                           "reopened on SIGHUP (default: none; the records still go to the "
-                           "log, logger cim_provider.audit)")
-
-
 async def _serve(args: argparse.Namespace, t0: float) -> int:
     from .notify import Notifier
-    from .reload import Reloader
     notifier = Notifier.from_env()        # systemd Type=notify; a no-op without it
     if schema_missing(args.cache_dir):    # exit 2, having said what to run, and nothing else
         return 2
@@ -360,30 +311,30 @@ async def _serve(args: argparse.Namespace, t0: float) -> int:
     except security.StartupError as exc:
         log.error("not starting: %s", exc)
         return 2
-    # The sources first: libvirt's open (seconds for a test:/// node of 10,000 domains,
-    # in a thread and without the GIL) goes on while the class repository loads in
-    # another thread (issue 16, start-up: spawn to the first complete enumeration).
-    starting = asyncio.ensure_future(start_sources(
+    # libvirt's open first (seconds for a test:/// node of 10,000 domains, in a thread
+    # and without the GIL): the rest of the server is imported and the class repository
+    # loaded in a worker thread while it runs (issue 16, start-up: spawn to the first
+    # complete enumeration). Nothing before this line imports aiohttp
+    # (tests/test_startup_order.py).
+    from ..sources.libvirt_events import close_opened, open_soon
+    opening = open_soon(args.libvirt_uri, asyncio.get_running_loop())
+    repo = await asyncio.to_thread(_load_while_libvirt_opens, args)
+    if repo is None:                   # unreadable schema: exit 2 (load_repository said why)
+        opening.add_done_callback(close_opened)
+        return 2
+    sources = await start_sources(
         libvirt_uri=args.libvirt_uri, manager_bus=args.manager_bus,
         call_timeout=args.libvirt_timeout, manager_timeout=args.manager_timeout,
         manager_start_timeout=args.manager_start_timeout,
         manager_list_timeout=args.manager_list_timeout, relist_interval=args.manager_relist,
-        metrics_interval=args.metrics_interval))
-    repo = await asyncio.to_thread(_load_while_libvirt_opens, args)
-    if repo is None:                   # no schema: exit 2 (load_repository said why)
-        starting.cancel()
-        try:
-            await (await starting).close()
-        except (asyncio.CancelledError, Exception):   # cancelled while it connected
-            pass
-        return 2
-    sources = await starting
+        metrics_interval=args.metrics_interval, libvirt_opening=opening)
     try:
         handle = await _start_server(sec, args, repo, sources, host, state_dir)
     except security.StartupError as exc:   # a listener (in use, ...): worth a restart
         log.error("not starting: %s", exc)
         return 1
     # SIGHUP: configuration file, users file, TLS pair, log level (server/reload.py)
+    from .reload import Reloader
     reloader = Reloader(args, ssl_context=sec.ssl_context, authenticate=sec.authenticate,
                         state_dir=state_dir, hooks=handle.on_reload, notifier=notifier)
     loop = asyncio.get_running_loop()
@@ -416,11 +367,26 @@ async def _serve(args: argparse.Namespace, t0: float) -> int:
 
 def _load_while_libvirt_opens(args: argparse.Namespace) -> Repository | None:
     """In a worker thread while libvirt's open runs in its own: the class repository,
-    and the D-Bus client's modules that start_sources imports once libvirt is read."""
+    then the modules the server is made of."""
     repo = load_repository(args.cache_dir)
-    if repo is not None and args.manager_bus:
-        from ..sources import manager  # noqa: F401  (imported here, used by start_sources)
+    if repo is not None:
+        _import_server(manager=bool(args.manager_bus))
     return repo
+
+
+def _import_server(*, manager: bool) -> None:
+    """What start_sources, start_server and _serve import, imported ahead (aiohttp,
+    pywbem's client side, the providers, ...): a module left out here is imported
+    when first used, on the loop, after libvirt's open."""
+    from . import audit, connections, health_watch, http, reload  # noqa: F401
+    from .. import providers  # noqa: F401
+    from ..indications import service, subscriptions  # noqa: F401
+    from ..inventory import inventory  # noqa: F401
+    from ..providers import computer_system, interop, jobs  # noqa: F401
+    from ..sources import libvirt  # noqa: F401
+    from ..wbem import dispatch, pull  # noqa: F401
+    if manager:
+        from ..sources import manager as client  # noqa: F401
 
 
 def _trim_soon(loop: asyncio.AbstractEventLoop) -> None:

@@ -26,14 +26,24 @@ import ssl
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .auth import ROLES, Authenticator, FailureBrake, UsersFile, UsersFileError, pam_checker
-from .http import DEFAULT_MAX_BODY, HTTPLimits
 from .listen import ANY, is_ip_literal, is_loopback, parse_listen, show_address
-from ..wbem.pull import MAX_CONTEXTS_PER_CLIENT
 from .tls import TLSError, ensure_self_signed, server_context
 
+if TYPE_CHECKING:
+    from .auth import Authenticator
+    from .http import HTTPLimits
+
 log = logging.getLogger(__name__)
+
+# The options import neither aiohttp nor pywbem (`serve` opens libvirt before it imports
+# them: server/main.py). So DEFAULT_MAX_BODY lives here (http.py takes it from here),
+# and ROLES and MAX_CONTEXTS_PER_CLIENT repeat those of auth.py and wbem/pull.py;
+# tests/test_startup_order.py checks that they agree.
+DEFAULT_MAX_BODY = 16 * 1024 * 1024     # bytes
+ROLES = ("reader", "operator")
+MAX_CONTEXTS_PER_CLIENT = 64
 
 
 class StartupError(Exception):
@@ -129,6 +139,7 @@ def add_arguments(p: argparse.ArgumentParser, *, demo: bool = False) -> None:
 
 
 def limits_from_args(args: argparse.Namespace) -> HTTPLimits:
+    from .http import HTTPLimits
     return HTTPLimits(max_body=getattr(args, "max_body", DEFAULT_MAX_BODY),
                       max_depth=args.max_xml_depth, read_timeout=args.read_timeout,
                       max_line_size=args.max_header_size, max_field_size=args.max_header_size,
@@ -161,6 +172,9 @@ def prepare(args: argparse.Namespace, *, listen: list[tuple[str, int]],
     users = getattr(args, "users", None)
     pam_service = getattr(args, "pam_service", None)
     if users is not None or pam_service:
+        # Only now: auth.py imports aiohttp, which `serve` would rather import while
+        # libvirt opens (server/main.py).
+        from .auth import Authenticator, FailureBrake, UsersFile, UsersFileError, pam_checker
         try:
             users_file = UsersFile(users) if users is not None else None
             pam = pam_checker(pam_service) if pam_service else None

@@ -34,7 +34,7 @@ from ..domain.records import Disk, DomainConfig, Nic, RunningDomain, canonical_u
 from ..domain.sources import ResourceFeed, SourceStatus
 from .libvirt_calls import (DomainNotFound, LibvirtError, LibvirtTimeout, LibvirtUnavailable,
                             change_device, guarded, quietly, read_all, read_one)
-from .libvirt_events import ensure_event_loop_impl
+from .libvirt_events import close_opened, ensure_event_loop_impl
 from .libvirt_host import HostWatch
 from .libvirt_stopped import STOPPED_FAILURES, Stopped, read_definition, read_stopped
 from .libvirt_threads import MAX_STRAY, POOL_SIZE, CallPool, Count, in_thread
@@ -77,7 +77,8 @@ class LibvirtSource:
                  on_domain: Callable[[str, RunningDomain | None], None] | None = None,
                  feed: ResourceFeed | None = None, metrics_interval: float = 0.0,
                  on_stop_reasons: Callable[[dict[str, str], dict[str, DomainConfig]], None]
-                 | None = None) -> None:
+                 | None = None,
+                 opening: concurrent.futures.Future[libvirt.virConnect] | None = None) -> None:
         if uri is None and conn is None:
             uri = os.environ.get("LIBVIRT_DEFAULT_URI") or None
         self.uri = uri
@@ -103,6 +104,9 @@ class LibvirtSource:
         self._status_since = time.time()      # when `connected` last changed
         self._last_error = "not connected yet"
         self._shared = conn
+        # An open of `uri` already under way (libvirt_events.open_soon): the first
+        # connection takes it rather than open another.
+        self._opening = opening
         self._conn: libvirt.virConnect | None = None
         self._conn_uri: str | None = None
         self._owned = False
@@ -181,6 +185,9 @@ class LibvirtSource:
         if task is not None:
             task.cancel()
             await asyncio.gather(task, return_exceptions=True)
+        opening, self._opening = self._opening, None
+        if opening is not None:             # never taken: closed when it arrives
+            opening.add_done_callback(close_opened)
         await self._disconnect()
         # Let the free callbacks that closing queued on the loop run before it ends.
         for _ in range(3):
@@ -291,17 +298,14 @@ class LibvirtSource:
             self._kick(uuid)
 
     async def _open(self, uri: str | None) -> libvirt.virConnect:
-        """Open a connection; one that arrives after we gave up waiting is closed."""
-
-        def close_late(f: concurrent.futures.Future[libvirt.virConnect]) -> None:
-            # Runs on the open's thread, or on the loop's if it is done already.
-            if not f.cancelled() and f.exception() is None:
-                threading.Thread(target=quietly, args=(f.result().close,),
-                                 name="libvirt-close", daemon=True).start()
-
-        return await self._alone(functools.partial(libvirt.open, uri), self.call_timeout,
+        """Open a connection, or take the open `serve` started early (`opening`): its
+        thread then waits for that one. A connection that arrives after we gave up
+        waiting is closed."""
+        opening, self._opening = self._opening, None
+        fn = functools.partial(libvirt.open, uri) if opening is None else opening.result
+        return await self._alone(fn, self.call_timeout,
                                  what=f"open of {uri or 'the default URI'}",
-                                 name="libvirt-open", late=close_late)
+                                 name="libvirt-open", late=close_opened)
 
     async def _alone(self, fn: Callable[[], _T], timeout: float, *, what: str, name: str,
                      late: Callable[[concurrent.futures.Future[_T]], None] | None = None) -> _T:

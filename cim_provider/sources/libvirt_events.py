@@ -3,6 +3,8 @@
 libvirt delivers domain events through whatever event implementation is registered in
 the process; libvirtaio offers one for asyncio. We subclass it (below) because libvirt
 calls its hooks from executor threads and because tests run one loop after another.
+Also here, as they need nothing heavier: `open_soon`, the open that `serve` starts
+before it imports the rest of the server (server/main.py), and `close_opened`.
 
 Private libvirtaio members used here, each checked in libvirt-python 9.0 to 12.8 (the
 range pyproject.toml allows, `<13`): `Descriptor.callbacks`/`fd`/`_handle`, `DescriptorDict`,
@@ -14,6 +16,8 @@ the first registration) and tests/test_libvirt_source.py fails at once, never si
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import functools
 import logging
 import threading
 from typing import Any, Callable
@@ -21,8 +25,9 @@ from typing import Any, Callable
 import libvirt
 import libvirtaio
 
-log = logging.getLogger(__name__)
+from .libvirt_threads import in_thread
 
+log = logging.getLogger(__name__)
 
 
 class _Descriptor(libvirtaio.Descriptor):
@@ -252,3 +257,32 @@ def ensure_event_loop_impl(loop: asyncio.AbstractEventLoop | None = None
                 raise RuntimeError("a libvirtaio implementation for another loop is registered")
             impl.rebind(loop)
         return impl
+
+
+def open_soon(uri: str | None, loop: asyncio.AbstractEventLoop
+              ) -> concurrent.futures.Future[libvirt.virConnect]:
+    """libvirt's open of `uri`, started now in a thread of its own, its events on `loop`.
+
+    For `serve`: the open of a node with thousands of domains takes seconds without
+    holding the GIL, and the server's imports and class repository fit in them. The
+    future goes to LibvirtSource (`opening`), whose first connection takes it; one
+    nobody takes should get `close_opened` as its done callback.
+    """
+    ensure_event_loop_impl(loop)        # first: the remote driver adds its socket at open
+    return in_thread(functools.partial(libvirt.open, uri), "libvirt-open")
+
+
+def close_opened(fut: concurrent.futures.Future[Any]) -> None:
+    """The connection a finished open brought, closed in a thread (an open whose caller
+    gave up waiting, or that nobody took); nothing when the open failed."""
+    if fut.cancelled() or fut.exception() is not None:
+        return
+    conn = fut.result()
+
+    def close() -> None:
+        try:
+            conn.close()
+        except libvirt.libvirtError as exc:
+            log.debug("libvirt: close of an unused connection: %s", exc)
+
+    threading.Thread(target=close, name="libvirt-close", daemon=True).start()
