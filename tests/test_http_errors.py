@@ -511,3 +511,23 @@ def test_parse_error_from_pywbem_is_400(port):
     assert resp.status == 400 and resp.headers["CIMError"] == "request-not-valid"
     TupleParser()          # pywbem's parser is what found it; the server kept running
     assert_alive(port)
+
+
+@pytest.mark.parametrize("sent, promised", [(1000, 2000), (200_000, 400_000)],
+                         ids=["small", "large"])
+def test_body_shorter_than_its_content_length(port, sent, promised):
+    """The client stops sending (half-close) before Content-Length bytes: small bodies
+    are read in one piece, large ones in chunks (never joined). Either way the server
+    closes the connection (a client that cannot send the rest is gone: aiohttp answers
+    nothing) or answers 400, never a 500, a traceback or a hang, and goes on serving."""
+    head = "".join(f"{k}: {v}\r\n" for k, v in headers_for("EnumerateInstanceNames").items())
+    with socket.create_connection(("127.0.0.1", port), timeout=60) as s:
+        s.sendall(f"POST /cimom HTTP/1.1\r\nHost: x\r\nContent-Length: {promised}\r\n"
+                  f"{head}\r\n".encode() + b"x" * sent)
+        s.shutdown(socket.SHUT_WR)
+        data = b""
+        while chunk := s.recv(65536):
+            data += chunk
+    status = int(data.split(b" ", 2)[1]) if data.startswith(b"HTTP/") else None
+    assert status in (None, 400) and b"Traceback" not in data, data[:300]
+    assert_alive(port)

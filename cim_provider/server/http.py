@@ -48,6 +48,7 @@ _MAN_NS = re.compile(r";\s*ns\s*=\s*(\d+)", re.I)
 # them, any body up to WRITELINES_MAX bytes (a pull page of 1,000 systems: ~2 MB in
 # ~6,000 cached pieces; joining it, or a loop turn per chunk, measured slower).
 PARSE_OFF_LOOP = 32 * 1024        # request bytes
+READ_CHUNK = 256 * 1024           # bytes per read of a larger body (never joined whole)
 PARSE_THREADS = 2                 # large bodies parsed at once (each tree is ~10x its body)
 STREAM_ABOVE = 1024 * 1024        # response bytes
 AS_IS_PIECES = 64                 # a body in this few pieces is written without a join
@@ -300,7 +301,7 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
             except asyncio.IncompleteReadError:
                 raise RequestError(400, "request-not-well-formed",
                                    "request body shorter than its Content-Length") from None
-            if len(body) > PARSE_OFF_LOOP:
+            if _size(body) > PARSE_OFF_LOOP:
                 return await large(request, body, headers, prefix, ctx)
             req = parse_request(body, limits.max_depth)
             _check_headers(headers, req)
@@ -311,7 +312,7 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
             return await write(request, handed[1], prefix)
         return await respond(request, req, ctx, prefix)
 
-    async def large(request: web.Request, body: bytes, headers: dict[str, str],
+    async def large(request: web.Request, body: bytes | list[bytes], headers: dict[str, str],
                     prefix: str | None, ctx: OperationContext) -> web.StreamResponse:
         """A body above PARSE_OFF_LOOP: parsed in a worker thread with the garbage
         collector paused, its parameters freed in the worker afterwards."""
@@ -368,17 +369,29 @@ def make_app(dispatcher: Dispatcher, limits: HTTPLimits | None = None,
     return app
 
 
-async def _read_body(request: web.Request, limit: int) -> bytes:
-    if request.content_length:
-        # Known length (already checked against the limit): one read, the common case.
-        return await request.content.readexactly(request.content_length)
+async def _read_body(request: web.Request, limit: int) -> bytes | list[bytes]:
+    """The body: bytes, or above PARSE_OFF_LOOP the chunks it arrived in (at most
+    READ_CHUNK bytes each), which nobody joins: the parser feeds them to expat one by
+    one (wbem/xmlparse.py). Read in one piece, a 16 MiB body was joined twice on the
+    loop (aiohttp's readexactly), each join a C call of milliseconds holding the GIL
+    (issue 16, loop stall)."""
+    length = request.content_length
+    if length and length <= PARSE_OFF_LOOP:
+        # Known small length (already checked against the limit): one read, the common case.
+        return await request.content.readexactly(length)
     chunks, size = [], 0
-    async for chunk in request.content.iter_chunked(65536):
+    async for chunk in request.content.iter_chunked(READ_CHUNK):
         size += len(chunk)
         if size > limit:
             raise web.HTTPRequestEntityTooLarge(limit, size)
         chunks.append(chunk)
-    return b"".join(chunks)
+    if length and size < length:
+        raise asyncio.IncompleteReadError(b"", length)
+    return chunks if size > PARSE_OFF_LOOP else b"".join(chunks)
+
+
+def _size(body: bytes | list[bytes]) -> int:
+    return len(body) if isinstance(body, bytes) else sum(map(len, body))
 
 
 def _chunks(body: Pieces) -> Iterator[bytes]:
