@@ -29,7 +29,7 @@ except ImportError:  # tests/ itself on sys.path
 
 import cim_provider
 from cim_provider import schema_setup
-from cim_provider.wbem import repository
+from cim_provider.wbem import repository, schema_files
 from cim_provider.wbem.repository import (SCHEMA_ZIP_NAME, Repository, SchemaNotFound,
                                           resolve_cache_dir)
 
@@ -92,7 +92,7 @@ def test_cache_dir_resolution(monkeypatch, tmp_path):
     assert resolve_cache_dir() == tmp_path / "env"
     assert resolve_cache_dir(tmp_path / "x") == tmp_path / "x"
     monkeypatch.delenv(repository.CACHE_DIR_ENV)
-    monkeypatch.setattr(repository, "running_from_checkout", lambda: False)
+    monkeypatch.setattr(schema_files, "running_from_checkout", lambda: False)
     monkeypatch.setattr(os, "geteuid", lambda: 0)
     assert resolve_cache_dir() == Path("/var/cache/cim-provider")
     monkeypatch.setattr(os, "geteuid", lambda: 1000)

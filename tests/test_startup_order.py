@@ -36,7 +36,7 @@ except ImportError:  # tests/ itself on sys.path
 pytestmark = pytest.mark.timeout(180)
 
 NO_BUS = "unix:path=/nonexistent/cim-provider-test-bus"
-HEAVY = ("aiohttp", "cim_provider.server.http", "cim_provider.wbem.dispatch",
+HEAVY = ("aiohttp", "pywbem", "cim_provider.server.http", "cim_provider.wbem.dispatch",
          "cim_provider.providers")
 
 # cli.main(["serve", ...]) with libvirt.open wrapped: at the first call it notes which
@@ -153,11 +153,12 @@ def test_the_option_constants_agree_with_their_owners():
 
 
 def test_the_options_import_nothing_heavy():
-    """What cli.py imports to parse `serve`'s command line (and what `serve` imports
-    before libvirt's open, short of the schema check) brings in neither aiohttp nor
+    """What cli.py imports to parse `serve`'s command line and what `serve` imports
+    before libvirt's open, the schema check included, bring in neither aiohttp nor
     pywbem."""
     code = ("import sys; import cim_provider.cli, cim_provider.server.options, "
-            "cim_provider.server.main; "
+            "cim_provider.server.main; from cim_provider.schema_setup import schema_missing; "
+            "schema_missing(None); "
             "print(' '.join(m for m in ('aiohttp', 'pywbem') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                          check=True, cwd=str(ws.ROOT)).stdout
