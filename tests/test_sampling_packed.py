@@ -174,3 +174,21 @@ def test_negative_counters_stay_what_they_were():
     odd = DomainStats(cpu_time_ns=5, vcpus=1, block_rd_bytes=-1, block_wr_bytes=-2)
     packed = ls.pack([(A, _row(odd)), (B, (None,) * ls.WIDTH)])
     assert packed[A] == odd and packed[B] == DomainStats()
+
+
+NEXT_SAMPLE = [
+    # (desc, interval, took, expected wait)
+    ("a quick sample keeps the interval", 10.0, 0.05, 9.95),
+    ("a fifth of the interval still keeps it", 10.0, 2.0, 8.0),
+    ("a slower one stretches it to five times its length", 10.0, 3.5, 14.0),
+    ("a sample longer than the interval", 10.0, 12.0, 48.0),
+    ("nothing to wait for with no time taken", 1.0, 0.0, 1.0),
+]
+
+
+@pytest.mark.parametrize("desc, interval, took, expected", NEXT_SAMPLE)
+def test_sampling_takes_at_most_a_fifth_of_the_time(desc, interval, took, expected):
+    from cim_provider.sources.libvirt_host import next_sample_in
+    wait = next_sample_in(interval, took)
+    assert wait == pytest.approx(expected), desc
+    assert took / (took + wait) <= 0.2 + 1e-9 or took + wait == pytest.approx(interval)
