@@ -192,3 +192,28 @@ def test_sampling_takes_at_most_a_fifth_of_the_time(desc, interval, took, expect
     wait = next_sample_in(interval, took)
     assert wait == pytest.approx(expected), desc
     assert took / (took + wait) <= 0.2 + 1e-9 or took + wait == pytest.approx(interval)
+
+
+def test_per_domain_slices_are_paced(monkeypatch):
+    """Slices answered by per-domain calls (the test driver's) are followed by a pause
+    of PACE times their own duration, none after the last; the sample is complete."""
+    from cim_provider.sources import libvirt_host
+    monkeypatch.setattr(libvirt_host, "CHUNK", 2)
+    pauses: list[float] = []
+
+    async def pause(seconds: float) -> None:
+        pauses.append(seconds)
+    monkeypatch.setattr(libvirt_host, "_pause", pause)
+    srv = LibvirtServer(metrics_interval=3600)
+    doms = [srv.libvirt.createXML(f"<domain type='test'><name>paced-{i}</name><memory>65536"
+                                  "</memory><os><type>hvm</type></os></domain>", 0)
+            for i in range(4)]
+    try:
+        srv.sample()
+        running = srv.on_loop(lambda: len(srv.source.running))
+        assert running == 5 and srv.on_loop(lambda: len(srv.resources.sample.stats)) == 5
+        assert len(pauses) == 2 and all(p > 0 for p in pauses)       # 3 slices of <= 2
+    finally:
+        for dom in doms:
+            dom.destroy()
+        srv.close()
