@@ -87,8 +87,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     sources.add_argument("--metrics-interval", type=float, default=10.0, metavar="SECONDS",
                          help="time between usage samples of the running domains (CPU, "
                               "memory, disk and network, read in slices of 250 domains; the "
-                              "first one interval after connect; longer while a sample takes "
-                              "more than a fifth of it); 0 turns metrics off "
+                              "first one interval after connect; longer while a driver without "
+                              "bulk statistics takes more than a fifth of it to answer); 0 "
+                              "turns metrics off "
                               "(default: %(default)s)")
     files = security.group(p, "files")
     add_cache_dir_argument(files)

@@ -212,11 +212,12 @@ class HostWatch:
             if gen != self.src._gen:
                 return None
             began = time.monotonic()
+            part = doms[i:i + CHUNK]
             bulk, got = await self.src._call(
-                functools.partial(read_chunk, conn, doms[i:i + CHUNK], running, packer, bulk),
+                functools.partial(read_chunk, conn, part, running, packer, bulk),
                 timeout=timeout, what="read usage statistics")
             from_bulk += got
-            if got < CHUNK // 2 and i + CHUNK < len(doms):
+            if 2 * got < len(part) and i + CHUNK < len(doms):
                 # Mostly per-domain calls (each a round trip over a remote connection,
                 # whose answer takes the interpreter back from the loop): paced, so
                 # that a sample keeps to a quarter of the time while it runs and
@@ -291,7 +292,10 @@ class HostWatch:
             except Exception:
                 log.exception("libvirt: usage sample failed")
             took = time.monotonic() - started
-            wait = next_sample_in(self.interval, took)
+            # Only per-domain sampling (a driver without bulk statistics) is stretched: a
+            # bulk call that takes long waits on the hypervisor, not on this server.
+            wait = next_sample_in(self.interval, took) if not self._bulk else \
+                max(0.0, self.interval - took)
             if wait > self.interval - took and not stretched:
                 log.info("libvirt: a usage sample took %.1f s: sampling every %.0f s "
                          "instead of %g s", took, took + wait, self.interval)
