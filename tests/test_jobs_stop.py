@@ -59,6 +59,10 @@ def gate(model):
         model.client.start_timeout = 60.0
 
 
+async def _call(fn):
+    return fn()
+
+
 def start(conn, uuid):
     rv, out = conn.InvokeMethod("RequestStateChange", cs_path(uuid),
                                 RequestedState=Uint16(2))
@@ -81,9 +85,18 @@ def status(conn, job):
 def test_a_job_following_the_domain_is_stopped(model, conn, gate, system, value, state,
                                                word):
     model.client.start_timeout = 0.5        # StartDomain times out; the job follows
-    job = start(conn, system.uuid)
-    assert conn.GetInstance(cs_path(system.uuid))["RequestedState"] == 2
-    poll_until(lambda: status(conn, job) == FOLLOWING, 20, "the job following the domain")
+    gone: list[str] = []            # a StartDomain that timed out did not start anything:
+    unsubscribe = model.lt.run(_call(lambda: model.inventory.subscribe(   # never absent
+        lambda ch: gone.append(ch.uuid) if ch.kind == "deleted" else None)))
+    try:
+        job = start(conn, system.uuid)
+        assert conn.GetInstance(cs_path(system.uuid))["RequestedState"] == 2
+        poll_until(lambda: status(conn, job) == FOLLOWING, 20, "the job following the domain")
+        model.client.start_timeout = 60.0
+        model.lt.run(model.server.sources.manager.refresh())   # the settling re-list is over
+    finally:
+        model.lt.run(_call(unsubscribe))
+    assert system.uuid not in gone
     assert stop(conn, job, value) == 0
     inst = conn.GetInstance(job)
     assert inst["JobState"] == state and inst["JobStatus"] == word

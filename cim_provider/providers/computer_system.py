@@ -313,6 +313,7 @@ class ComputerSystemProvider(Provider):
             if rec.running is None:                      # 2 from passive: through the Manager
                 manager = self.b.require_manager()
                 set_phase(MANAGER)                       # a D-Bus call: cannot be stopped
+                started: str | None = uuid
                 try:
                     new_uuid = await manager.start_domain(uuid)
                 except Timeout as exc:
@@ -320,7 +321,10 @@ class ComputerSystemProvider(Provider):
                         raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start "
                                        f"{rec.name}: {exc.message}") from None
                     log.info("StartDomain of %s: %s; following the domain", uuid, exc)
-                    new_uuid = uuid
+                    # Not known to have started: its definition stays until the
+                    # Manager's list says otherwise (dropped at once, the system would
+                    # look gone while that list is read).
+                    new_uuid, started = uuid, None
                 except SourceError as exc:
                     log.info("Manager refused to start %s: %s", uuid, exc)
                     raise CIMError(pywbem.CIM_ERR_FAILED, f"the Manager did not start "
@@ -331,7 +335,7 @@ class ComputerSystemProvider(Provider):
                     await self._settle(uuid)
                 # The Manager's set just changed: running first (so the system never
                 # looks gone), then its list, so the next read shows the twin or not.
-                await self.b.settle_defined(started=uuid)
+                await self.b.settle_defined(started=started)
             else:
                 src = self.b.require_libvirt()
                 action, act = {ENABLED: ("resume", src.resume), DISABLED: ("destroy", src.destroy),
