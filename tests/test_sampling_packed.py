@@ -209,9 +209,9 @@ def test_per_domain_slices_are_paced(monkeypatch):
                                   "</memory><os><type>hvm</type></os></domain>", 0)
             for i in range(4)]
     try:
+        srv.wait(lambda: len(srv.source.running) == 5, what="the new domains' events")
         srv.sample()
-        running = srv.on_loop(lambda: len(srv.source.running))
-        assert running == 5 and srv.on_loop(lambda: len(srv.resources.sample.stats)) == 5
+        assert srv.on_loop(lambda: len(srv.resources.sample.stats)) == 5
         assert len(pauses) == 2 and all(p > 0 for p in pauses)       # 3 slices of <= 2
     finally:
         for dom in doms:
