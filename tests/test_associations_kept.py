@@ -1,7 +1,8 @@
 """What the associations provider keeps (issue 16, RSS per domain): HostedDependency,
 one instance per system when walked from the host, is built for each walk and never
 kept; the others stay cached per record version. The walk's answer is the same either
-way."""
+way. Associators from the host name the systems themselves (`associated`), without an
+association instance per guest."""
 from __future__ import annotations
 
 import asyncio
@@ -14,7 +15,7 @@ from cim_provider.inventory.inventory import Inventory
 from cim_provider.providers import Backend, virt_providers
 from cim_provider.providers.associations import HD, SDS, AssociationsProvider
 from cim_provider.providers.computer_system import system_path
-from cim_provider.wbem.provider import path_key
+from cim_provider.wbem.provider import object_key, path_key
 
 try:
     from tests.support import wbem_server as ws
@@ -59,3 +60,46 @@ def test_other_associations_stay_cached_per_record_version():
     hd = asyncio.run(assoc.references(HD, source))
     assert [path_key(i["Dependent"]) for i in hd] == [path_key(source)]
     assert isinstance(hd[0]["Antecedent"], CIMInstanceName)
+
+
+def test_the_host_names_its_guests_without_association_instances():
+    inv, backend, assoc = _setup()
+    host = backend.host_path()
+    found = assoc.associated(HD, host)
+    assert found is not None and len(found) == N
+    want = sorted(path_key(system_path(r.uuid)) for r in inv.records())
+    assert sorted(object_key(t) for _via, _role, t in found) == want
+    for via, role, target in found:
+        assert (via, role) == ("Antecedent", "Dependent")
+        # the very object GetInstance of that system returns, rendered once for both
+        assert target is asyncio.run(assoc.systems.get_instance(target.path))
+    assert not any(assoc._cache._data.values())
+
+
+def test_other_walks_go_through_references():
+    inv, backend, assoc = _setup()
+    rec = next(iter(inv.records()))
+    other_host = CIMInstanceName(backend.host_path().classname,
+                                 {**backend.host_path().keybindings, "Name": "elsewhere"},
+                                 namespace=backend.host_path().namespace)
+    for cls, source in [(HD, system_path(rec.uuid)), (SDS, backend.host_path()),
+                        (HD, other_host)]:
+        assert assoc.associated(cls, source) is None, (cls, source)
+
+
+# (desc, object, expected path_key): object_key gives path_key without making the path
+OBJECT_KEYS = [
+    ("a path", system_path("U-1"), path_key(system_path("U-1"))),
+    ("a path without namespace, request's namespace",
+     CIMInstanceName("VIRT_ComputerSystem", {"Name": "U-1", "CreationClassName": "VIRT_ComputerSystem"}),
+     path_key(system_path("U-1"))),
+]
+
+
+def test_object_key():
+    for desc, obj, expected in OBJECT_KEYS:
+        assert object_key(obj, "root/virt") == expected, desc
+    inv, _backend, assoc = _setup()
+    for rec in inv.records():
+        inst = assoc.systems.instance(rec)
+        assert object_key(inst) == path_key(inst.path) == path_key(system_path(rec.uuid))

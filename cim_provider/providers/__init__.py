@@ -50,7 +50,7 @@ def virt_providers(backend: Backend, jobs: Jobs | None = None) -> list[Provider]
 
     return [systems, CapabilitiesProvider(backend), settings,
             HostSystemProvider(backend), vsms,
-            AssociationsProvider(backend, settings, [allocation, links, vsms.templates]),
+            AssociationsProvider(backend, settings, [allocation, links, vsms.templates], systems),
             devices, SystemDeviceProvider(backend, devices), pools,
             AllocationCapabilitiesProvider(caps), allocation,
             metrics, MetricAssociationsProvider(backend, metrics),

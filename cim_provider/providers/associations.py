@@ -26,7 +26,7 @@ from pywbem import CIMError, CIMInstance, CIMInstanceName
 from ..domain.records import DomainRecord
 from ..wbem.provider import AssociationProvider, path_key
 from .backend import CS_CLASS, HOST_CLASS, VIRT_NS, VSMS_CLASS, Backend, make
-from .computer_system import CapabilitiesProvider, system_path
+from .computer_system import CapabilitiesProvider, ComputerSystemProvider, system_path
 from .management_service import vsmc_path
 from .settings import SettingsProvider, configs_of, split_iid, vssd_path
 
@@ -49,9 +49,11 @@ class AssociationsProvider(AssociationProvider):
     classnames = (HD, SDS, ESD, VSSDC, HS, EC)
 
     def __init__(self, backend: Backend, settings: SettingsProvider,
-                 extensions: Sequence[Extension] = ()):
+                 extensions: Sequence[Extension] = (),
+                 systems: ComputerSystemProvider | None = None):
         self.b = backend
         self.settings = settings
+        self.systems = systems          # names the guests from the host (`associated`)
         self.extensions = list(extensions)
         self._cache = backend.new_cache()
 
@@ -147,6 +149,19 @@ class AssociationsProvider(AssociationProvider):
             return None
         parts = split_iid(iid)
         return self.b.inventory.get(parts[0]) if parts else None
+
+    def associated(self, classname: str,
+                   source: CIMInstanceName) -> Sequence[tuple[str, str, CIMInstance]] | None:
+        """The guests of the host through HostedDependency, as the systems the
+        ComputerSystem provider returns: no association instance is made per guest.
+        Everything else walks `references`."""
+        cls = self._canon(classname)
+        if cls != HD or self.systems is None or source.classname.lower() != HOST_CLASS.lower() \
+                or path_key(source, VIRT_NS) != path_key(self.b.host_path()) \
+                or any(ext.extension_references(cls, source) for ext in self.extensions):
+            return None
+        system = self.systems.instance
+        return [("Antecedent", "Dependent", system(rec)) for rec in self.b.inventory.records()]
 
     async def references(self, classname: str, source: CIMInstanceName) -> Iterable[CIMInstance]:
         cls = self._canon(classname)

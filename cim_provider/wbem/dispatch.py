@@ -23,10 +23,11 @@ from .audit import AuditHook, report
 from .context import OperationContext, Pieces, Result
 from .methods import invoke_method
 from .params import SIGNATURES, UNSUPPORTED, Signature, convert_params, convert_value
-from .provider import AssociationProvider, Provider, Registry, path_key, reference_values
+from .provider import (AssociationProvider, Provider, Registry, object_key, path_key,
+                       reference_values)
 from .pull import PullContexts
 from .render import (OWP, Named, Pacer, PathKeys, Paths, Renders, Views, encode, name_item,
-                     named_instance, pieces_of, put, with_path)
+                     named_instance, namespace_of, pieces_of, put, with_path)
 from .repository import Namespace, Repository
 from .request import CIMRequest
 from .views import class_view
@@ -284,45 +285,70 @@ class Dispatcher:
     async def _references(self, ns: Namespace, source: CIMInstanceName,
                           result_class: str | None, role: str | None) -> list[tuple[CIMInstance, str]]:
         """(association instance, name of the reference that names `source`)."""
+        out = []
+        for leaf, prov in self._assoc_classes(ns, result_class):
+            out += await self._leaf_references(ns, leaf, prov, source, role)
+        return out
+
+    async def _leaf_references(self, ns: Namespace, leaf: str, prov: AssociationProvider,
+                               source: CIMInstanceName,
+                               role: str | None) -> list[tuple[CIMInstance, str]]:
         key = path_key(source)
         keys = PathKeys(ns.name)
         out = []
         pace = Pacer()
-        for leaf, prov in self._assoc_classes(ns, result_class):
-            for inst in await prov.references(leaf, source):
-                for name, value in reference_values(inst):
-                    if role is not None and name.lower() != role.lower():
-                        continue
-                    if keys.of(value) == key:
-                        out.append((inst, name))
-                        break
-                await pace.tick()
+        for inst in await prov.references(leaf, source):
+            for name, value in reference_values(inst):
+                if role is not None and name.lower() != role.lower():
+                    continue
+                if keys.of(value) == key:
+                    out.append((inst, name))
+                    break
+            await pace.tick()
         return out
 
-    async def _associator_paths(self, ns: Namespace, source: CIMInstanceName,
-                                p: dict) -> list[CIMInstanceName]:
+    async def _associated(self, ns: Namespace, source: CIMInstanceName,
+                          p: dict) -> list[CIMInstanceName | CIMInstance]:
+        """Each object associated with `source` once: a path, or the instance itself
+        where the association's provider names it directly (`associated`)."""
         # Associated objects may live in another namespace (ElementConformsToProfile
         # links root/virt and interop): ResultClass must exist in some served namespace.
-        rc = p["ResultClass"]
+        rc, role, rrole = p["ResultClass"], p["Role"], p["ResultRole"]
         if rc is not None and not any(self.repo.namespace(n).get(rc) is not None
                                       for n in self.repo.namespace_names):
             raise CIMError(pywbem.CIM_ERR_INVALID_PARAMETER,
                            f"class {rc[:128]!r} does not exist in any namespace")
-        seen: dict[tuple, CIMInstanceName] = {}
+        role = role.lower() if role is not None else None
+        rrole = rrole.lower() if rrole is not None else None
+        seen: dict[tuple, CIMInstanceName | CIMInstance] = {}
         keys = PathKeys(ns.name)
         pace = Pacer()
-        for assoc, via in await self._references(ns, source, p["AssocClass"], p["Role"]):
-            for name, target in reference_values(assoc):
-                if name == via:
+        for leaf, prov in self._assoc_classes(ns, p["AssocClass"]):
+            found = prov.associated(leaf, source)
+            if found is None:
+                found = [(via, name, target)
+                         for assoc, via in await self._leaf_references(ns, leaf, prov, source,
+                                                                       p["Role"])
+                         for name, target in reference_values(assoc) if name != via]
+            for via, name, target in found:
+                if role is not None and via.lower() != role:
                     continue
-                if p["ResultRole"] is not None and name.lower() != p["ResultRole"].lower():
+                if rrole is not None and name.lower() != rrole:
                     continue
-                tns = self.repo.namespace(target.namespace or ns.name)
-                if p["ResultClass"] is not None and not tns.is_subclass(target.classname, p["ResultClass"]):
-                    continue
-                seen.setdefault(keys.of(target), target)
-            await pace.tick()
+                if rc is not None:
+                    tns = self.repo.namespace((target.namespace if type(target) is CIMInstanceName
+                                               else namespace_of(target)) or ns.name)
+                    if not tns.is_subclass(target.classname, rc):
+                        continue
+                seen.setdefault(keys.of(target) if type(target) is CIMInstanceName
+                                else object_key(target, ns.name), target)
+                await pace.tick()
         return list(seen.values())
+
+    async def _associator_paths(self, ns: Namespace, source: CIMInstanceName,
+                                p: dict) -> list[CIMInstanceName]:
+        return [t if isinstance(t, CIMInstanceName) else t.path
+                for t in await self._associated(ns, source, p)]
 
     def _source(self, ns: Namespace, obj: CIMInstanceName | CIMClassName) -> CIMInstanceName:
         if isinstance(obj, CIMClassName):
@@ -336,7 +362,10 @@ class Dispatcher:
         await self.get_instance(source)      # CIM_ERR_NOT_FOUND for a missing source
         out = []
         pace = Pacer()
-        for target in await self._associator_paths(ns, source, p):
+        for target in await self._associated(ns, source, p):
+            if not isinstance(target, CIMInstanceName):
+                out.append(target)
+                continue
             try:
                 out.append(await self.get_instance(target))
             except CIMError as exc:
