@@ -8,6 +8,8 @@ in the same run:
 - libvirt floor: listAllDomains(ACTIVE) + getAllDomainStats(STATE) from this process;
 - Manager floor: one ListDomains call over D-Bus from this process;
 - loopback floor: the same number of bytes as the response, over a loopback socket;
+- HTTP floor: the same bytes as an HTTP answer from a trivial server process to the
+  same raw client over keep-alive, timed in turn with the server (`paired`);
 - peer: pywbem_mock's FakedWBEMConnection holding the same instances, in-process;
 - loop stall: the worst lateness of a server's event loop (a 1 ms probe in its own
   process) while it parses a 16 MiB request and writes the N-instance response.
@@ -152,11 +154,13 @@ class RawClient:
         return data
 
 
-def pull_all(cli: RawClient) -> int:
+def pull_all(cli: RawClient, pages: list[int] | None = None) -> int:
     body = _envelope("OpenEnumerateInstances", _classname("ClassName", "VIRT_ComputerSystem")
                      + _value("MaxObjectCount", "1000"))
     data = cli.call("OpenEnumerateInstances", body)
     total = len(data)
+    if pages is not None:
+        pages.append(len(data))
     while True:
         # The output parameters close the response: look there, not through the
         # whole ~2 MB (scanning it cost this client ~2 ms per response).
@@ -169,6 +173,8 @@ def pull_all(cli: RawClient) -> int:
                         _envelope("PullInstancesWithPath", _value("EnumerationContext", ctx)
                                   + _value("MaxObjectCount", "1000")))
         total += len(data)
+        if pages is not None:
+            pages.append(len(data))
 
 
 def loopback_floor(nbytes: int) -> float:
@@ -205,6 +211,113 @@ def loopback_floor(nbytes: int) -> float:
     cli.close()
     srv.close()
     return v
+
+
+# A trivial HTTP server (its own process, uvloop when installed): each request's body
+# is a decimal size, answered with that many bytes, already made, in one writelines().
+_CANNED = """
+import asyncio, re, sys
+try:
+    import uvloop
+    run = uvloop.run
+except ImportError:
+    run = asyncio.run
+made = {}
+class Canned(asyncio.Protocol):
+    def connection_made(self, transport):
+        self.transport, self.buf = transport, b""
+    def data_received(self, data):
+        self.buf += data
+        while True:
+            end = self.buf.find(b"\\r\\n\\r\\n")
+            if end < 0:
+                return
+            m = re.search(rb"(?i)content-length:\\s*(\\d+)", self.buf[:end])
+            stop = end + 4 + (int(m.group(1)) if m else 0)
+            if len(self.buf) < stop:
+                return
+            size, self.buf = int(self.buf[end + 4:stop]), self.buf[stop:]
+            if size not in made:
+                made[size] = (b"HTTP/1.1 200 OK\\r\\nContent-Length: %d\\r\\n\\r\\n" % size,
+                              b"x" * size)
+            self.transport.writelines(made[size])
+async def main():
+    server = await asyncio.get_running_loop().create_server(Canned, "127.0.0.1", 0)
+    print(server.sockets[0].getsockname()[1], flush=True)
+    await asyncio.sleep(3600)
+run(main())
+"""
+
+
+class HttpFloor:
+    """The same bytes as a response, from a trivial HTTP server to a RawClient over
+    keep-alive: what any server answering this client costs at least (the request's
+    round trip and the response's bytes), measured the way the server is."""
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-c", _CANNED], stdout=subprocess.PIPE)
+        self.cli = RawClient(int(self.proc.stdout.readline()))  # type: ignore[union-attr]
+
+    def call(self, *sizes: int) -> None:
+        for size in sizes:
+            if len(self.cli.call("Floor", str(size).encode())) != size:
+                raise RuntimeError("HTTP floor: short answer")
+
+    def close(self) -> None:
+        self.cli.sock.close()
+        self.proc.kill()
+        self.proc.wait()
+
+
+PAIRED_RUNS = 11
+
+
+def paired(server, floor, runs: int = PAIRED_RUNS) -> tuple[float, float]:
+    """Median times of `server()` and `floor()`, called in turn (each once to warm up),
+    so that both see the same moments of a shared machine."""
+    server()
+    floor()
+    ours, theirs = [], []
+    for _ in range(runs):
+        t = time.perf_counter()
+        server()
+        ours.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        floor()
+        theirs.append(time.perf_counter() - t)
+    return statistics.median(ours), statistics.median(theirs)
+
+
+def timed_with_floors(cli: RawClient, out: dict) -> dict[str, int]:
+    """EnumerateInstances, EnumerateInstanceNames and the pull (1,000 per page) of
+    VIRT_ComputerSystem: server time beside the HTTP floor of the same bytes (in turn),
+    and the raw loopback floor. Returns the response sizes."""
+    sizes: dict[str, int] = {}
+    pages: list[int] = []
+    sizes["Pull(1000)"] = pull_all(cli, pages)
+    floor = HttpFloor()
+    try:
+        for label in ("EnumerateInstances", "EnumerateInstanceNames", "Pull(1000)"):
+            if label == "Pull(1000)":
+                def ours() -> None:
+                    pull_all(cli)
+
+                def theirs() -> None:
+                    floor.call(*pages)
+            else:
+                body = _envelope(label, _classname("ClassName", "VIRT_ComputerSystem"))
+                sizes[label] = len(cli.call(label, body))
+
+                def ours() -> None:
+                    cli.call(label, body)
+
+                def theirs() -> None:
+                    floor.call(sizes[label])
+            out[f"server_{label}_s"], out[f"floor_http_{label}_s"] = paired(ours, theirs)
+            out[f"floor_loopback_{label}_s"] = loopback_floor(sizes[label])
+    finally:
+        floor.close()
+    return sizes
 
 
 # --- set-up ---------------------------------------------------------------------------
@@ -621,12 +734,11 @@ def measure(n: int, workdir: Path) -> dict:
                 + _instancename("VIRT_HostSystem", dict(host.keybindings)) + "</IPARAMVALUE>"
                 + _classname("AssocClass", "VIRT_HostedDependency"))),
         }
-        sizes = {}
+        sizes = timed_with_floors(cli, out)
         for label, (method, body) in ops.items():
-            sizes[label] = len(cli.call(method, body))
-            out[f"server_{label}_s"] = median_time(lambda: cli.call(method, body))
-        sizes["Pull(1000)"] = pull_all(cli)
-        out["server_Pull(1000)_s"] = median_time(lambda: pull_all(cli))
+            if label not in sizes:
+                sizes[label] = len(cli.call(method, body))
+                out[f"server_{label}_s"] = median_time(lambda: cli.call(method, body))
         out["bytes"] = sizes
         out["e2e_pywbem_EnumerateInstances_s"] = median_time(
             lambda: setup.wbem.EnumerateInstances("VIRT_ComputerSystem"))
@@ -637,9 +749,6 @@ def measure(n: int, workdir: Path) -> dict:
                                                        MaxObjectCount=1000)))
         out["floor_libvirt_s"] = libvirt_floor(setup.conn)
         out["floor_manager_s"] = manager_floor(setup.bus.address)
-        out["floor_loopback_EnumerateInstances_s"] = loopback_floor(sizes["EnumerateInstances"])
-        for label in ("EnumerateInstanceNames", "Pull(1000)"):      # issue 16: each its floor
-            out[f"floor_loopback_{label}_s"] = loopback_floor(sizes[label])
         out["floor_EnumerateInstances_s"] = (out["floor_libvirt_s"] + out["floor_manager_s"]
                                              + out["floor_loopback_EnumerateInstances_s"])
         peer = mock_peer(setup)
@@ -703,14 +812,14 @@ def report(results: list[dict]) -> str:
 def issue16_lines(results: list[dict]) -> list[str]:
     """Issue 16's ratios: server time over the same bytes over loopback, GetInstance
     against pywbem_mock and its own p50, RSS per domain over the empty server."""
-    lines = ["", "server time / the same bytes over loopback (raw HTTP, keep-alive, median of "
+    lines = ["", "server time / the same bytes over loopback: from a trivial HTTP server to "
+             f"the same raw client, keep-alive, timed in turn, median of {PAIRED_RUNS} (in "
+             "brackets: over a bare socket, median of "
              f"{RUNS}); GetInstance p50 / pywbem_mock's, p99 / p50; RSS above the empty server:"]
     for r in results:
         parts = []
         for label in ("EnumerateInstances", "EnumerateInstanceNames", "Pull(1000)"):
-            floor = r.get(f"floor_loopback_{label}_s")
-            if floor:
-                parts.append(f"{label} {r[f'server_{label}_s'] / floor:.2f}x")
+            parts.append(floor_ratios(r, label))
         parts.append(f"GetInstance {r['getinstance_p50_s'] / r['mock_getinstance_p50_s']:.2f}x "
                      f"mock, p99 {r['getinstance_p99_s'] / r['getinstance_p50_s']:.2f}x p50")
         if "getinstance_floor_p99_s" in r:
@@ -723,6 +832,14 @@ def issue16_lines(results: list[dict]) -> list[str]:
                          "KiB/domain")
         lines.append(f"N={r['n']}: " + ", ".join(parts))
     return lines
+
+
+def floor_ratios(r: dict, label: str) -> str:
+    """`label`'s server time over its HTTP floor, and over the bare socket's."""
+    ours = r[f"server_{label}_s"]
+    text = f"{label} {ours / r[f'floor_http_{label}_s']:.2f}x" \
+        if f"floor_http_{label}_s" in r else label
+    return text + f" ({ours / r[f'floor_loopback_{label}_s']:.2f}x)"
 
 
 def plot(results: list[dict], path: Path, inproc: dict | None = None) -> None:
