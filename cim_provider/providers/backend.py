@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import itertools
 import logging
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -133,13 +133,28 @@ class Backend:
             "SystemCreationClassName": HOST_CLASS, "SystemName": self.host,
             "CreationClassName": VSMS_CLASS, "Name": VSMS_NAME}, namespace=VIRT_NS)
 
+    @staticmethod
+    def _system_uuid(keys: Mapping[str, Any]) -> str | None:
+        """The UUID a VIRT_ComputerSystem's keys (CreationClassName, Name) name, or None.
+        The key is the canonical form itself: "{...}", "urn:uuid:...", upper case or no
+        dashes name no instance (else two paths would name one system)."""
+        name = keys.get("Name")
+        uuid = canonical_uuid(name)
+        if keys.get("CreationClassName") != CS_CLASS or uuid is None or uuid != name:
+            return None
+        return uuid
+
+    def record_named(self, keys: Mapping[str, Any]):
+        """The record of a VIRT_ComputerSystem's keys, or None (record_for's lookup
+        without its errors)."""
+        uuid = self._system_uuid(keys)
+        return None if uuid is None else self.inventory.get(uuid)
+
     def record_for(self, path: CIMInstanceName):
         """The inventory record a VIRT_ComputerSystem path names; CIM_ERR_NOT_FOUND else."""
         kb = path.keybindings
-        uuid = canonical_uuid(kb.get("Name"))
-        # The key is the canonical form itself: "{...}", "urn:uuid:...", upper case or
-        # no dashes name no instance (else two paths would name one system).
-        if kb.get("CreationClassName") != CS_CLASS or uuid is None or uuid != kb.get("Name"):
+        uuid = self._system_uuid(kb)
+        if uuid is None:
             raise CIMError(pywbem.CIM_ERR_NOT_FOUND, f"no virtual system {kb.get('Name')!r}")
         rec = self.inventory.get(uuid)
         if rec is None:

@@ -215,6 +215,12 @@ class ComputerSystemProvider(Provider):
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
         return self.instance(self.b.record_for(path))
 
+    answers_by_keys = True
+
+    def instance_by_keys(self, classname: str, keys: Mapping[str, str]) -> CIMInstance | None:
+        rec = self.b.record_named(keys)
+        return None if rec is None else self.instance(rec)
+
     async def invoke_method(self, target, method: str, params: Mapping[str, Any]):
         if method != "RequestStateChange" or not isinstance(target, CIMInstanceName):
             return await super().invoke_method(target, method, params)

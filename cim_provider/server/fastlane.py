@@ -42,7 +42,7 @@ from aiohttp.http import SERVER_SOFTWARE
 
 from ..wbem.context import OperationContext, Pieces
 from ..wbem.dispatch import Dispatcher
-from ..wbem.request import RequestError, parse_request
+from ..wbem.request import QuickGet, RequestError, parse_quick
 
 log = logging.getLogger(__name__)
 
@@ -227,14 +227,22 @@ class Connection:
             return False
         lane = self.lane
         try:
-            req = parse_request(body, lane.max_depth)
+            req = parse_quick(body, lane.max_depth)
             lane.check_headers(headers, req)
         except RequestError:
             return False
         if not req.intrinsic or req.method.lower() not in METHODS:
             return False
+        quick = None
+        if isinstance(req, QuickGet):
+            # A GetInstance of a shape answered before: its kept plan, else the usual way
+            # (which keeps one for the next).
+            answer = lane.dispatcher.quick_get(req)
+            if answer is not None:
+                return self._write(answer, transport)
+            quick, req = req.shape, req.build()
         coro = lane.dispatcher.respond(req, OperationContext(client=self._peer(),
-                                                             direct=True))
+                                                             direct=True, quick=quick))
         try:
             coro.send(None)
         except StopIteration as done:
@@ -251,13 +259,20 @@ class Connection:
             return False
         if transport is None or transport.is_closing():
             return True                          # gone: nothing to answer to
-        as_is = lane.as_is(pieces, transport)
-        if not as_is and pieces.size > lane.join_max:
+        if pieces.size > lane.join_max and not lane.as_is(pieces, transport):
             # Streamed chunk by chunk, waiting for the client: aiohttp's writer. The
             # request goes to aiohttp next, and its handler takes the answer made here
             # instead of dispatching again (`take`).
             self.handed = (body, pieces)
             return False
+        return self._write(pieces, transport)
+
+    def _write(self, pieces: Pieces, transport: Any) -> bool:
+        """Write the answer (head and body) at once; True: the request is answered."""
+        if transport is None or transport.is_closing():
+            return True                          # gone: nothing to answer to
+        lane = self.lane
+        as_is = lane.as_is(pieces, transport)
         head = b"%s%d\r\nDate: %s\r\nServer: %s\r\n\r\n" % (
             _PREFIX, pieces.size, rfc822_formatted_time().encode(), SERVER_SOFTWARE.encode())
         self.answered += 1

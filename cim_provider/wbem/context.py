@@ -19,6 +19,9 @@ class OperationContext:
     # Run outside a task (the HTTP fast lane steps the coroutine once): an unexpected
     # exception is raised, not answered, so that the request is run again the usual way.
     direct: bool = False
+    # The shape of a GetInstance the fast lane could not answer from a kept plan
+    # (request.py, QuickGet): the dispatcher keeps a plan for it once it succeeds.
+    quick: tuple | None = None
 
 
 # A response may be cut into chunks of about this many bytes (the HTTP front writes

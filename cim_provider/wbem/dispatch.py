@@ -53,6 +53,8 @@ class Dispatcher:
         self.pages = pullops.Pages()     # rendered pages of pull operations
         self.paths = Paths()             # NAMESPACEPATH per host and namespace
         self._leaves: dict[tuple[str, str], tuple[int, list]] = {}
+        self._plans: dict[tuple, _GetPlan] = {}   # GetInstance shape -> plan (quick_get)
+        self.quick_answers = 0                    # GetInstances a kept plan answered
 
     # -- entry point ---------------------------------------------------------
 
@@ -244,13 +246,59 @@ class Dispatcher:
         return await prov.get_instance(path)
 
     async def op_GetInstance(self, ns: Namespace, p: dict, ctx) -> Result:
-        path = self.normalize_path(ns, p["InstanceName"])
+        sent = p["InstanceName"]
+        names = tuple(sent.keybindings) if ctx.quick is not None else ()
+        path = self.normalize_path(ns, sent)
         inst = await self.get_instance(path, ns)
         view = self.views.get(ns, inst.classname, True, p["PropertyList"],
                               p["IncludeClassOrigin"])
+        if ctx.quick is not None:
+            self._keep_plan(ctx.quick, ns, path, names, inst, view)
         out = Pieces()
         out.add(view.body(inst))
         return Result(out)
+
+    # -- GetInstance from a kept plan (the HTTP fast lane) -----------------------------
+
+    def _keep_plan(self, shape: tuple, ns: Namespace, path: CIMInstanceName,
+                   names: tuple[str, ...], inst: CIMInstance, view: Any) -> None:
+        """After an ordinary GetInstance of a QuickGet's shape: keep what it resolved
+        (namespace, class, provider, view) when the next one with this shape can skip
+        all of it. Only when normalize_path kept the path as it was sent (the key
+        names exactly the class's, every value a string) and the provider answers by
+        key values: then the resolution depends on nothing but the shape."""
+        prov = self.registry.provider(ns.name, path.classname)
+        if prov is None or not prov.answers_by_keys or inst.classname != path.classname:
+            return
+        kb = path.keybindings
+        keys = [p.name for p in self.key_properties(ns, ns.get(path.classname))]
+        if tuple(kb.keys()) != names or sorted(names) != sorted(keys) \
+                or not all(type(kb[k]) is str for k in names):
+            return
+        if len(self._plans) >= 256:
+            self._plans.clear()
+        self._plans[shape] = _GetPlan(self.repo, self.registry.generation, prov,
+                                      path.classname, names, view)
+
+    def quick_get(self, q: Any) -> Pieces | None:
+        """The response to a QuickGet (request.py) from its shape's kept plan; None when
+        there is no plan, it is stale, or the keys name no instance (the ordinary way
+        then answers, with its error). No await: the fast lane answers it at once."""
+        plan = self._plans.get(q.shape)
+        if plan is None or plan.repo is not self.repo \
+                or plan.generation != self.registry.generation:
+            return None
+        inst = plan.provider.instance_by_keys(plan.classname, dict(zip(plan.names, q.keys)))
+        if inst is None:
+            return None
+        self.quick_answers += 1
+        out = Pieces()
+        out.add(encode(w.message_start(q.msg_id, True, q.method)))
+        out.add(b"<IRETURNVALUE>")
+        out.add(plan.view.body(inst))
+        out.add(b"</IRETURNVALUE>")
+        out.add(_END[True])
+        return out
 
     async def op_EnumerateInstances(self, ns: Namespace, p: dict, ctx) -> Result:
         cls = self.get_class(ns, p["ClassName"])
@@ -416,6 +464,18 @@ class Dispatcher:
 
 
 _END = {True: encode(w.message_end(True)), False: encode(w.message_end(False))}
+
+
+class _GetPlan:
+    """What an ordinary GetInstance of one request shape resolved (Dispatcher.quick_get);
+    good while the repository and the providers registered are the same."""
+
+    __slots__ = ("repo", "generation", "provider", "classname", "names", "view")
+
+    def __init__(self, repo: Repository, generation: int, provider: Provider,
+                 classname: str, names: tuple[str, ...], view: Any):
+        self.repo, self.generation, self.provider = repo, generation, provider
+        self.classname, self.names, self.view = classname, names, view
 
 
 Handler = Callable[[Dispatcher, Namespace, dict[str, Any], OperationContext], Awaitable[Result]]

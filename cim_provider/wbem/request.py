@@ -43,6 +43,29 @@ class CIMRequest:
     duplicate: str | None = None
 
 
+class QuickGet:
+    """A GetInstance whose body matched a known template (parse_quick): what the
+    dispatcher's kept GetInstance plans need, without the pywbem path object. `shape`
+    is everything in the request but its message ID and key values; `keys` are the
+    key values (strings), in the order of the shape's key names. `build()` makes the
+    ordinary CIMRequest, for when no plan answers."""
+
+    __slots__ = ("msg_id", "method", "namespace", "shape", "keys", "_recipe", "_values")
+    intrinsic = True
+
+    def __init__(self, recipe: _Recipe, values: list[str]):
+        self._recipe, self._values = recipe, values
+        self.method, self.namespace = recipe.method, recipe.namespace
+        msg = recipe.msg
+        self.msg_id = values[msg] if isinstance(msg, int) else msg
+        shape, slots = recipe.quick  # type: ignore[misc]  # reason: only made when set
+        self.shape = shape
+        self.keys = tuple(values[v] if cut else v for cut, v in slots)
+
+    def build(self) -> CIMRequest:
+        return self._recipe.build(self._values)
+
+
 class _Parser(TupleParser):
     """pywbem's tuple parser, except for KEYVALUE text its VALUETYPE cannot read.
 
@@ -86,6 +109,19 @@ def parse_request(body: bytes | Sequence[bytes], max_depth: int = 64) -> CIMRequ
         req = _TEMPLATES.request(body, max_depth)
         if req is not None:
             return req
+    return parse_full(body, max_depth)
+
+
+def parse_quick(body: bytes, max_depth: int = 64) -> CIMRequest | QuickGet:
+    """`parse_request` of one body, except that a GetInstance matching a known
+    template whose path keys are all strings comes back as a QuickGet (the HTTP fast
+    lane asks the dispatcher's kept plan first, docs/architecture.md "Data flow")."""
+    if len(body) <= TEMPLATE_MAX:
+        hit = _TEMPLATES.match(body, max_depth)
+        if hit is not None:
+            recipe, values = hit
+            return QuickGet(recipe, values) if recipe.quick is not None \
+                else recipe.build(values)
     return parse_full(body, max_depth)
 
 
@@ -249,7 +285,7 @@ def _sentinel(i: int) -> str:
 class _Recipe:
     """How to build the request of one template from its cut-out values."""
 
-    __slots__ = ("msg", "method", "namespace", "params", "duplicate")
+    __slots__ = ("msg", "method", "namespace", "params", "duplicate", "quick")
 
     def __init__(self, req: CIMRequest, slots: dict[str, int]):
         self.method, self.namespace, self.duplicate = req.method, req.namespace, req.duplicate
@@ -284,6 +320,26 @@ class _Recipe:
         slots.pop(req.msg_id, None)
         if slots:
             raise ValueError("cut-out values the full parse did not take as they are")
+        self.quick = self._quick_shape()
+
+    def _quick_shape(self) -> tuple[tuple, tuple[tuple[bool, Any], ...]] | None:
+        """(shape, key slots) of a GetInstance whose path keys are all strings (cut out,
+        or constant), with no parameter given twice; None for anything else."""
+        if self.method.lower() != "getinstance" or self.duplicate is not None:
+            return None
+        paths = [(name, data) for name, kind, data in self.params if kind == "path"]
+        if len(paths) != 1 or paths[0][0].lower() != "instancename":
+            return None
+        classname, namespace, host, keys = paths[0][1]
+        if not all(cut or type(v) is str for _k, cut, v in keys):
+            return None
+        others = tuple((name, kind, data) for name, kind, data in self.params
+                       if kind != "path")
+        if any(kind not in ("const", "list") for _n, kind, _d in others):
+            return None
+        shape = ("GetInstance", self.method, self.namespace, paths[0][0], classname,
+                 namespace, host, tuple(k for k, _cut, _v in keys), others)
+        return shape, tuple((cut, v) for _k, cut, v in keys)
 
     def build(self, values: list[str]) -> CIMRequest:
         params: dict[str, Any] = {}
@@ -314,6 +370,11 @@ class _Templates:
         self._seen: dict[tuple[bytes, int], int] = {}
 
     def request(self, body: bytes, max_depth: int) -> CIMRequest | None:
+        hit = self.match(body, max_depth)
+        return None if hit is None else hit[0].build(hit[1])
+
+    def match(self, body: bytes, max_depth: int) -> tuple[_Recipe, list[str]] | None:
+        """(recipe, cut-out values) of a body whose template has a recipe."""
         if _HOLE in body or b"<IMETHODCALL " not in body:
             return None
         parts: list[bytes] = []
@@ -360,7 +421,7 @@ class _Templates:
             if len(self._recipes) >= self.MAX:
                 self._recipes.clear()
             self._recipes[key] = recipe
-        return None if recipe is None else recipe.build(values)      # type: ignore[union-attr]  # reason: False handled above
+        return None if recipe is None else (recipe, values)      # type: ignore[return-value]  # reason: False handled above
 
     @staticmethod
     def _derive(template: bytes, holes: int, max_depth: int) -> _Recipe | None:

@@ -1,0 +1,203 @@
+"""GetInstance from a kept plan (issue 16: GetInstance p50 at half of pywbem_mock's).
+
+The fast lane parses a GetInstance whose body matches a known template into a QuickGet
+(wbem/request.py): its shape (everything but the message ID and the key values) and
+its key values. Once an ordinary GetInstance of that shape has succeeded with the path
+kept as sent, the dispatcher keeps what it resolved (namespace, class, provider, view)
+and answers the next ones from the provider's `instance_by_keys`, skipping the pywbem
+path, the parameter conversion and normalize_path.
+
+These tests drive the real VIRT_ComputerSystem provider over an inventory through the
+real HTTP server on loopback: every answer must be the bytes aiohttp's ordinary path
+gives (same message ID), the plan must answer exactly the shapes it may, and what it
+answers must follow the inventory and the registry.
+"""
+from __future__ import annotations
+
+import asyncio
+import socket
+import uuid as uuidlib
+
+import pytest
+from pywbem import CIMInstanceName
+
+from cim_provider.domain.records import DomainConfig
+from cim_provider.inventory.inventory import Inventory
+from cim_provider.providers import Backend, virt_providers
+from cim_provider.server import http
+from cim_provider.wbem.context import OperationContext
+from cim_provider.wbem.provider import Provider
+from cim_provider.wbem.request import CIMRequest, QuickGet, parse_quick
+
+try:
+    from tests.support import wbem_server as ws
+    from tests.test_fastlane_enumerations import _call, _plist, _request, _response, _value, _warm
+except ImportError:  # tests/ itself on sys.path
+    from support import wbem_server as ws  # type: ignore
+    from test_fastlane_enumerations import (_call, _plist, _request,  # type: ignore
+                                            _response, _value, _warm)
+
+pytestmark = pytest.mark.timeout(300)
+
+CS = "VIRT_ComputerSystem"
+UUIDS = [str(uuidlib.UUID(int=0x9C1C << 100 | i)) for i in range(8)]
+
+
+def _configs(name_suffix: str = "") -> dict[str, DomainConfig]:
+    return {u: DomainConfig(uuid=u, name=f"quick-{i}{name_suffix}", type="kvm")
+            for i, u in enumerate(UUIDS)}
+
+
+class Served:
+    def __init__(self) -> None:
+        self.inventory = Inventory()
+        self.inventory.set_defined(_configs())
+
+        def factory(repo):
+            backend = Backend(repo, self.inventory, ws.TEST_HOST)
+            return {i: p for i, p in enumerate(virt_providers(backend))}
+        self.srv = ws.InProcessServer(factory)
+
+    @property
+    def dispatcher(self):
+        return self.srv.dispatcher
+
+    def on_loop(self, fn, *args) -> None:
+        asyncio.run_coroutine_threadsafe(_call_soon(fn, *args), self.srv.loop).result(10)
+
+
+async def _call_soon(fn, *args) -> None:
+    fn(*args)
+
+
+@pytest.fixture(scope="module")
+def served():
+    s = Served()
+    yield s
+    s.srv.stop()
+
+
+def _path(uuid: str, order=("CreationClassName", "Name"), names=None, valuetype="string") -> str:
+    values = {"CreationClassName": CS, "Name": uuid}
+    names = names or {}
+    kbs = "".join(f'<KEYBINDING NAME="{names.get(k, k)}"><KEYVALUE VALUETYPE="{valuetype}">'
+                  f"{values[k]}</KEYVALUE></KEYBINDING>" for k in order)
+    return (f'<IPARAMVALUE NAME="InstanceName"><INSTANCENAME CLASSNAME="{CS}">{kbs}'
+            "</INSTANCENAME></IPARAMVALUE>")
+
+
+def _get(path: str, *extra: str, msg_id: str = "7") -> bytes:
+    return _call("GetInstance", path + "".join(extra), msg_id=msg_id)
+
+
+# (desc, request body for a UUID, does a kept plan answer it from the third time on?)
+# A template gets a recipe at its second sighting (request.py), which is when the plan
+# is kept: the third request of a shape is the first a plan can answer.
+TESTCASES = [
+    ("plain", lambda u: _get(_path(u)), True),
+    ("PropertyList", lambda u: _get(_path(u), _plist("EnabledState", "Name")), True),
+    ("empty PropertyList", lambda u: _get(_path(u), _plist()), True),
+    ("IncludeClassOrigin", lambda u: _get(_path(u), _value("IncludeClassOrigin", "TRUE")), True),
+    ("LocalOnly and IncludeQualifiers",
+     lambda u: _get(_path(u), _value("LocalOnly", "TRUE"), _value("IncludeQualifiers", "TRUE")),
+     True),
+    ("keys in the other order", lambda u: _get(_path(u, order=("Name", "CreationClassName"))),
+     True),
+    # Answered the ordinary way every time:
+    ("key names in another case", lambda u: _get(_path(u, names={"Name": "NAME"})), False),
+    ("a numeric key value", lambda u: _get(_path(u, valuetype="numeric")), False),
+    ("a parameter twice", lambda u: _get(_path(u), _plist("Name"), _plist("Name")), False),
+    ("a wrongly typed parameter", lambda u: _get(_path(u), _value("IncludeClassOrigin", "maybe")),
+     False),
+    ("no such system", lambda u: _get(_path(str(uuidlib.UUID(int=7)))), False),
+    ("the UUID in upper case", lambda u: _get(_path(u.upper())), False),
+]
+
+
+def _ordinary(served, monkeypatch, body: bytes) -> tuple:
+    with monkeypatch.context() as m:
+        m.setattr(http, "_lane_of", lambda protocol: None)
+        with socket.create_connection(("127.0.0.1", served.srv.port), timeout=60) as s:
+            s.sendall(_request("GetInstance", body, "root/virt"))
+            return _response(s)
+
+
+@pytest.mark.parametrize("desc,make,planned", TESTCASES, ids=[t[0] for t in TESTCASES])
+def test_a_kept_plan_answers_what_the_ordinary_path_answers(served, monkeypatch, desc, make,
+                                                              planned):
+    d = served.dispatcher
+    with socket.create_connection(("127.0.0.1", served.srv.port), timeout=60) as s:
+        _warm(s)
+        for i, uuid in enumerate(UUIDS[:5]):
+            body = make(uuid)
+            before = d.quick_answers
+            s.sendall(_request("GetInstance", body, "root/virt"))
+            got = _response(s)
+            assert got == _ordinary(served, monkeypatch, body), (desc, i)
+            if i >= 2:
+                assert d.quick_answers - before == (1 if planned else 0), (desc, i)
+            if planned:
+                _warm(s)             # aiohttp awaits the next request: the lane may take it
+
+
+def test_the_message_id_and_key_values_are_not_part_of_the_shape():
+    bodies = [_get(_path(u), msg_id=m) for u, m in zip(UUIDS, ("1", "22", "333", "4444"))]
+    parsed = [parse_quick(b) for b in bodies]
+    quick = [q for q in parsed if isinstance(q, QuickGet)]
+    assert len(quick) >= 2                                  # from the second sighting
+    assert len({q.shape for q in quick}) == 1
+    assert [q.msg_id for q in quick] == ["1", "22", "333", "4444"][-len(quick):]
+    assert [dict(zip(("CreationClassName", "Name"), q.keys))["Name"] for q in quick] \
+        == UUIDS[4 - len(quick):4]
+    full = quick[-1].build()
+    assert isinstance(full, CIMRequest) and full.msg_id == "4444"
+    assert full.params["InstanceName"] == CIMInstanceName(
+        CS, {"CreationClassName": CS, "Name": UUIDS[3]}, namespace=None)
+
+
+def test_a_plan_follows_the_inventory(served):
+    d = served.dispatcher
+    uuid = UUIDS[6]
+    body = _get(_path(uuid), _plist("ElementName"))
+    with socket.create_connection(("127.0.0.1", served.srv.port), timeout=60) as s:
+        def ask() -> bytes:
+            _warm(s)
+            s.sendall(_request("GetInstance", body, "root/virt"))
+            status, _fields, got = _response(s)
+            assert status == 200
+            return got
+        for _ in range(3):
+            first = ask()
+        assert b"quick-6<" in first
+        before = d.quick_answers
+        served.on_loop(served.inventory.set_defined, _configs("-renamed"))
+        renamed = ask()
+        assert b"quick-6-renamed<" in renamed and d.quick_answers == before + 1
+        gone = {u: c for u, c in _configs("-renamed").items() if u != uuid}
+        served.on_loop(served.inventory.set_defined, gone)
+        missing = ask()
+        assert b'CODE="6"' in missing                      # CIM_ERR_NOT_FOUND, the usual way
+        assert d.quick_answers == before + 1
+        served.on_loop(served.inventory.set_defined, _configs())
+
+
+def test_a_plan_is_dropped_when_a_provider_is_registered(served):
+    d = served.dispatcher
+    bodies = [_get(_path(u), _plist("Name", "EnabledState")) for u in UUIDS]
+    reqs = [parse_quick(b) for b in bodies]
+    loop = asyncio.new_event_loop()
+    try:
+        for q in reqs:
+            if isinstance(q, QuickGet) and d.quick_get(q) is None:
+                loop.run_until_complete(d.respond(q.build(), OperationContext(
+                    client="t", quick=q.shape)))
+        last = reqs[-1]
+        assert isinstance(last, QuickGet) and d.quick_get(last) is not None
+
+        class Another(Provider):
+            namespace = "root/virt"
+            classnames = ("VIRT_TestAllTypes",)
+        d.registry.add(Another())
+        assert d.quick_get(last) is None                   # stale: the ordinary way again
+    finally:
+        loop.close()
