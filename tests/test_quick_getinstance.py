@@ -201,3 +201,54 @@ def test_a_plan_is_dropped_when_a_provider_is_registered(served):
         assert d.quick_get(last) is None                   # stale: the ordinary way again
     finally:
         loop.close()
+
+
+def _lane_connection():
+    from cim_provider.server.fastlane import Connection, FastLane
+    lane = FastLane(None, max_body=1 << 20, max_depth=64, max_line=8190, max_field=8190,  # type: ignore[arg-type]
+                    max_headers=100, max_request=32768, check_headers=lambda h, r: None)
+    return lane, Connection(lane, None)
+
+
+# (desc, request bytes, framed as (size, body) or "pass" / "incomplete")
+BODY = _get(_path(UUIDS[0]))
+FRAMES = [
+    ("a request", _request("GetInstance", BODY, "root/virt"), (len(BODY), BODY)),
+    ("half its body", _request("GetInstance", BODY, "root/virt")[:-10], "incomplete"),
+    ("another path", _request("GetInstance", BODY, "root/virt").replace(b"/cimom", b"/x", 1),
+     "pass"),
+    ("chunked", _request("GetInstance", BODY, "root/virt").replace(
+        b"CIMProtocolVersion", b"Transfer-Encoding: chunked\r\nCIMProtocolVersion", 1), "pass"),
+]
+
+
+@pytest.mark.parametrize("desc,data,expected", FRAMES, ids=[f[0] for f in FRAMES])
+def test_a_kept_head_frames_as_a_fresh_one(desc, data, expected):
+    from cim_provider.server import fastlane
+    lane, conn = _lane_connection()
+    results = [conn._frame(data) for _ in range(3)]      # the first makes, the rest reuse
+    for got in results:
+        if expected == "pass":
+            assert got is fastlane._PASS
+        elif expected == "incomplete":
+            assert got is None
+        else:
+            size, headers, body = got
+            assert body == expected[1] and size == len(data)
+            assert headers["cimmethod"] == "GetInstance"
+            assert headers["content-length"] == str(expected[0])
+    assert len(lane.heads) == 1
+    if expected not in ("pass", "incomplete"):
+        assert results[1][1] is results[2][1]            # the kept headers, shared
+
+
+def test_heads_kept_are_few_and_short():
+    from cim_provider.server import fastlane
+    lane, conn = _lane_connection()
+    for i in range(fastlane.HEADS_KEPT + 5):
+        conn._frame(_request("GetInstance", BODY + b" " * i, "root/virt"))
+        assert len(lane.heads) <= fastlane.HEADS_KEPT
+    lane.heads.clear()
+    long_head = _request("GetInstance", BODY, "root/virt").replace(
+        b"Host: 127.0.0.1", b"Host: 127.0.0.1\r\nX-Pad: " + b"p" * fastlane.HEAD_KEPT_MAX, 1)
+    assert conn._frame(long_head)[2] == BODY and not lane.heads

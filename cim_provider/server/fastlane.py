@@ -54,6 +54,9 @@ _REFUSED_HEADERS = frozenset((b"transfer-encoding", b"expect", b"upgrade",
 # Seconds a request's body may take to follow its head before the request (and the
 # connection) is left to aiohttp; a client sends both at once, or nearly.
 HOLD_BODY = 0.05
+# Request heads whose framing is kept (Connection._head), and the longest kept (bytes).
+HEADS_KEPT = 64
+HEAD_KEPT_MAX = 1024
 # The operations the lane answers (CIMMethod, lower case): reads that change nothing,
 # so one whose dispatch cannot complete at once is dropped and run again by aiohttp.
 METHODS = frozenset(("getinstance", "enumerateinstancenames", "enumerateinstances"))
@@ -83,6 +86,7 @@ class FastLane:
         self.as_is = as_is        # http.py: the body goes out in one writelines() as it is
         self.join_max = join_max  # larger bodies not `as_is`: aiohttp streams them
         self.hold = max_line + max_headers * (max_field + 4) + max_request
+        self.heads: dict[bytes, Any] = {}      # request head -> Connection._head's result
         self.answered = 0
 
     def connection(self, protocol: Any) -> Connection:
@@ -169,7 +173,29 @@ class Connection:
         end = buf.find(b"\r\n\r\n")
         if end < 0:
             return None if buf[:5] == b"POST "[:len(buf[:5])] else _PASS
-        lines = buf[:end].split(b"\r\n")
+        head = buf[:end]
+        heads = self.lane.heads
+        known = heads.get(head)
+        if known is None:
+            known = self._head(head)
+            if end <= HEAD_KEPT_MAX:
+                if len(heads) >= HEADS_KEPT:
+                    heads.clear()
+                heads[head] = known
+        if known is _PASS:
+            return _PASS
+        headers, n = known
+        start = end + 4
+        if len(buf) < start + n:
+            return None
+        return start + n, headers, buf[start:start + n]
+
+    def _head(self, head: bytes) -> Any:
+        """(headers, body length) of a request head the lane frames, else _PASS. A
+        function of the head's bytes alone: a client's requests repeat their heads,
+        so the lane keeps what it made of the last few (`FastLane.heads`); the headers
+        dict is shared, and only read."""
+        lines = head.split(b"\r\n")
         lane = self.lane
         first = lines[0]
         if first not in (b"POST /cimom HTTP/1.1", b"POST / HTTP/1.1") \
@@ -197,10 +223,7 @@ class Connection:
         n = int(length)
         if n > lane.max_request or n > lane.max_body:
             return _PASS
-        start = end + 4
-        if len(buf) < start + n:
-            return None
-        return start + n, headers, buf[start:start + n]
+        return headers, n
 
     # ---- answering ------------------------------------------------------------------------
 
