@@ -47,6 +47,9 @@ BACKOFF_MIN = 0.2       # seconds before the first reconnect attempt
 BACKOFF_MAX = 5.0       # and the cap of the doubling
 KEEPALIVE = (5, 3)      # interval (s), count: a silent peer is dropped after ~20 s
 READ_RETRIES = 8        # re-reads of one domain after a failed or timed-out read
+# Seconds abort_job asks again while the monitor is OCCUPIED (libvirt's own job runs a
+# monitor command; an ordinary call holding it stays OCCUPIED longer).
+ABORT_WAIT = 2.0
 MAX_STOP_REASONS = 10000   # stop reasons remembered (the oldest go first)
 
 # Events, besides the lifecycle ones, after which a running domain's live XML may
@@ -794,13 +797,19 @@ class LibvirtSource:
         def work() -> bool:
             dom = conn.lookupByUUIDString(key)
             # The control state first: it never waits for the domain's job lock.
-            # OCCUPIED (or ERROR) means an ordinary call holds the monitor (a suspend
-            # QEMU does not answer), which nothing aborts and behind which
-            # virDomainGetJobInfo would wait; libvirt's own jobs (save, dump,
-            # migration) show JOB ("can be monitored by virDomainGetJobInfo") or OK
-            # between their monitor commands.
-            if dom.controlInfo()[0] not in (libvirt.VIR_DOMAIN_CONTROL_OK,
-                                            libvirt.VIR_DOMAIN_CONTROL_JOB):
+            # OCCUPIED (or ERROR) means a call holds the monitor, which nothing aborts
+            # and behind which virDomainGetJobInfo would wait. libvirt's own jobs (save,
+            # dump, migration) show JOB ("can be monitored by virDomainGetJobInfo"), or
+            # OK, between their monitor commands, and OCCUPIED for the moment each of
+            # those commands takes: OCCUPIED is asked again for up to ABORT_WAIT
+            # seconds. An ordinary call that holds the monitor (a suspend QEMU does not
+            # answer) stays OCCUPIED, and is not aborted.
+            deadline = time.monotonic() + ABORT_WAIT
+            state = dom.controlInfo()[0]
+            while state == libvirt.VIR_DOMAIN_CONTROL_OCCUPIED and time.monotonic() < deadline:
+                time.sleep(0.02)
+                state = dom.controlInfo()[0]
+            if state not in (libvirt.VIR_DOMAIN_CONTROL_OK, libvirt.VIR_DOMAIN_CONTROL_JOB):
                 return False
             if dom.jobInfo()[0] == libvirt.VIR_DOMAIN_JOB_NONE:
                 return False
