@@ -6,7 +6,10 @@ association instance per guest."""
 from __future__ import annotations
 
 import asyncio
+import re
 import uuid as uuidlib
+
+import pytest
 
 from pywbem import CIMInstanceName
 
@@ -16,6 +19,11 @@ from cim_provider.providers import Backend, virt_providers
 from cim_provider.providers.associations import HD, SDS, AssociationsProvider
 from cim_provider.providers.computer_system import system_path
 from cim_provider.wbem.provider import object_key, path_key
+
+try:
+    from tests.test_pull_streaming import Model
+except ImportError:  # tests/ itself on sys.path
+    from test_pull_streaming import Model  # type: ignore
 
 try:
     from tests.support import wbem_server as ws
@@ -73,7 +81,6 @@ def test_the_host_names_its_guests_without_association_instances():
         assert (via, role) == ("Antecedent", "Dependent")
         # the very object GetInstance of that system returns, rendered once for both
         assert target is asyncio.run(assoc.systems.get_instance(target.path))
-    assert not any(assoc._cache._data.values())
 
 
 def test_other_walks_go_through_references():
@@ -103,3 +110,70 @@ def test_object_key():
     for rec in inv.records():
         inst = assoc.systems.instance(rec)
         assert object_key(inst) == path_key(inst.path) == path_key(system_path(rec.uuid))
+
+
+# Through the dispatcher (real providers, no HTTP): (desc, filters, every guest or none)
+HOST_WALKS = [
+    ("HostedDependency", {"AssocClass": "VIRT_HostedDependency"}, True),
+    ("its superclass", {"AssocClass": "CIM_HostedDependency", "ResultClass": "CIM_System"}, True),
+    ("Role Antecedent", {"AssocClass": "VIRT_HostedDependency", "Role": "antecedent"}, True),
+    ("Role Dependent", {"AssocClass": "VIRT_HostedDependency", "Role": "Dependent"}, False),
+    ("ResultRole Dependent", {"AssocClass": "VIRT_HostedDependency",
+                              "ResultRole": "DEPENDENT"}, True),
+    ("ResultRole Antecedent", {"AssocClass": "VIRT_HostedDependency",
+                               "ResultRole": "Antecedent"}, False),
+    ("ResultClass VIRT_ComputerSystem", {"ResultClass": "VIRT_ComputerSystem"}, True),
+    ("ResultClass of the service", {"AssocClass": "VIRT_HostedDependency",
+                                    "ResultClass": "CIM_Service"}, False),
+]
+
+
+def _host_walk(model, method: str, filters: dict) -> list[str]:
+    host = ws.host_path()
+    kbs = "".join(f'<KEYBINDING NAME="{k}"><KEYVALUE VALUETYPE="string">{v}</KEYVALUE>'
+                  f"</KEYBINDING>" for k, v in host.keybindings.items())
+    params = (f'<IPARAMVALUE NAME="ObjectName"><INSTANCENAME CLASSNAME="{host.classname}">'
+              f"{kbs}</INSTANCENAME></IPARAMVALUE>")
+    for name, value in filters.items():
+        if name.endswith("Class"):
+            params += f'<IPARAMVALUE NAME="{name}"><CLASSNAME NAME="{value}"/></IPARAMVALUE>'
+        else:
+            params += f'<IPARAMVALUE NAME="{name}"><VALUE>{value}</VALUE></IPARAMVALUE>'
+    text = model.call(method, params)
+    assert "<ERROR" not in text, text[:500]
+    return sorted(re.findall(r'<KEYBINDING NAME="Name"><KEYVALUE VALUETYPE="string" '
+                             r'TYPE="string">([^<]+)</KEYVALUE>', text))
+
+
+@pytest.mark.parametrize("desc,filters,every", HOST_WALKS, ids=[w[0] for w in HOST_WALKS])
+def test_associators_from_the_host(desc, filters, every):
+    model = Model(N // 10)
+    try:
+        want = sorted(r.uuid for r in model.inventory.records()) if every else []
+        assert _host_walk(model, "AssociatorNames", filters) == want
+        assert _host_walk(model, "Associators", filters) == want
+    finally:
+        model.loop.close()
+
+
+def test_associators_from_the_host_do_not_walk_references(monkeypatch):
+    """The dispatcher takes the provider's `associated` for HostedDependency from the
+    host: its `references` are not asked (they would make an instance per guest)."""
+    def refuse(self, classname, source):
+        if classname.lower() == HD.lower() and source.classname == backend_host_class():
+            raise AssertionError("references walked from the host")
+        return original(self, classname, source)
+    original = AssociationsProvider.references
+    monkeypatch.setattr(AssociationsProvider, "references", refuse)
+    model = Model(N // 10)
+    try:
+        want = sorted(r.uuid for r in model.inventory.records())
+        assert _host_walk(model, "Associators", {"AssocClass": HD}) == want
+        assert _host_walk(model, "AssociatorNames", {"ResultRole": "Dependent",
+                                                     "AssocClass": HD}) == want
+    finally:
+        model.loop.close()
+
+
+def backend_host_class() -> str:
+    return ws.host_path().classname

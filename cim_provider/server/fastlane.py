@@ -259,8 +259,12 @@ class Connection:
         quick = None
         if isinstance(req, QuickGet):
             # A GetInstance of a shape answered before: its kept plan, else the usual way
-            # (which keeps one for the next).
-            answer = lane.dispatcher.quick_get(req)
+            # (which keeps one for the next, and answers errors).
+            try:
+                answer = lane.dispatcher.quick_get(req)
+            except Exception:        # unexpected: the usual way answers (or reports) it
+                log.debug("fast lane: a kept GetInstance plan raised", exc_info=True)
+                answer = None
             if answer is not None:
                 return self._write(answer, transport)
             quick, req = req.shape, req.build()

@@ -793,6 +793,8 @@ class LibvirtSource:
         if key is None:
             raise DomainNotFound(f"no domain with UUID {uuid!r}", libvirt.VIR_ERR_NO_DOMAIN)
         conn = self._live_conn()
+        limit = min(self.call_timeout, 5.0)
+        wait = min(ABORT_WAIT, limit / 2)     # well inside the call's own limit
 
         def work() -> bool:
             dom = conn.lookupByUUIDString(key)
@@ -802,9 +804,9 @@ class LibvirtSource:
             # dump, migration) show JOB ("can be monitored by virDomainGetJobInfo"), or
             # OK, between their monitor commands, and OCCUPIED for the moment each of
             # those commands takes: OCCUPIED is asked again for up to ABORT_WAIT
-            # seconds. An ordinary call that holds the monitor (a suspend QEMU does not
-            # answer) stays OCCUPIED, and is not aborted.
-            deadline = time.monotonic() + ABORT_WAIT
+            # seconds (half the call's limit at most). An ordinary call that holds the
+            # monitor (a suspend QEMU does not answer) stays OCCUPIED, and is not aborted.
+            deadline = time.monotonic() + wait
             state = dom.controlInfo()[0]
             while state == libvirt.VIR_DOMAIN_CONTROL_OCCUPIED and time.monotonic() < deadline:
                 time.sleep(0.02)
@@ -816,8 +818,7 @@ class LibvirtSource:
             dom.abortJob()
             return True
 
-        return await self._call(work, timeout=min(self.call_timeout, 5.0),
-                                what="abort of a job")
+        return await self._call(work, timeout=limit, what="abort of a job")
 
     async def _device(self, uuid: str, op: str, device: Disk | Nic, *, config: bool,
                       old: Disk | Nic | None = None) -> None:

@@ -252,10 +252,10 @@ class Dispatcher:
         inst = await self.get_instance(path, ns)
         view = self.views.get(ns, inst.classname, True, p["PropertyList"],
                               p["IncludeClassOrigin"])
-        if ctx.quick is not None:
-            self._keep_plan(ctx.quick, ns, path, names, inst, view)
         out = Pieces()
         out.add(view.body(inst))
+        if ctx.quick is not None:            # answered: the next of this shape may be quick
+            self._keep_plan(ctx.quick, ns, path, names, inst, view)
         return Result(out)
 
     # -- GetInstance from a kept plan (the HTTP fast lane) -----------------------------
@@ -384,11 +384,12 @@ class Dispatcher:
                 if rrole is not None and name.lower() != rrole:
                     continue
                 if rc is not None:
-                    tns = self.repo.namespace((target.namespace if type(target) is CIMInstanceName
+                    tns = self.repo.namespace((target.namespace
+                                               if isinstance(target, CIMInstanceName)
                                                else namespace_of(target)) or ns.name)
                     if not tns.is_subclass(target.classname, rc):
                         continue
-                seen.setdefault(keys.of(target) if type(target) is CIMInstanceName
+                seen.setdefault(keys.of(target) if isinstance(target, CIMInstanceName)
                                 else object_key(target, ns.name), target)
                 await pace.tick()
         return list(seen.values())
