@@ -153,3 +153,31 @@ def test_invalid_entries_raise_with_a_reason(entry, reason):
 
 def test_library_choice_is_reported():
     assert LIBRARY in ("dbus_fast", "dbus_next")
+
+
+def test_definitions_share_their_common_words_and_sizes():
+    """Issue 16, memory per domain: values most definitions share are one object each."""
+    from cim_provider.contract import config_from_values, config_to_values
+    from cim_provider.domain.records import Disk, DomainConfig, Nic
+    made = []
+    for i in range(2):
+        cfg = DomainConfig(uuid=f"00000000-0000-4000-8000-00000000000{i}", name=f"g{i}",
+                           type="".join(["k", "vm"]), os_type="".join(["h", "vm"]),
+                           arch="".join(["x86", "_64"]), memory_kib=int("1048576"),
+                           max_memory_kib=int("2097152"),
+                           disks=(Disk(target="".join(["v", "da"]), bus="".join(["vir", "tio"]),
+                                       source=f"/img/{i}.qcow2", format="".join(["qc", "ow2"]),
+                                       capacity_bytes=int("10737418240")),),
+                           nics=(Nic(mac=f"52:54:00:00:00:0{i}", type="".join(["net", "work"]),
+                                     source="".join(["def", "ault"]),
+                                     model="".join(["vir", "tio"])),))
+        made.append(config_from_values(config_to_values(cfg)))
+    a, b = made
+    assert a == DomainConfig(**{**{f: getattr(a, f) for f in a.__slots__}})
+    for get in (lambda c: c.type, lambda c: c.os_type, lambda c: c.arch,
+                lambda c: c.memory_kib, lambda c: c.max_memory_kib,
+                lambda c: c.disks[0].target, lambda c: c.disks[0].bus,
+                lambda c: c.disks[0].format, lambda c: c.disks[0].capacity_bytes,
+                lambda c: c.nics[0].type, lambda c: c.nics[0].source, lambda c: c.nics[0].model):
+        assert get(a) == get(b) and get(a) is get(b)
+    assert a.disks[0].source != b.disks[0].source        # what differs stays as it is

@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import logging
 import re
+import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from importlib import resources
@@ -18,7 +19,7 @@ from typing import Any
 
 from ..domain.domxml import nic_kind
 from ..domain.records import Disk, DomainConfig, Nic
-from ..domain.records import canonical_uuid
+from ..domain.records import canonical_uuid, shared_number, shared_word
 from .bus import Variant, intr
 
 log = logging.getLogger(__name__)
@@ -239,10 +240,11 @@ def _disk(d: Mapping[str, Any], i: int, plain: bool = False) -> Disk:
     kind = _opt_str(d, "Type", where, plain)
     if kind is not None and kind not in DISK_TYPES:
         raise InvalidEntry(f"{where}Type {kind[:40]!r} is not one of {', '.join(DISK_TYPES)}")
-    return Disk(target=target, source=_opt_str(d, "Source", where, plain),
-                device=_opt_str(d, "Device", where, plain) or "disk",
-                bus=_opt_str(d, "Bus", where, plain), capacity_bytes=capacity,
-                source_type=kind, format=fmt)
+    return Disk(target=sys.intern(target), source=_opt_str(d, "Source", where, plain),
+                device=shared_word(_opt_str(d, "Device", where, plain)) or "disk",
+                bus=shared_word(_opt_str(d, "Bus", where, plain)),
+                capacity_bytes=shared_number(capacity),
+                source_type=shared_word(kind), format=shared_word(fmt))
 
 
 def _nic(d: Mapping[str, Any], i: int, plain: bool = False) -> Nic:
@@ -256,8 +258,8 @@ def _nic(d: Mapping[str, Any], i: int, plain: bool = False) -> Nic:
         # `bridge:br0` (a host bridge), `network:default`, `direct:eth0`; a bare
         # name is a libvirt network unless Type says otherwise
         kind, source = nic_kind(kind, source)
-    return Nic(mac=mac, type=kind, source=source,
-               model=_opt_str(d, "Model", where, plain))
+    return Nic(mac=mac, type=shared_word(kind), source=shared_word(source),
+               model=shared_word(_opt_str(d, "Model", where, plain)))
 
 
 def config_from_values(d: Any) -> DomainConfig:
@@ -310,13 +312,15 @@ def config_from_dbus(d: Any, plain: bool = False) -> DomainConfig:
         raise InvalidEntry("two disks have the same Target")
     if len({x.mac for x in nics}) != len(nics):
         raise InvalidEntry("two NICs have the same MAC")
+    # Words and sizes most definitions share are kept once (domain/records.py).
     return DomainConfig(
         uuid=uuid, name=name, title=_opt_str(d, "Title", "", plain),
-        type=_opt_str(d, "Type", "", plain), os_type=_opt_str(d, "OSType", "", plain),
-        arch=_opt_str(d, "Arch", "", plain), vcpus=vcpus,
-        memory_kib=memory, max_memory_kib=max_memory,
+        type=shared_word(_opt_str(d, "Type", "", plain)),
+        os_type=shared_word(_opt_str(d, "OSType", "", plain)),
+        arch=shared_word(_opt_str(d, "Arch", "", plain)), vcpus=vcpus,
+        memory_kib=shared_number(memory), max_memory_kib=shared_number(max_memory),
         autostart=_value(d, "Autostart", "b", "", plain), disks=disks, nics=nics,
-        priority=priority, min_memory_kib=min_memory)
+        priority=priority, min_memory_kib=shared_number(min_memory))
 
 
 def active_from_dbus(d: Mapping[str, Any]) -> bool:

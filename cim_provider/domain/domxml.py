@@ -13,7 +13,8 @@ import xml.etree.ElementTree as ET
 from xml.sax.saxutils import escape, quoteattr
 
 from .defaults import DEFAULT_ARCH, DEFAULT_MEMORY_KIB, DEFAULT_OS_TYPE, DEFAULT_VCPUS
-from .records import Disk, DomainConfig, Graphics, Nic, canonical_uuid
+from .records import (Disk, DomainConfig, Graphics, Nic, canonical_uuid, shared_number,
+                      shared_word)
 
 # libvirt's <domain type=...> spelled the way CIM's VirtualSystemType shows it.
 _TYPE_NAMES = {"kvm": "KVM", "qemu": "QEMU", "xen": "Xen", "lxc": "LXC", "test": "Test",
@@ -46,20 +47,7 @@ def _kib(elem: ET.Element | None) -> int | None:
     return _number(int(value * factor))
 
 
-# Values most domains of a host share (an architecture, a bus, a network, a memory
-# size) are kept once rather than once per record: records live as long as their
-# domain, 10,000 of them in the benchmark (issue 16: memory per domain).
-_NUMBERS: dict[int, int] = {}
-
-
-def _word(text: str | None) -> str | None:
-    return None if text is None else sys.intern(text)
-
-
-def _number(value: int) -> int:
-    if len(_NUMBERS) < 1024:
-        return _NUMBERS.setdefault(value, value)
-    return _NUMBERS.get(value, value)
+_word, _number = shared_word, shared_number
 
 
 def _first(elem: ET.Element, tag: str) -> ET.Element | None:

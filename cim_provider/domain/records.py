@@ -7,12 +7,34 @@ from __future__ import annotations
 
 import enum
 import re
+import sys
 import uuid as uuidlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 
 _CANONICAL = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
+
+
+# Values most domains of a host share (a type, an architecture, a bus, a network, a
+# memory size) are kept once rather than once per record, whichever source made the
+# record (libvirt's XML, the Manager's D-Bus values): records live as long as their
+# domain, 10,000 of them in the benchmark (issue 16: memory per domain).
+_NUMBERS: dict[int, int] = {}
+
+
+def shared_word(text: str | None) -> str | None:
+    """`text`, interned (None stays None)."""
+    return None if text is None else sys.intern(text)
+
+
+def shared_number(value: int | None) -> int | None:
+    """`value` as the one int object kept for it (the first 1,024 values seen)."""
+    if value is None or type(value) is not int:
+        return value
+    if len(_NUMBERS) < 1024:
+        return _NUMBERS.setdefault(value, value)
+    return _NUMBERS.get(value, value)
 
 
 def canonical_uuid(value: object) -> str | None:
