@@ -187,7 +187,29 @@ def test_a_plan_that_raises_leaves_the_request_to_the_ordinary_way(served, monke
     with socket.create_connection(("127.0.0.1", served.srv.port), timeout=60) as s:
         _warm(s)
         s.sendall(_request("GetInstance", body, "root/virt") * 2)     # pipelined
-        assert _response(s) == expected and _response(s) == expected
+        assert _pipelined(s, 2) == [expected, expected]
+
+
+def _pipelined(s: socket.socket, count: int) -> list[tuple]:
+    """`count` responses read off one connection, split by their Content-Length (as
+    _response gives them: status, headers but Date, body)."""
+    buf, out = b"", []
+    while len(out) < count:
+        end = buf.find(b"\r\n\r\n")
+        if end >= 0:
+            lines = buf[:end].decode("latin-1").split("\r\n")
+            fields = [tuple(x.strip() for x in line.split(":", 1)) for line in lines[1:]]
+            length = int(dict((k.lower(), v) for k, v in fields)["content-length"])
+            if len(buf) >= end + 4 + length:
+                out.append((int(lines[0].split()[1]),
+                            [(k.lower(), v) for k, v in fields if k.lower() != "date"],
+                            buf[end + 4:end + 4 + length]))
+                buf = buf[end + 4 + length:]
+                continue
+        chunk = s.recv(1 << 20)
+        assert chunk, "connection closed"
+        buf += chunk
+    return out
 
 
 def test_the_message_id_and_key_values_are_not_part_of_the_shape():
