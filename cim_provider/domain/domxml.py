@@ -44,10 +44,9 @@ def _kib(elem: ET.Element | None) -> int | None:
     factor = _UNIT_KIB.get((elem.get("unit") or "KiB").lower())
     if value is None or factor is None:
         return None
-    return _number(int(value * factor))
+    return shared_number(int(value * factor))
 
 
-_word, _number = shared_word, shared_number
 
 
 def _first(elem: ET.Element, tag: str) -> ET.Element | None:
@@ -128,9 +127,9 @@ def parse_domain_xml(xml: str, autostart: bool | None = None, *,
     return DomainConfig(
         uuid=uuid, name=name,
         title=((title_el.text or None) if title_el is not None else None),
-        type=_TYPE_NAMES.get(dtype) or _word(root.get("type")),
-        os_type=_word(os_type.text.strip()) if os_type is not None and os_type.text else None,
-        arch=_word(os_type.get("arch")) if os_type is not None else None,
+        type=_TYPE_NAMES.get(dtype) or shared_word(root.get("type")),
+        os_type=shared_word(os_type.text.strip()) if os_type is not None and os_type.text else None,
+        arch=shared_word(os_type.get("arch")) if os_type is not None else None,
         vcpus=vcpus,
         max_vcpus=_int(vcpu.text) if vcpu is not None else None,
         memory_kib=_kib(first.get("currentMemory")) or _kib(memory),
@@ -148,16 +147,16 @@ def _disk(d: ET.Element, detail: bool) -> Disk | None:
     source = pool = None
     if src is not None:
         source = src.get("file") or src.get("dev") or src.get("volume") or src.get("name")
-        pool = _word(src.get("pool"))
+        pool = shared_word(src.get("pool"))
     blockio = _first(d, "blockio") if detail else None
     driver = _first(d, "driver") if detail else None
     return Disk(target=sys.intern(dev), source=source,
-                device=_word(d.get("device")) or "disk", bus=_word(target.get("bus")),
-                source_type=_word(d.get("type")) if detail else None,
+                device=shared_word(d.get("device")) or "disk", bus=shared_word(target.get("bus")),
+                source_type=shared_word(d.get("type")) if detail else None,
                 pool=pool if detail else None,
                 block_size=_int(blockio.get("logical_block_size"))
                 if blockio is not None else None,
-                format=(_word(driver.get("type")) or None) if driver is not None else None)
+                format=(shared_word(driver.get("type")) or None) if driver is not None else None)
 
 
 def _nic(n: ET.Element, detail: bool) -> Nic | None:
@@ -168,12 +167,12 @@ def _nic(n: ET.Element, detail: bool) -> Nic | None:
     src = _first(n, "source")
     source = None
     if src is not None:
-        source = _word(src.get("network") or src.get("bridge") or src.get("dev"))
+        source = shared_word(src.get("network") or src.get("bridge") or src.get("dev"))
     model = _first(n, "model")
     link = _first(n, "link") if detail else None
-    return Nic(mac=address.lower(), type=_word(n.get("type")), source=source,
-               model=_word(model.get("type")) if model is not None else None,
-               link_state=_word(link.get("state")) if link is not None else None)
+    return Nic(mac=address.lower(), type=shared_word(n.get("type")), source=source,
+               model=shared_word(model.get("type")) if model is not None else None,
+               link_state=shared_word(link.get("state")) if link is not None else None)
 
 
 def _graphics(g: ET.Element) -> Graphics | None:
@@ -184,7 +183,8 @@ def _graphics(g: ET.Element) -> Graphics | None:
     if listen is None:
         first = _first(g, "listen")
         listen = first.get("address") if first is not None else None
-    return Graphics(type=_word(g.get("type")) or "", port=port or None, listen=_word(listen),
+    return Graphics(type=shared_word(g.get("type")) or "", port=port or None,
+                    listen=shared_word(listen),
                     autoport=g.get("autoport") == "yes")
 
 
