@@ -215,8 +215,6 @@ class ComputerSystemProvider(Provider):
     async def get_instance(self, path: CIMInstanceName) -> CIMInstance:
         return self.instance(self.b.record_for(path))
 
-    answers_by_keys = True
-
     def instance_by_keys(self, classname: str, keys: Mapping[str, str]) -> CIMInstance | None:
         rec = self.b.record_named(keys)
         return None if rec is None else self.instance(rec)

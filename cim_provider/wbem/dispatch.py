@@ -268,7 +268,8 @@ class Dispatcher:
         names exactly the class's, every value a string) and the provider answers by
         key values: then the resolution depends on nothing but the shape."""
         prov = self.registry.provider(ns.name, path.classname)
-        if prov is None or not prov.answers_by_keys or inst.classname != path.classname:
+        if prov is None or type(prov).instance_by_keys is Provider.instance_by_keys \
+                or inst.classname != path.classname:
             return
         kb = path.keybindings
         keys = [p.name for p in self.key_properties(ns, ns.get(path.classname))]

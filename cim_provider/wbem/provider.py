@@ -53,15 +53,13 @@ class Provider:
         """Stop what the provider runs in the background. The server calls it once,
         when it stops (after the last request); the default has nothing to stop."""
 
-    # True: `instance_by_keys` answers for this provider's classes, and the
-    # dispatcher may keep GetInstance plans for them (Dispatcher.quick_get).
-    answers_by_keys = False
-
     def instance_by_keys(self, classname: str, keys: Mapping[str, str]) -> CIMInstance | None:
         """What `get_instance` returns for a path of `classname` with these keys (the
         class's key names exactly, every value a string), None when they name no
         instance: the dispatcher then asks `get_instance`, which raises the error.
-        Synchronous, and the same instance get_instance would return."""
+        Synchronous, and the same instance get_instance would return. A provider that
+        overrides it lets the dispatcher keep GetInstance plans for its classes
+        (Dispatcher.quick_get)."""
         return None
 
     async def enumerate_instances(self, classname: str) -> Iterable[CIMInstance]:
