@@ -7,6 +7,7 @@ mapping and RequestStateChange follow the tables in docs/architecture.md ("State
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -16,6 +17,8 @@ from pywbem import CIMError, CIMInstance, CIMInstanceName
 from ..domain.records import DomainRecord, Kind, RunState, canonical_uuid
 from ..domain.sources import SourceError, Timeout
 from ..wbem.instance import split_values
+from ..wbem.render import instance_xml_of
+from ..wbem.writer import esc
 from ..wbem.provider import Instance, Provider
 from .backend import CS_CLASS, VIRT_NS, Backend, make
 from .evidence import follow_state
@@ -85,26 +88,82 @@ def states_supported(rec: DomainRecord) -> list[int]:
 
 def system_values(rec: DomainRecord, requested: int) -> dict[str, Any]:
     cfg = rec.current
-    enabled, opstatus, health = state_of(rec)
     autostart = rec.defined.autostart if rec.defined is not None else cfg.autostart
-    kind = _KIND_TEXT[rec.kind]
+    return _values(rec.uuid, rec.name, cfg.title, _kind_text(rec), state_of(rec), requested,
+                   autostart, rec.stop_reason if rec.running is None else None)
+
+
+def _kind_text(rec: DomainRecord) -> str:
     if rec.kind is Kind.RUNNING_ONLY and rec.running is not None and rec.running.persistent:
-        kind = _PERSISTENT_TEXT
+        return _PERSISTENT_TEXT
+    return _KIND_TEXT[rec.kind]
+
+
+def _values(uuid: str, name: str, title: str | None, kind: str,
+            state: tuple[int, list[int], int], requested: int, autostart: bool | None,
+            stop_reason: str | None) -> dict[str, Any]:
+    enabled, opstatus, health = state
     return {
-        "CreationClassName": CS_CLASS, "Name": rec.uuid,
-        "ElementName": rec.name,
-        "Caption": cfg.title or rec.name,
-        "Description": f"Virtual system {rec.name}: {kind}",
+        "CreationClassName": CS_CLASS, "Name": uuid,
+        "ElementName": name,
+        "Caption": title or name,
+        "Description": f"Virtual system {name}: {kind}",
         "NameFormat": "Other",
-        "OtherIdentifyingInfo": [rec.uuid], "IdentifyingDescriptions": ["UUID"],
+        "OtherIdentifyingInfo": [uuid], "IdentifyingDescriptions": ["UUID"],
         "Dedicated": [0],
         "EnabledState": enabled, "RequestedState": requested,
         "EnabledDefault": 7 if autostart is None else (ENABLED if autostart else DISABLED),
         "OperationalStatus": opstatus, "HealthState": health,
         "PrimaryStatus": 1 if health == 5 else 3,
-        "StatusDescriptions": [rec.stop_reason] if rec.stop_reason and rec.running is None
-        else None,
+        "StatusDescriptions": [stop_reason] if stop_reason else None,
     }
+
+
+# A system's INSTANCE written from a template per class and kind of record (issue 16:
+# start-up renders 10,000 of them before the first enumeration answers, ~20 µs each the
+# general way). A template is what render.py writes for the values of `_values` with
+# three markers in place of the UUID, the name and the title, cut at the markers; a
+# system is its template with each marker's value escaped (writer.esc works character by
+# character, so escaping a value inside a string equals escaping the pieces). The
+# markers are private-use characters that esc leaves alone; no fixed text holds them.
+_MARK_UUID, _MARK_NAME, _MARK_TITLE = "\ue000U\ue001", "\ue000N\ue001", "\ue000T\ue001"
+_MARKS = re.compile("(\ue000[UNT]\ue001)")
+_TEMPLATES: dict[tuple, tuple[Any, tuple[str, ...]]] = {}
+_TEMPLATES_MAX = 256           # kinds of record x states x RequestedState: a few dozen
+
+
+def _template(cls: Any, key: tuple) -> tuple[str, ...]:
+    """The cut INSTANCE text for `key` (see system_body): fixed text at even indexes,
+    markers at odd ones."""
+    hit = _TEMPLATES.get(key)
+    if hit is not None and hit[0] is cls:
+        return hit[1]
+    _cls_id, titled, kind, state, requested, autostart = key
+    values = _values(_MARK_UUID, _MARK_NAME, _MARK_TITLE if titled else None, kind,
+                     (state[0], list(state[1]), state[2]), requested, autostart, None)
+    pieces = tuple(_MARKS.split(instance_xml_of(CS_CLASS, *split_values(cls, values))))
+    if len(_TEMPLATES) >= _TEMPLATES_MAX:
+        _TEMPLATES.clear()
+    _TEMPLATES[key] = (cls, pieces)
+    return pieces
+
+
+def system_body(rec: DomainRecord, requested: int, cls: Any) -> str | None:
+    """The INSTANCE text of the system of `rec` from its template; None when the
+    general way has to write it (a stop reason shown, a value not a plain str)."""
+    cfg = rec.current
+    title, name = cfg.title, rec.name
+    if rec.stop_reason and rec.running is None or type(name) is not str \
+            or type(rec.uuid) is not str or title and type(title) is not str:
+        return None
+    enabled, opstatus, health = state_of(rec)
+    autostart = rec.defined.autostart if rec.defined is not None else cfg.autostart
+    key = (id(cls), bool(title), _kind_text(rec), (enabled, tuple(opstatus), health),
+           requested, autostart)
+    pieces = _template(cls, key)
+    fill = {_MARK_UUID: esc(rec.uuid), _MARK_NAME: esc(name),
+            _MARK_TITLE: esc(title) if title else ""}
+    return "".join([p if i % 2 == 0 else fill[p] for i, p in enumerate(pieces)])
 
 
 class SystemInstance(Instance):
@@ -126,6 +185,9 @@ class SystemInstance(Instance):
         if self.rec is None:
             return None
         return split_values(self.cls, system_values(self.rec, self.req))
+
+    def body_text(self) -> str | None:
+        return None if self.rec is None else system_body(self.rec, self.req, self.cls)
 
     def _lazy_properties(self) -> Any:
         shaped = self.shaped()

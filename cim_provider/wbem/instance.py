@@ -164,6 +164,11 @@ class Instance(CIMInstance):
         shape = self._shape
         return None if shape is None else (shape, self._src)
 
+    def body_text(self) -> str | None:
+        """The INSTANCE text written some faster way than from `shaped` (a subclass's
+        template, render.py's body_of); None: write it the usual way."""
+        return None
+
     def _lazy_path(self) -> CIMInstanceName | None:
         """The path made from what the instance keeps; None when it holds it."""
         shape = self._pshape

@@ -51,9 +51,11 @@ def body_of(inst: CIMInstance) -> bytes:
     if isinstance(inst, Instance):
         body = inst._body
         if body is None:
-            shaped = inst.shaped()
-            text = w.instance_xml(inst) if shaped is None else \
-                instance_xml_of(inst.classname, *shaped)
+            text = inst.body_text()
+            if text is None:
+                shaped = inst.shaped()
+                text = w.instance_xml(inst) if shaped is None else \
+                    instance_xml_of(inst.classname, *shaped)
             body = inst._body = encode(text)
         return body
     return encode(w.instance_xml(inst))
@@ -179,7 +181,27 @@ def name_of(inst: Any) -> bytes:
 
 
 def instancename_of(classname: str, keys: Sequence[str], values: Sequence[str]) -> str:
-    """`w.instancename_xml` of a path whose key values are all strings."""
+    """`w.instancename_xml` of a path whose key values are all strings. What comes
+    before and after the last key's value is kept per class, key names and other key
+    values (the last key is usually the one that differs: a system's Name)."""
+    if not keys or len(keys) != len(values):
+        return _instancename_text(classname, keys, values)
+    fixed = (classname, tuple(keys), tuple(values[:-1]))
+    around = _NAME_AROUND.get(fixed)
+    if around is None:
+        head, _, tail = _instancename_text(classname, keys, (*values[:-1], "\ue000")
+                                           ).rpartition("\ue000")
+        around = (head, tail)
+        if len(_NAME_AROUND) < _NAME_AROUND_MAX:     # beyond: they vary per instance
+            _NAME_AROUND[fixed] = around
+    return around[0] + w.esc(values[-1]) + around[1]
+
+
+_NAME_AROUND: dict[tuple, tuple[str, str]] = {}
+_NAME_AROUND_MAX = 64
+
+
+def _instancename_text(classname: str, keys: Sequence[str], values: Sequence[str]) -> str:
     return (f'<INSTANCENAME CLASSNAME="{w.esc(classname)}">' + "".join(
         f'<KEYBINDING NAME="{w.esc(k)}"><KEYVALUE VALUETYPE="string" TYPE="string">'
         f"{w.esc(v)}</KEYVALUE></KEYBINDING>" for k, v in zip(keys, values))
