@@ -825,7 +825,10 @@ def issue16_lines(results: list[dict]) -> list[str]:
         if "getinstance_floor_p99_s" in r:
             parts.append(f"(machine floor timed the same way: p99 "
                          f"{r['getinstance_floor_p99_s'] / r['getinstance_floor_p50_s']:.2f}x "
-                         f"p50; without each block's first call: p99 "
+                         f"p50, p50 {r['getinstance_floor_p50_s'] * 1e6:.0f} µs, p99 "
+                         f"{r['getinstance_floor_p99_s'] * 1e6:.0f} µs against our "
+                         f"{r['getinstance_p99_s'] * 1e6:.0f} µs; without each block's first "
+                         f"call: p99 "
                          f"{r['getinstance_steady_p99_s'] / r['getinstance_p50_s']:.2f}x p50)")
         if r.get("baseline_rss_mib") is not None and r["n"]:
             parts.append(f"RSS {(r['rss_mib'] - r['baseline_rss_mib']) * 1024 / r['n']:.1f} "
