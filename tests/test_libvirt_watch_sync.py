@@ -148,3 +148,42 @@ def test_a_flush_armed_on_a_closed_loop_does_not_stop_the_next_one(libvirtd):
         asyncio.run(second())
     finally:
         pool.shutdown()
+
+
+def test_a_closed_connection_leaves_its_fd_number_to_whoever_gets_it_next(libvirtd):
+    """A connection closed from a call thread: its last call leaves a watch change for
+    the flush, then the removal closes the socket. The next socket the loop opens gets
+    the same fd number; the flush must leave it alone (a reader another component put
+    on it keeps reading, a transport on it raises nothing)."""
+    import socket
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        errors: list[object] = []
+        loop.set_exception_handler(lambda _l, ctx: errors.append(ctx.get("exception")))
+        ev.ensure_event_loop_impl(loop)
+        pool = concurrent.futures.ThreadPoolExecutor(1)
+        keep = await loop.run_in_executor(pool, libvirt.open, libvirtd.uri)
+        conn = await loop.run_in_executor(pool, libvirt.open, libvirtd.uri)
+        await asyncio.sleep(0.1)
+        await loop.run_in_executor(pool, conn.close)
+        mine, theirs = socket.socketpair()
+        got: list[bytes] = []
+        loop.add_reader(mine.fileno(), lambda: got.append(mine.recv(10)))
+        await asyncio.sleep(ev.SYNC_DELAY * 10)
+        theirs.send(b"x")
+        deadline = time.monotonic() + 10
+        while not got and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+        loop.remove_reader(mine.fileno())
+        other, peer = socket.socketpair()            # and as a transport
+        await loop.create_connection(asyncio.Protocol, sock=other)
+        await loop.run_in_executor(pool, keep.close)
+        await asyncio.sleep(ev.SYNC_DELAY * 10)
+        for s in (mine, theirs, peer):
+            s.close()
+        pool.shutdown()
+        assert got == [b"x"]
+        assert errors == []
+
+    asyncio.run(main())

@@ -139,3 +139,12 @@ def test_instancename_parts_kept_for_few_prefixes():
         assert render.instancename_of("VIRT_Disk", keys, values) == w.instancename_xml(
             CIMInstanceName("VIRT_Disk", dict(zip(keys, values))))
     assert len(render._NAME_AROUND) <= render._NAME_AROUND_MAX
+
+
+def test_a_renamed_system_is_written_the_general_way(cls):
+    """The template names VIRT_ComputerSystem; an instance whose class name was set
+    otherwise is written from its values, under its own name."""
+    inst = cs.SystemInstance(DomainRecord(UUID, running=running()), 12, cls)
+    inst.classname = "VIRT_Other"
+    assert inst.body_text() is None
+    assert render.body_of(inst).decode("utf-8").startswith('<INSTANCE CLASSNAME="VIRT_Other">')

@@ -187,7 +187,9 @@ class SystemInstance(Instance):
         return split_values(self.cls, system_values(self.rec, self.req))
 
     def body_text(self) -> str | None:
-        return None if self.rec is None else system_body(self.rec, self.req, self.cls)
+        if self.rec is None or self.classname != CS_CLASS:
+            return None
+        return system_body(self.rec, self.req, self.cls)
 
     def _lazy_properties(self) -> Any:
         shaped = self.shaped()

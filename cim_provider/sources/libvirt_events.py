@@ -168,9 +168,17 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
             timers, self._unsynced_timers = self._unsynced_timers, {}
             self._flush_armed = False
             for fd in fds:
-                self._sync_fd(fd)
+                if dict.get(self.descriptors, fd) is None:
+                    continue        # removed: synced then (the number may be reused now)
+                try:
+                    self._sync_fd(fd)
+                except Exception:   # one fd's trouble must not cost the rest their sync
+                    log.exception("libvirt: applying a watch change of fd %d failed", fd)
             for timer in timers.values():
-                self._sync_timer(timer)
+                try:
+                    self._sync_timer(timer)
+                except Exception:
+                    log.exception("libvirt: applying a timer change failed")
 
     def _remove_handle(self, watch: int) -> int:
         with self._lock:
@@ -181,6 +189,9 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
             desc.callbacks.pop(watch, None)
             if not desc.callbacks and dict.get(self.descriptors, fd) is desc:
                 del self.descriptors[fd]
+                # Synced below, before its free callback closes the socket; a flush
+                # after that must not touch the fd number, which may be reused by then.
+                self._unsynced.discard(fd)
         self._on_loop(self._sync_fd, fd)
         self._free_later(callback.opaque)
         return 0
@@ -221,8 +232,8 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
                 return
             timer.timeout = timeout
         # libvirt's keepalive timer is moved at every message a call sends or receives:
-        # applied later from other threads, like the watch (SYNC_DELAY). A timer that
-        # fires meanwhile reads its period again (_run_timer) and stops when disabled.
+        # applied later from other threads, like the watch (SYNC_DELAY). A timer due
+        # meanwhile fires on its old period, and not once it is disabled (_run_timer).
         if threading.get_ident() == self._thread:
             self._sync_timer(timer)
         else:
@@ -256,15 +267,10 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         period = timer._armed
         while True:
             await asyncio.sleep(period / 1000 if period > 0 else 0)
-            # Re-check after the sleep: a change from another thread may be in flight
-            # (SYNC_DELAY). Disabled: stop. Another period: start it from now instead of
-            # firing (the flush then finds this task armed with it).
+            # Re-check after the sleep: a disable from another thread may be in flight
+            # (SYNC_DELAY). Another period is left to the flush, which restarts the task.
             if self.callbacks.get(timer.iden) is not timer or timer.timeout < 0:
                 return
-            if timer.timeout != period:
-                with self._lock:
-                    period = timer._armed = timer.timeout
-                continue
             timer.cb(timer.iden, timer.opaque)
 
     # -- moving between loops

@@ -189,11 +189,11 @@ def instancename_of(classname: str, keys: Sequence[str], values: Sequence[str]) 
     fixed = (classname, tuple(keys), tuple(values[:-1]))
     around = _NAME_AROUND.get(fixed)
     if around is None:
+        if len(_NAME_AROUND) >= _NAME_AROUND_MAX:     # full: they vary per instance
+            return _instancename_text(classname, keys, values)
         head, _, tail = _instancename_text(classname, keys, (*values[:-1], "\ue000")
                                            ).rpartition("\ue000")
-        around = (head, tail)
-        if len(_NAME_AROUND) < _NAME_AROUND_MAX:     # beyond: they vary per instance
-            _NAME_AROUND[fixed] = around
+        around = _NAME_AROUND[fixed] = (head, tail)
     return around[0] + w.esc(values[-1]) + around[1]
 
 
