@@ -34,6 +34,24 @@ pytestmark = pytest.mark.timeout(180)
 CALLS = 200
 
 
+async def start_and_destroy_elsewhere(uri: str, pool, prefix: str) -> str:
+    """A domain started and destroyed through a connection of its own; its name."""
+    loop = asyncio.get_running_loop()
+    other = await loop.run_in_executor(pool, libvirt.open, uri)
+    name = f"{prefix}-{uuidlib.uuid4().hex[:6]}"
+    xml = config_to_domain_xml(domain_config(name, memory_kib=1024))
+    dom = await loop.run_in_executor(pool, other.createXML, xml, 0)
+    await loop.run_in_executor(pool, dom.destroy)
+    await loop.run_in_executor(pool, other.close)
+    return name
+
+
+async def until(check, seconds: float = 30) -> None:
+    deadline = time.monotonic() + seconds
+    while not check() and time.monotonic() < deadline:
+        await asyncio.sleep(0.01)
+
+
 @pytest.fixture
 def libvirtd():
     lvd = Libvirtd()
@@ -83,19 +101,10 @@ def test_watch_changes_from_threads_are_applied_together_and_events_still_arrive
             assert 1 <= syncs["timer"] <= 3, f"{syncs['timer']} timer syncs for {CALLS} calls"
 
             # the watch is on again: another connection's start and destroy show
-            other = await loop.run_in_executor(pool, libvirt.open, libvirtd.uri)
-            name = f"watch-{uuidlib.uuid4().hex[:6]}"
-            xml = config_to_domain_xml(domain_config(name, memory_kib=1024))
-            dom = await loop.run_in_executor(pool, other.createXML, xml, 0)
-            await loop.run_in_executor(pool, dom.destroy)
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline and \
-                    [e for n, e in seen if n == name] != [libvirt.VIR_DOMAIN_EVENT_STARTED,
-                                                          libvirt.VIR_DOMAIN_EVENT_STOPPED]:
-                await asyncio.sleep(0.01)
-            assert [e for n, e in seen if n == name] == [libvirt.VIR_DOMAIN_EVENT_STARTED,
-                                                         libvirt.VIR_DOMAIN_EVENT_STOPPED]
-            await loop.run_in_executor(pool, other.close)
+            name = await start_and_destroy_elsewhere(libvirtd.uri, pool, "watch")
+            both = [libvirt.VIR_DOMAIN_EVENT_STARTED, libvirt.VIR_DOMAIN_EVENT_STOPPED]
+            await until(lambda: [e for n, e in seen if n == name] == both)
+            assert [e for n, e in seen if n == name] == both
         finally:
             await loop.run_in_executor(pool, conn.close)
             for _ in range(3):
@@ -129,16 +138,9 @@ def test_a_flush_armed_on_a_closed_loop_does_not_stop_the_next_one(libvirtd):
         await loop.run_in_executor(pool, conn.getVersion)
         await asyncio.sleep(ev.SYNC_DELAY * 10)
         assert not impl._flush_armed and not impl._unsynced
-        other = await loop.run_in_executor(pool, libvirt.open, libvirtd.uri)
-        name = f"rebind-{uuidlib.uuid4().hex[:6]}"
-        xml = config_to_domain_xml(domain_config(name, memory_kib=1024))
-        dom = await loop.run_in_executor(pool, other.createXML, xml, 0)
-        await loop.run_in_executor(pool, dom.destroy)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline and name not in seen:
-            await asyncio.sleep(0.01)
+        name = await start_and_destroy_elsewhere(libvirtd.uri, pool, "rebind")
+        await until(lambda: name in seen)
         assert name in seen
-        await loop.run_in_executor(pool, other.close)
         await loop.run_in_executor(pool, conn.close)
         for _ in range(3):
             await asyncio.sleep(0)
