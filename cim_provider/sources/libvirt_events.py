@@ -30,31 +30,14 @@ from .libvirt_threads import in_thread
 log = logging.getLogger(__name__)
 
 
-# How long a change of a watch or timer made by another thread may wait before the loop
-# applies it (_AsyncIOImpl._sync_later): around every call a thread makes, libvirt turns
-# its socket's watch off and on again and moves its keepalive timer three times, and
-# applying each change at once woke the loop five times per call (a usage sample of
-# 5,000 domains through libvirtd: ~75,000 wakeups, most of a second of the loop's time
-# beside the requests it serves). The loop never calls libvirt back for a watch that is
-# off (_Descriptor._handle), so only turning one on waits.
-SYNC_DELAY = 0.002
-
-
 class _Descriptor(libvirtaio.Descriptor):
     def _handle(self, event: int) -> None:
         # Another thread may remove a watch while the loop dispatches this fd: skip
         # callbacks that are gone rather than call libvirt back for a removed watch.
-        # A watch turned off whose change the loop has not applied yet is skipped too,
-        # and then applied at once, so that a readable socket does not keep waking the
-        # loop while the thread that turned it off reads it.
-        wanted = False
         for callback in list(self.callbacks.values()):
             if callback.event is not None and callback.event & event \
                     and callback.iden in self.callbacks:
-                wanted = True
                 callback.cb(callback.iden, self.fd, event, callback.opaque)
-        if not wanted:
-            self.impl._sync_fd(self.fd)
 
 
 class _Descriptors(libvirtaio.DescriptorDict):
@@ -82,10 +65,6 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         self.descriptors: dict[int, _Descriptor] = _Descriptors(self)
         self._lock = threading.RLock()
         self._thread = threading.get_ident()
-        # what changed off the loop, for the next flush: fds, and timers by id
-        self._unsynced: set[int] = set()
-        self._unsynced_timers: dict[int, libvirtaio.TimeoutCallback] = {}
-        self._flush_armed = False
 
     # -- dispatch to the loop's thread
 
@@ -140,45 +119,7 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
                 return
             callback.event = event
             fd = callback.descriptor.fd
-        if threading.get_ident() == self._thread:
-            self._sync_fd(fd)
-        else:
-            self._sync_later(fd)
-
-    def _sync_later(self, fd: int | None = None,
-                    timer: libvirtaio.TimeoutCallback | None = None) -> None:
-        """`_sync_fd(fd)` / `_sync_timer(timer)` on the loop within SYNC_DELAY, one
-        wakeup for all the changes made meanwhile."""
-        with self._lock:
-            if fd is not None:
-                self._unsynced.add(fd)
-            if timer is not None:
-                self._unsynced_timers[timer.iden] = timer
-            if self._flush_armed:
-                return
-            self._flush_armed = True
-        try:
-            self.loop.call_soon_threadsafe(self.loop.call_later, SYNC_DELAY, self._flush)
-        except RuntimeError:        # the loop is closed: rebind starts afresh
-            log.debug("libvirt watch change after its loop closed")
-
-    def _flush(self) -> None:
-        with self._lock:
-            fds, self._unsynced = self._unsynced, set()
-            timers, self._unsynced_timers = self._unsynced_timers, {}
-            self._flush_armed = False
-            for fd in fds:
-                if dict.get(self.descriptors, fd) is None:
-                    continue        # removed: synced then (the number may be reused now)
-                try:
-                    self._sync_fd(fd)
-                except Exception:   # one fd's trouble must not cost the rest their sync
-                    log.exception("libvirt: applying a watch change of fd %d failed", fd)
-            for timer in timers.values():
-                try:
-                    self._sync_timer(timer)
-                except Exception:
-                    log.exception("libvirt: applying a timer change failed")
+        self._on_loop(self._sync_fd, fd)
 
     def _remove_handle(self, watch: int) -> int:
         with self._lock:
@@ -189,9 +130,6 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
             desc.callbacks.pop(watch, None)
             if not desc.callbacks and dict.get(self.descriptors, fd) is desc:
                 del self.descriptors[fd]
-                # Synced below, before its free callback closes the socket; a flush
-                # after that must not touch the fd number, which may be reused by then.
-                self._unsynced.discard(fd)
         self._on_loop(self._sync_fd, fd)
         self._free_later(callback.opaque)
         return 0
@@ -231,13 +169,7 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
             if not isinstance(timer, libvirtaio.TimeoutCallback):
                 return
             timer.timeout = timeout
-        # libvirt's keepalive timer is moved at every message a call sends or receives:
-        # applied later from other threads, like the watch (SYNC_DELAY). A timer due
-        # meanwhile fires on its old period, and not once it is disabled (_run_timer).
-        if threading.get_ident() == self._thread:
-            self._sync_timer(timer)
-        else:
-            self._sync_later(timer=timer)
+        self._on_loop(self._sync_timer, timer)
 
     def _remove_timeout(self, timer_id: int) -> int:
         with self._lock:
@@ -267,8 +199,7 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
         period = timer._armed
         while True:
             await asyncio.sleep(period / 1000 if period > 0 else 0)
-            # Re-check after the sleep: a disable from another thread may be in flight
-            # (SYNC_DELAY). Another period is left to the flush, which restarts the task.
+            # Re-check after the sleep: a disable from another thread may be in flight.
             if self.callbacks.get(timer.iden) is not timer or timer.timeout < 0:
                 return
             timer.cb(timer.iden, timer.opaque)
@@ -289,9 +220,6 @@ class _AsyncIOImpl(libvirtaio.virEventAsyncIOImpl):
                     old.remove_writer(fd)
             self.loop = loop
             self._thread = threading.get_ident()
-            self._unsynced.clear()          # every fd and timer is synced below; a
-            self._unsynced_timers.clear()   # flush armed on the old loop never runs
-            self._flush_armed = False
             for fd in list(self.descriptors):
                 self._sync_fd(fd)
             for cb in list(self.callbacks.values()):
