@@ -87,10 +87,13 @@ def states_supported(rec: DomainRecord) -> list[int]:
 
 
 def system_values(rec: DomainRecord, requested: int) -> dict[str, Any]:
-    cfg = rec.current
-    autostart = rec.defined.autostart if rec.defined is not None else cfg.autostart
-    return _values(rec.uuid, rec.name, cfg.title, _kind_text(rec), state_of(rec), requested,
-                   autostart, rec.stop_reason if rec.running is None else None)
+    return _values(rec.uuid, rec.name, rec.current.title, _kind_text(rec), state_of(rec),
+                   requested, _autostart(rec), rec.stop_reason if rec.running is None else None)
+
+
+def _autostart(rec: DomainRecord) -> bool | None:
+    """The defined configuration's flag when there is one, else the live one's."""
+    return rec.defined.autostart if rec.defined is not None else rec.current.autostart
 
 
 def _kind_text(rec: DomainRecord) -> str:
@@ -151,15 +154,13 @@ def _template(cls: Any, key: tuple) -> tuple[str, ...]:
 def system_body(rec: DomainRecord, requested: int, cls: Any) -> str | None:
     """The INSTANCE text of the system of `rec` from its template; None when the
     general way has to write it (a stop reason shown, a value not a plain str)."""
-    cfg = rec.current
-    title, name = cfg.title, rec.name
+    title, name = rec.current.title, rec.name
     if rec.stop_reason and rec.running is None or type(name) is not str \
             or type(rec.uuid) is not str or title and type(title) is not str:
         return None
     enabled, opstatus, health = state_of(rec)
-    autostart = rec.defined.autostart if rec.defined is not None else cfg.autostart
     key = (id(cls), bool(title), _kind_text(rec), (enabled, tuple(opstatus), health),
-           requested, autostart)
+           requested, _autostart(rec))
     pieces = _template(cls, key)
     fill = {_MARK_UUID: esc(rec.uuid), _MARK_NAME: esc(name),
             _MARK_TITLE: esc(title) if title else ""}
