@@ -47,8 +47,6 @@ def _kib(elem: ET.Element | None) -> int | None:
     return shared_number(int(value * factor))
 
 
-
-
 def _first(elem: ET.Element, tag: str) -> ET.Element | None:
     """`elem.find(tag)` for a plain child tag, without ElementPath's machinery."""
     for child in elem:
