@@ -121,6 +121,21 @@ class BusMonitor:
                 raise AssertionError(f"{what} not seen on the bus within {within} s")
             time.sleep(0.01)
 
+    async def caught_up(self, bus: MessageBus, destination: str,
+                        within: float = 10.0) -> None:
+        """From a test's event loop: until every call the daemon routed before now is in
+        `seen()`. A call that was answered was routed before its answer, so once a Ping
+        sent after it reaches the monitor, so has it (the daemon routes in order).
+        The rules must let a Peer.Ping to `destination` through; the Ping is recorded
+        like any call (`member == "Ping"`)."""
+        def pings(seen: list[Seen]) -> int:
+            return sum(1 for s in seen if s.kind == "call" and s.member == "Ping"
+                       and s.interface == "org.freedesktop.DBus.Peer")
+        before = pings(self.seen())
+        await bus.call(Message(destination=destination, path="/",
+                               interface="org.freedesktop.DBus.Peer", member="Ping"))
+        await self.until(lambda seen: pings(seen) > before, within, "the monitor catching up")
+
     async def until(self, predicate: Callable[[list[Seen]], Any], within: float,
                     what: str) -> Any:
         """From a test's event loop: as `wait`, without blocking the loop."""
