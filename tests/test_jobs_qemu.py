@@ -13,7 +13,11 @@ the private libvirtd of tests/support/qemu.py; the server's libvirt calls may ta
   FIFO nobody reads yet; the guest's 4 MiB BIOS is random, so the dump cannot finish
   into the pipe's buffers): Kill aborts libvirt's job (virDomainAbortJob) and answers
   0; the job ends Killed, and the dump fails "canceled by client".
+- The same abort while every thread of the server's libvirt connection waits behind
+  that job: it has a connection of its own, so it gets through.
 """
+import asyncio
+import contextlib
 import os
 import signal
 import threading
@@ -22,6 +26,8 @@ import uuid as uuidlib
 import libvirt
 import pytest
 from pywbem import Uint16
+
+from cim_provider.sources.libvirt_threads import POOL_SIZE
 
 try:
     from tests.support.model import cs_path, poll_until
@@ -118,16 +124,19 @@ def halting_guest(daemon, srv, name):
     return uuid, dom
 
 
-def test_kill_aborts_the_libvirt_job_a_call_waits_behind(qemu):
-    daemon, srv = qemu
-    uuid, dom = halting_guest(daemon, srv, "stop-dump")
-    wbem = srv.conn()
-    fifo = daemon.images / "stop-dump.fifo"
+@contextlib.contextmanager
+def dump_under_way(daemon, srv, name):
+    """libvirt's own job on a halting guest: a live core dump, made on a connection of
+    its own, into a FIFO nobody reads yet. Yields (uuid, dom, outcome) once libvirt
+    shows the job; afterwards the FIFO is drained (outcome["drained"]: bytes) and the
+    dump's end is in outcome["dump"]."""
+    uuid, dom = halting_guest(daemon, srv, name)
+    fifo = daemon.images / f"{name}.fifo"
     os.mkfifo(fifo)
     os.chmod(fifo, 0o666)
     reader = os.open(fifo, os.O_RDONLY | os.O_NONBLOCK)    # there, but not reading yet
     other = libvirt.open(daemon.uri)                        # someone else's dump
-    outcome = {}
+    outcome = {"drained": 0}
 
     def dump():
         try:
@@ -138,10 +147,23 @@ def test_kill_aborts_the_libvirt_job_a_call_waits_behind(qemu):
             outcome["dump"] = str(exc)
     dumper = threading.Thread(target=dump, daemon=True)
     dumper.start()
-    drained = 0
     try:
         poll_until(lambda: dom.jobInfo()[0] != libvirt.VIR_DOMAIN_JOB_NONE, 20,
                    "libvirt's dump job running")
+        yield uuid, dom, outcome
+    finally:
+        os.set_blocking(reader, True)
+        while chunk := os.read(reader, 1 << 20):
+            outcome["drained"] += len(chunk)
+        os.close(reader)
+        dumper.join(60)
+        other.close()
+
+
+def test_kill_aborts_the_libvirt_job_a_call_waits_behind(qemu):
+    daemon, srv = qemu
+    wbem = srv.conn()
+    with dump_under_way(daemon, srv, "stop-dump") as (uuid, _dom, outcome):
         rv, out = request(wbem, cs_path(uuid), 9)
         assert rv == 4096
         job = out["Job"]
@@ -151,12 +173,26 @@ def test_kill_aborts_the_libvirt_job_a_call_waits_behind(qemu):
         assert (inst["JobState"], inst["JobStatus"]) == (9, "killed")
         assert wbem.GetInstance(cs_path(uuid))["RequestedState"] == 12
         assert request(wbem, job, 5)[0] == 4097
-    finally:
-        os.set_blocking(reader, True)
-        while chunk := os.read(reader, 1 << 20):
-            drained += len(chunk)
-        os.close(reader)
-        dumper.join(60)
-        other.close()
     assert "canceled by client" in outcome["dump"], outcome
-    assert drained < 4 << 20                 # cut short: the BIOS alone is 4 MiB
+    assert outcome["drained"] < 4 << 20          # cut short: the BIOS alone is 4 MiB
+
+
+def test_an_abort_gets_through_while_every_call_thread_waits(qemu):
+    """As many suspends as the shared connection has threads, all waiting behind
+    libvirt's dump job: the abort does not queue behind them (it has a connection of
+    its own) and stops the dump; then the suspends go through."""
+    daemon, srv = qemu
+    src = srv.source
+
+    async def hold(uuid):
+        return [asyncio.ensure_future(src.suspend(uuid)) for _ in range(POOL_SIZE)]
+
+    async def settle(tasks):
+        return await asyncio.gather(*tasks, return_exceptions=True)
+
+    with dump_under_way(daemon, srv, "stop-pool") as (uuid, dom, outcome):
+        held = srv.lt.run(hold(uuid))
+        assert srv.lt.run(src.abort_job(uuid), timeout=30) is True
+    assert "canceled by client" in outcome["dump"], outcome
+    assert srv.lt.run(settle(held), timeout=60) == [None] * POOL_SIZE
+    assert dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
