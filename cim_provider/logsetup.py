@@ -22,7 +22,6 @@ import array
 import errno
 import fcntl
 import logging
-import logging.handlers
 import os
 import socket
 import stat
@@ -124,6 +123,7 @@ class JournalHandler(logging.Handler):
 
 
 def syslog_handler(path: str | None = None) -> logging.Handler:
+    import logging.handlers             # only for this target: ~15 ms of every start-up
     handler = logging.handlers.SysLogHandler(
         address=path or os.environ.get(SYSLOG_SOCKET_ENV) or SYSLOG_SOCKET,
         facility=logging.handlers.SysLogHandler.LOG_DAEMON)

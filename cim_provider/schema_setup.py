@@ -19,9 +19,7 @@ import os
 import shutil
 import subprocess
 import sys
-import tarfile
 import tempfile
-import zipfile
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -49,6 +47,7 @@ def load_repository(cache_dir: Path | None) -> Repository | None:
     """The repository, or None after telling the user how to fetch a missing schema
     (or what is wrong with an unreadable one, or a class cache that must be written
     to a directory that is not writable)."""
+    import zipfile
     from .wbem.repository import Repository, SchemaNotFound, resolve_cache_dir
     unwritable = _unwritable_class_cache(cache_dir)
     if unwritable is not None:
@@ -105,6 +104,7 @@ def _unwritable_class_cache(cache_dir: Path | None) -> str | None:
 
 def check_schema_zip(path: Path) -> None:
     """SetupError unless `path` is a zip of the DMTF schema (qualifiers and classes)."""
+    import zipfile
     try:
         with zipfile.ZipFile(path) as z:
             names = set(z.namelist())
@@ -128,6 +128,7 @@ def _is_schema_zip(path: Path) -> bool:
 
 def fetch_schema_zip(dest: Path, python: str = sys.executable) -> None:
     """Download pywbem's sdist with pip and take the schema zip out of it into `dest`."""
+    import tarfile
     from .wbem.repository import SCHEMA_ZIP_NAME
     member_name = f"pywbem-{PYWBEM_SDIST_VERSION}/tests/schema/{SCHEMA_ZIP_NAME}"
     with tempfile.TemporaryDirectory(prefix="cim-provider-schema-") as tmp:

@@ -15,7 +15,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cim_provider.domain.domxml import (_TYPE_NAMES, DomainXMLError, _int, _kib,
-                                        config_to_domain_xml, parse_domain_xml)
+                                        _roots_together, config_to_domain_xml,
+                                        parse_domain_xml, parse_domain_xmls)
 from cim_provider.domain.records import (Disk, DomainConfig, Graphics, Nic, canonical_uuid)
 
 
@@ -157,7 +158,7 @@ def test_round_trip_of_our_own_xml():
     assert parse_domain_xml(xml, detail=True) == reference_parse(xml, detail=True)
 
 
-@pytest.mark.parametrize("xml", [
+EDGE_DOCUMENTS = [
     "", "not xml", "<domain>", "<other/>", "<domain/>", "<domain><uuid>x</uuid></domain>",
     f"<domain><uuid>{UUID}</uuid></domain>", f"<domain><uuid>{UUID}</uuid><name> </name></domain>",
     f"<domain xmlns='urn:x'><uuid>{UUID}</uuid><name>n</name></domain>",
@@ -170,7 +171,10 @@ def test_round_trip_of_our_own_xml():
     f"<?xml version='1.0'?><domain><uuid>{UUID}</uuid><name><![CDATA[n&]]></name></domain>",
     f"<domain><uuid>{UUID}</uuid><name>&undefined;</name></domain>",
     f"<domain><uuid>{UUID}</uuid><name>n</name></domain><junk/>",
-])
+]
+
+
+@pytest.mark.parametrize("xml", EDGE_DOCUMENTS)
 def test_edge_documents(xml):
     for detail in (False, True):
         assert outcome(parse_domain_xml, xml, None, detail) == \
@@ -234,3 +238,78 @@ def test_canonical_uuid_is_uuid_module(value):
     except ValueError:
         want = None
     assert canonical_uuid(value) == want
+
+
+# ---- many documents parsed as one (read_all at start-up) -----------------------------------
+
+def _alone(xmls, autostarts, detail):
+    return [outcome(parse_domain_xml, x, a, detail) for x, a in zip(xmls, autostarts)]
+
+
+def _together(xmls, autostarts, detail):
+    return [("error", str(r)) if isinstance(r, DomainXMLError) else r
+            for r in parse_domain_xmls(xmls, autostarts, detail=detail)]
+
+
+def _doc(i: int) -> str:
+    return config_to_domain_xml(DomainConfig(uuid=str(uuidlib.UUID(int=i + 1)), name=f"d{i}"))
+
+
+# Documents that try to move the boundaries between their neighbours: each must read as
+# it reads alone, and its neighbours too.
+FORGERIES = [
+    f"<domain><uuid>{UUID}</uuid><name>a</name></domain></w><w t='0'>",
+    f"<domain><uuid>{UUID}</uuid><name>a</name></domain></w><w>" + _doc(7),
+    "</w>", "</w></b>", "<w t='x'>", "</b><b>",
+    f"<domain><uuid>{UUID}</uuid><name>a</name>",
+    "</domain>",
+    f"<domain><uuid>{UUID}</uuid><name>a</name></domain> text after",
+    f"text before <domain><uuid>{UUID}</uuid><name>a</name></domain>",
+    f"<!DOCTYPE domain><domain><uuid>{UUID}</uuid><name>a</name></domain>",
+    f"<!-- c --><domain><uuid>{UUID}</uuid><name>a</name></domain><?pi x?>\n",
+    f"\n  <domain><uuid>{UUID}</uuid><name>a</name></domain>\n\n",
+]
+
+BATCHES = [
+    ("libvirt's own documents", [LIBVIRT_LIKE] + [_doc(i) for i in range(5)]),
+    ("one document", [LIBVIRT_LIKE]),
+    ("none", []),
+    ("every edge document, in one batch", EDGE_DOCUMENTS),
+] + [(f"forgery {i} between good ones", [_doc(1), forged, _doc(2)])
+     for i, forged in enumerate(FORGERIES)] + [
+    ("two halves of one document", [f"<domain><uuid>{UUID}</uuid>", "<name>a</name></domain>"]),
+    ("a stray end tag and a missing one", ["<domain><name>a</name></domain></domain>",
+                                           f"<domain><uuid>{UUID}</uuid><name>b</name>"]),
+]
+
+
+@pytest.mark.parametrize("detail", [False, True])
+@pytest.mark.parametrize("desc, xmls", BATCHES, ids=[b[0] for b in BATCHES])
+def test_a_batch_reads_as_each_document_alone(desc, xmls, detail):
+    autostarts = [(None, True, False)[i % 3] for i in range(len(xmls))]
+    assert _together(xmls, autostarts, detail) == _alone(xmls, autostarts, detail)
+
+
+def test_well_formed_documents_are_parsed_together():
+    """The batch is really parsed as one (else start-up pays a parser per document)."""
+    xmls = [LIBVIRT_LIKE] + [_doc(i) for i in range(63)] + \
+        [f"<domain><uuid>{UUID}</uuid><name>n</name></domain>\n"]
+    roots = _roots_together(xmls)
+    assert roots is not None and len(roots) == len(xmls)
+    assert [r.findtext("name") for r in roots] == \
+        [ET.fromstring(x).findtext("name") for x in xmls]
+
+
+@pytest.mark.parametrize("forged", FORGERIES[:-2])
+def test_a_document_that_would_move_a_boundary_is_parsed_alone(forged):
+    """The check that sends a batch back to one parse per document sees every forgery
+    that is well-formed enough to survive the batch parse."""
+    assert _roots_together([_doc(1), forged, _doc(2)]) is None
+
+
+@settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
+@given(st.lists(st.one_of(documents(), st.sampled_from(EDGE_DOCUMENTS + FORGERIES)),
+                max_size=6), st.booleans())
+def test_any_batch_reads_as_each_document_alone(xmls, detail):
+    autostarts = [None] * len(xmls)
+    assert _together(xmls, autostarts, detail) == _alone(xmls, autostarts, detail)

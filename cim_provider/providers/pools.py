@@ -75,15 +75,6 @@ def pool_of(res: HostResources, kind: str, device: object) -> str | None:
     return None
 
 
-def _share(rec: DomainRecord | None) -> tuple[int, int, Counter[str]]:
-    """(vCPUs, memory KiB, NICs per network) a record holds while it runs."""
-    if rec is None or rec.running is None:
-        return 0, 0, Counter()
-    cfg = rec.running.config
-    return (cfg.vcpus or 0, cfg.memory_kib or 0,
-            Counter(n.source for n in cfg.nics if n.type == "network" and n.source))
-
-
 def _left(capacity: int | None, reserved: int) -> int | None:
     return None if capacity is None else max(0, capacity - reserved)
 
@@ -105,11 +96,16 @@ class PoolsProvider(Provider):
         self._built: tuple[Any, dict[str, tuple[CIMInstance, ...]]] | None = None
 
     def _add(self, rec: DomainRecord | None, sign: int) -> None:
-        vcpus, mem, nics = _share(rec)
-        self.vcpus += sign * vcpus
-        self.memory_kib += sign * mem
-        for net, n in nics.items():
-            self.nics[net] += sign * n
+        """Count in (sign 1) or out (-1) the vCPUs, memory and NICs per network that a
+        record holds while it runs (no Counter of its own: 10,000 at start-up)."""
+        if rec is None or rec.running is None:
+            return
+        cfg = rec.running.config
+        self.vcpus += sign * (cfg.vcpus or 0)
+        self.memory_kib += sign * (cfg.memory_kib or 0)
+        for nic in cfg.nics:
+            if nic.type == "network" and nic.source:
+                self.nics[nic.source] += sign
 
     def _on_change(self, change) -> None:
         self._add(change.old, -1)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import tomllib
 from pathlib import Path
 from typing import Any, Callable
 
@@ -132,6 +131,7 @@ def convert(where: str, action: argparse.Action, value: Any) -> Any:
 
 
 def read(path: Path) -> dict[str, Any]:
+    import tomllib                      # only with a configuration file (~10 ms otherwise)
     try:
         with open(path, "rb") as f:
             return tomllib.load(f)

@@ -14,13 +14,17 @@ import dataclasses
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 
-from ..domain.domxml import DomainXMLError, parse_domain_xml
-from ..domain.records import (HostCapacity, Network, RunningDomain, RunState,
+from ..domain.domxml import DomainXMLError, parse_domain_xml, parse_domain_xmls
+from ..domain.records import (DomainConfig, HostCapacity, Network, RunningDomain, RunState,
                               StoragePool, canonical_uuid)
 from ..domain.sources import (Failed, NotFound, NotSupported, Refused, SourceError, Timeout,
                               Unavailable)
 
 log = logging.getLogger(__name__)
+
+# Domain XML documents parsed together at start-up: a new parser per document no longer
+# counts, and a batch stays small beside 10,000 domains.
+PARSE_BATCH = 64
 
 _T = TypeVar("_T")
 _NO_DOMAIN = libvirt.VIR_ERR_NO_DOMAIN
@@ -77,6 +81,30 @@ def _read_domain(dom: libvirt.virDomain, state: int | None = None, *,
     What the caller already knows from bulk listings is passed in and not asked again
     (`capacities`: disk target -> capacity in bytes, from getAllDomainStats).
     """
+    raw = _read_raw(dom, state, persistent=persistent, autostart=autostart)
+    if raw is None:
+        return None
+    config: DomainConfig | DomainXMLError
+    try:
+        config = parse_domain_xml(raw.xml, raw.autostart, detail=True)
+    except DomainXMLError as exc:
+        config = exc
+    return _running(raw, config, capacities)
+
+
+@dataclasses.dataclass(slots=True)
+class _Raw:
+    """What libvirt said of one active domain, its XML not yet parsed."""
+    dom: libvirt.virDomain
+    state: int
+    xml: str
+    autostart: bool | None
+    persistent: bool
+    id: int | None
+
+
+def _read_raw(dom: libvirt.virDomain, state: int | None, *, persistent: bool | None,
+              autostart: bool | None) -> _Raw | None:
     try:
         if state is None:
             state = dom.state()[0]
@@ -95,14 +123,17 @@ def _read_domain(dom: libvirt.virDomain, state: int | None = None, *,
         if exc.get_error_code() == _NO_DOMAIN:
             return None
         raise
-    try:
-        config = parse_domain_xml(xml, autostart, detail=True)
-    except DomainXMLError as exc:
-        log.warning("skipping running domain %s: %s", dom.UUIDString(), exc)
+    return _Raw(dom, state, xml, autostart, persistent, dom_id)
+
+
+def _running(raw: _Raw, config: DomainConfig | DomainXMLError,
+             capacities: Mapping[str, int] | None) -> RunningDomain | None:
+    if isinstance(config, DomainXMLError):
+        log.warning("skipping running domain %s: %s", raw.dom.UUIDString(), config)
         return None
-    config = _with_capacities(dom, config, capacities)
-    return RunningDomain(config=config, state=_run_state(state), persistent=persistent,
-                         id=dom_id if dom_id is not None and dom_id >= 0 else None)
+    full = _with_capacities(raw.dom, config, capacities)
+    return RunningDomain(config=full, state=_run_state(raw.state), persistent=raw.persistent,
+                         id=raw.id if raw.id is not None and raw.id >= 0 else None)
 
 
 def _with_capacities(dom: libvirt.virDomain, config, known: Mapping[str, int] | None):
@@ -165,14 +196,22 @@ def read_all(conn: libvirt.virConnect) -> dict[str, RunningDomain]:
     transient = _uuids(conn, active | libvirt.VIR_CONNECT_LIST_DOMAINS_TRANSIENT)
     autostart = _uuids(conn, active | libvirt.VIR_CONNECT_LIST_DOMAINS_AUTOSTART)
     out: dict[str, RunningDomain] = {}
-    for dom, stats in bulk:
-        key = dom.UUIDString()
-        state = stats.get("state.state")
-        running = _read_domain(dom, state if isinstance(state, int) else None,
-                               persistent=key not in transient, autostart=key in autostart,
-                               capacities=_capacities(stats) if stats else None)
-        if running is not None:
-            out[running.uuid] = running
+    # The XML documents are parsed PARSE_BATCH at a time (domxml.parse_domain_xmls).
+    for start in range(0, len(bulk), PARSE_BATCH):
+        raws: list[tuple[_Raw, Mapping[str, Any]]] = []
+        for dom, stats in bulk[start:start + PARSE_BATCH]:
+            key = dom.UUIDString()
+            state = stats.get("state.state")
+            raw = _read_raw(dom, state if isinstance(state, int) else None,
+                            persistent=key not in transient, autostart=key in autostart)
+            if raw is not None:
+                raws.append((raw, stats))
+        configs = parse_domain_xmls([r.xml for r, _ in raws], [r.autostart for r, _ in raws],
+                                    detail=True)
+        for (raw, stats), config in zip(raws, configs):
+            running = _running(raw, config, _capacities(stats) if stats else None)
+            if running is not None:
+                out[running.uuid] = running
     del bulk
     return out
 
