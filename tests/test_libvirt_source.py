@@ -721,3 +721,20 @@ def test_a_late_registration_on_a_given_up_connection_closes_it(libvirtd):
             await src.stop()
         await until(lambda: _daemon_clients(libvirtd) == 0, timeout=5, what="all closed")
     run(body)
+
+
+RUN_STATES = [
+    ("running", libvirt.VIR_DOMAIN_RUNNING, RunState.RUNNING),
+    ("paused", libvirt.VIR_DOMAIN_PAUSED, RunState.PAUSED),
+    ("pmsuspended", libvirt.VIR_DOMAIN_PMSUSPENDED, RunState.PMSUSPENDED),
+    ("no state", libvirt.VIR_DOMAIN_NOSTATE, RunState.NOSTATE),
+    ("a state libvirt may add later", 42, RunState.NOSTATE),
+    ("none", None, RunState.NOSTATE),
+    ("not a number", "1", RunState.NOSTATE),
+]
+
+
+@pytest.mark.parametrize("desc, value, expected", RUN_STATES, ids=[r[0] for r in RUN_STATES])
+def test_run_state_of_libvirts_number(desc, value, expected):
+    from cim_provider.sources.libvirt_calls import _run_state
+    assert _run_state(value) is expected

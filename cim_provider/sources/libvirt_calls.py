@@ -66,11 +66,14 @@ class LibvirtRefused(LibvirtError, Refused):
 
 
 
+_RUN_STATES = {s.value: s for s in RunState}
+
+
 def _run_state(value: int | None) -> RunState:
-    try:
-        return RunState(int(value))  # type: ignore[arg-type]  # reason: int(None) raises TypeError, caught below
-    except (TypeError, ValueError):
-        return RunState.NOSTATE
+    """libvirt's state number as a RunState; NOSTATE for one we do not know (a dict
+    lookup: the Enum call was ~1.5 µs of each domain's first read)."""
+    return _RUN_STATES.get(value, RunState.NOSTATE) if type(value) is int \
+        else RunState.NOSTATE
 
 
 def _read_domain(dom: libvirt.virDomain, state: int | None = None, *,
@@ -200,7 +203,8 @@ def read_all(conn: libvirt.virConnect) -> dict[str, RunningDomain]:
     for start in range(0, len(bulk), PARSE_BATCH):
         raws: list[tuple[_Raw, Mapping[str, Any]]] = []
         for dom, stats in bulk[start:start + PARSE_BATCH]:
-            key = dom.UUIDString()
+            # The UUID only to look it up in the exceptions (none, mostly).
+            key = dom.UUIDString() if transient or autostart else ""
             state = stats.get("state.state")
             raw = _read_raw(dom, state if isinstance(state, int) else None,
                             persistent=key not in transient, autostart=key in autostart)
