@@ -651,6 +651,51 @@ def test_start_domain_gets_its_own_longer_timeout(dbus_address):
     run(scenario())
 
 
+def test_the_manager_is_followed_while_libvirts_first_attempt_waits(dbus_address, tmp_path):
+    """start_sources starts the Manager client beside libvirt's first attempt, not after
+    it (issue 16, start-up): with a libvirt endpoint that takes the connection and never
+    answers, the Manager is listed while libvirt's open still waits, and its definition
+    is in the inventory once libvirt's attempt has failed."""
+    import socket
+    import threading
+    from cim_provider.server.main import start_sources
+    path = tmp_path / "silent.sock"
+    silent = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    silent.bind(str(path))
+    silent.listen(4)
+    held: list[socket.socket] = []
+    threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True).start()
+
+    def hang_up() -> None:
+        for sock in held + [silent]:
+            sock.close()
+
+    async def scenario():
+        manager = await serve_minimal(dbus_address, [GOOD_A])
+        starting = asyncio.ensure_future(start_sources(
+            libvirt_uri=f"qemu+unix:///system?socket={path}", manager_bus=dbus_address,
+            call_timeout=60, relist_interval=60, metrics_interval=0))
+        sources = None
+        try:
+            await eventually(lambda: held, within=30, what="libvirt's connection")
+            await eventually(lambda: manager.manager.list_calls > 0, within=30,
+                             what="the Manager listed while libvirt's open waits")
+            assert not starting.done()
+            hang_up()                     # libvirt's first attempt fails now
+            sources = await asyncio.wait_for(starting, 30)
+            assert not sources.libvirt.connected
+            assert [r.uuid for r in sources.inventory.records()] == [UUID_A]
+        finally:
+            hang_up()
+            if sources is None:
+                starting.cancel()
+                await asyncio.gather(starting, return_exceptions=True)
+            else:
+                await sources.close()
+            await manager.stop()
+    run(scenario(), timeout=120)
+
+
 def test_serve_passes_manager_start_timeout(dbus_address):
     """`cim-provider serve --manager-start-timeout` reaches the ManagerClient."""
     import argparse
