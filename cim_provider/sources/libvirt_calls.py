@@ -14,7 +14,7 @@ import dataclasses
 import xml.etree.ElementTree as ET
 from collections.abc import Mapping
 
-from ..domain.domxml import DomainXMLError, parse_domain_xml, parse_domain_xmls
+from ..domain.domxml import DomainXMLError, parse_domain_xmls
 from ..domain.records import (DomainConfig, HostCapacity, Network, RunningDomain, RunState,
                               StoragePool, canonical_uuid)
 from ..domain.sources import (Failed, NotFound, NotSupported, Refused, SourceError, Timeout,
@@ -74,25 +74,6 @@ def _run_state(value: int | None) -> RunState:
     lookup: the Enum call was ~1.5 µs of each domain's first read)."""
     return _RUN_STATES.get(value, RunState.NOSTATE) if type(value) is int \
         else RunState.NOSTATE
-
-
-def _read_domain(dom: libvirt.virDomain, state: int | None = None, *,
-                 persistent: bool | None = None, autostart: bool | None = None,
-                 capacities: Mapping[str, int] | None = None) -> RunningDomain | None:
-    """The RunningDomain for `dom`, or None when it is not active (or gone).
-
-    What the caller already knows from bulk listings is passed in and not asked again
-    (`capacities`: disk target -> capacity in bytes, from getAllDomainStats).
-    """
-    raw = _read_raw(dom, state, persistent=persistent, autostart=autostart)
-    if raw is None:
-        return None
-    config: DomainConfig | DomainXMLError
-    try:
-        config = parse_domain_xml(raw.xml, raw.autostart, detail=True)
-    except DomainXMLError as exc:
-        config = exc
-    return _running(raw, config, capacities)
 
 
 @dataclasses.dataclass(slots=True)
@@ -233,7 +214,12 @@ def read_one(conn: libvirt.virConnect, uuid: str) -> RunningDomain | None:
         if exc.get_error_code() == _NO_DOMAIN:
             return None
         raise
-    return _read_domain(dom)
+    # Everything asked of the domain itself (read_all passes what its listings know).
+    raw = _read_raw(dom, None, persistent=None, autostart=None)
+    if raw is None:
+        return None
+    config = parse_domain_xmls([raw.xml], [raw.autostart], detail=True)[0]
+    return _running(raw, config, None)
 
 
 def quietly(fn: Callable[..., Any], *args: Any) -> None:
