@@ -129,7 +129,7 @@ def measure_devices_and_metrics(n: int, envelope: Callable[[str, str], bytes],
         out["create_s"] = time.perf_counter() - t0
 
         async def start() -> Any:
-            ensure_event_loop_impl(asyncio.get_running_loop())
+            ensure_event_loop_impl()
             sources = await start_sources(libvirt_conn=conn, manager_bus=None,
                                           metrics_interval=3600.0)
             return await start_server([("127.0.0.1", 0)], sources=sources,

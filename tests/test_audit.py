@@ -78,7 +78,7 @@ class AuditedServer:
         from cim_provider.server.main import start_server, start_sources
         from cim_provider.sources.libvirt import ensure_event_loop_impl
         loop = asyncio.get_running_loop()
-        ensure_event_loop_impl(loop)
+        ensure_event_loop_impl()
         self.conn = await loop.run_in_executor(None, libvirt.open, "test:///default")
         shared = LibvirtConnection("test:///default", conn=self.conn)
         self.stores = [SqliteStore(self.workdir / "definitions.db"), LibvirtStore(shared)]

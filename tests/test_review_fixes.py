@@ -200,7 +200,7 @@ def test_server_close_cancels_the_host_refresh():
     stopped = False
     try:
         async def start():
-            ensure_event_loop_impl(asyncio.get_running_loop())
+            ensure_event_loop_impl()
             sources = await start_sources(libvirt_uri=daemon.uri, manager_bus=None,
                                           call_timeout=60.0)
             assert await sources.libvirt.wait_connected(15)

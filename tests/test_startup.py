@@ -69,7 +69,7 @@ def test_start_server_on_a_busy_port_stops_the_sources(lt, busy_port, tmp_path, 
 
     async def scenario():
         loop = asyncio.get_running_loop()
-        ensure_event_loop_impl(loop)
+        ensure_event_loop_impl()
         conn = await loop.run_in_executor(None, libvirt.open, "test:///default")
         try:
             sources = await start_sources(libvirt_conn=conn, manager_bus=bus.address)

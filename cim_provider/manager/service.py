@@ -81,6 +81,10 @@ BOOT_ID = "/proc/sys/kernel/random/boot_id"
 SIGNAL_BURST = 1000
 
 
+def _no_timeout(_timer: int, _opaque: object) -> None:
+    """The callback of _events_deliverable's probe, a timer that never fires."""
+
+
 def _is_farm(store: Store) -> bool:
     return bool(getattr(store, "farm", False))
 
@@ -302,7 +306,7 @@ class ManagerService(ServiceInterface):
         """Follow libvirt's domain events (lifecycle: defined, undefined, started,
         stopped; metadata: a title) on every libvirt connection, when this process has
         an event loop implementation registered (`cim-provider manager` registers
-        libvirtaio; in-process, the server's); then the poll is only a safety net
+        libvirtaio; in-process, the server's event thread); then the poll is only a safety net
         (`safety_poll`), otherwise it runs every poll_interval. Blocking; called again
         after every poll so a reopened connection is followed."""
         loop = self._loop
@@ -312,7 +316,9 @@ class ManagerService(ServiceInterface):
             return
 
         def changed(*_args: Any) -> None:
-            loop.call_soon_threadsafe(self._want_sync)
+            # On libvirt's event thread (or the loop's, under libvirtaio).
+            with contextlib.suppress(RuntimeError):         # that loop has closed
+                loop.call_soon_threadsafe(self._want_sync)
         for lc in self._libvirt_connections():
             if not lc.owned and (self.farm is None or lc is not self.libvirt):
                 # a connection handed in (shared with the rest of the process): its
@@ -379,14 +385,24 @@ class ManagerService(ServiceInterface):
 
     def _events_deliverable(self) -> bool:
         """libvirt can deliver events here: a libvirtaio implementation runs on our loop
-        (registered on another, finished loop it would take callbacks and never call
-        them)."""
+        (`cim-provider manager`; one registered on another, finished loop would take
+        callbacks and never call them), or, with none, another implementation is
+        registered (in the server's process: libvirt's own, driven by a thread of its
+        own, sources/libvirt_events.py; probed with a disabled timer, which libvirt
+        refuses when no implementation is registered)."""
         try:
             import libvirtaio
         except ImportError:
             return False
         impl = libvirtaio.getCurrentImpl()
-        return impl is not None and getattr(impl, "loop", None) is self._loop
+        if impl is not None:
+            return getattr(impl, "loop", None) is self._loop
+        try:
+            timer = libvirt.virEventAddTimeout(-1, _no_timeout, None)
+        except libvirt.libvirtError:
+            return False
+        libvirt.virEventRemoveTimeout(timer)
+        return True
 
     async def stop(self) -> None:
         """Stop polling. The flag as well as the cancel: asyncio.wait_for (in

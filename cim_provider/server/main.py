@@ -325,7 +325,7 @@ async def _serve(args: argparse.Namespace, t0: float) -> int:
     # complete enumeration). Nothing before this line imports aiohttp
     # (tests/test_startup_order.py).
     from ..sources.libvirt_events import close_opened, open_soon
-    opening = open_soon(args.libvirt_uri, asyncio.get_running_loop())
+    opening = open_soon(args.libvirt_uri)
     repo = await asyncio.to_thread(_load_while_libvirt_opens, args)
     if repo is None:                   # unreadable schema: exit 2 (load_repository said why)
         opening.add_done_callback(close_opened)

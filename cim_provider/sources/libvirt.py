@@ -1,8 +1,8 @@
 """libvirt as the source of running domains: one connection, events, reconnects, actions.
 
 What is running is read in full only when a connection is (re)established; after that
-libvirt's lifecycle events, delivered on the asyncio loop through libvirtaio, say which
-domain to read again. Blocking libvirt calls run in a small pool of threads that belongs
+libvirt's lifecycle events, handed to the asyncio loop by libvirt's event thread
+(libvirt_events.py), say which domain to read again. Blocking libvirt calls run in a small pool of threads that belongs
 to the connection, each with a timeout, so a wedged libvirtd can slow a CIM request down
 but never hang the server. A call that times out keeps its thread until libvirt returns;
 when such calls hold every thread of the pool, the connection is given up with its pool
@@ -12,7 +12,7 @@ a hung call never holds up a reconnect.
 The module is longer than most (about 850 lines) because the connection's life cycle
 (open, register events, load, drop, give up, reconnect), the per-domain re-reads and
 what the events leave behind (stop reasons, reboot counts) share one generation counter
-and must be read together; the event adapter
+and must be read together; the event thread
 (libvirt_events.py), the blocking calls (libvirt_calls.py; libvirt_stopped.py for the
 domains stopped on a failure) and the thread pools (libvirt_threads.py) live apart.
 """
@@ -172,7 +172,7 @@ class LibvirtSource:
         if self._task is not None:
             return
         self._loop = asyncio.get_running_loop()
-        ensure_event_loop_impl(self._loop)
+        ensure_event_loop_impl()
         self._stopping = False
         self._up = asyncio.Event()
         first = asyncio.Event()

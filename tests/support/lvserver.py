@@ -48,7 +48,7 @@ class LibvirtServer:
         from cim_provider.server.main import start_server, start_sources
         from cim_provider.sources.libvirt import ensure_event_loop_impl
         loop = asyncio.get_running_loop()
-        ensure_event_loop_impl(loop)
+        ensure_event_loop_impl()
         self.libvirt = await loop.run_in_executor(None, libvirt.open,
                                                   self.uri or "test:///default")
         sources = await start_sources(

@@ -351,7 +351,7 @@ class MinimalModel:
         from cim_provider.server.main import start_server, start_sources
         from cim_provider.sources.libvirt import ensure_event_loop_impl
         loop = asyncio.get_running_loop()
-        ensure_event_loop_impl(loop)
+        ensure_event_loop_impl()
         self.libvirt = await loop.run_in_executor(None, libvirt.open, "test:///default")
         await self.start_manager(self.configs)
         sources = await start_sources(libvirt_conn=self.libvirt, manager_bus=self.bus.address,
