@@ -2,12 +2,12 @@
 
 What is running is read in full only when a connection is (re)established; after that
 libvirt's lifecycle events, handed to the asyncio loop by libvirt's event thread
-(libvirt_events.py), say which domain to read again. Blocking libvirt calls run in a small pool of threads that belongs
-to the connection, each with a timeout, so a wedged libvirtd can slow a CIM request down
-but never hang the server. A call that times out keeps its thread until libvirt returns;
-when such calls hold every thread of the pool, the connection is given up with its pool
-and a new connection gets a new pool. Opens and closes run in threads of their own, so
-a hung call never holds up a reconnect.
+(libvirt_events.py), say which domain to read again. Blocking libvirt calls run in a
+small pool of threads that belongs to the connection, each with a timeout, so a wedged
+libvirtd can slow a CIM request down but never hang the server. A call that times out
+keeps its thread until libvirt returns; when such calls hold every thread of the pool,
+the connection is given up with its pool and a new connection gets a new pool. Opens and
+closes run in threads of their own, so a hung call never holds up a reconnect.
 
 The module is longer than most (about 850 lines) because the connection's life cycle
 (open, register events, load, drop, give up, reconnect), the per-domain re-reads and
