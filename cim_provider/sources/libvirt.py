@@ -9,7 +9,7 @@ keeps its thread until libvirt returns; when such calls hold every thread of the
 the connection is given up with its pool and a new connection gets a new pool. Opens and
 closes run in threads of their own, so a hung call never holds up a reconnect.
 
-The module is longer than most (about 850 lines) because the connection's life cycle
+The module is longer than most (about 900 lines) because the connection's life cycle
 (open, register events, load, drop, give up, reconnect), the per-domain re-reads and
 what the events leave behind (stop reasons, reboot counts) share one generation counter
 and must be read together; the event thread
