@@ -192,7 +192,7 @@ async def start_demo(listen: list[tuple[str, int]], host: str | None = None,
         sec = security.prepare(options or argparse.Namespace(), listen=listen, https=list(https),
                                state_dir=state_dir, host=host)
         demo.bus = PrivateBus()
-        ensure_event_loop_impl()          # before the connection is opened
+        ensure_event_loop_impl()        # before the connection is opened
         demo.conn = conn = await loop.run_in_executor(None, libvirt.open, "test:///default")
         await loop.run_in_executor(None, conn.createXML,
                                    config_to_domain_xml(TRANSIENT), 0)

@@ -407,16 +407,13 @@ def test_start_against_a_hung_libvirtd_returns_and_connects_later(libvirtd):
     run(body)
 
 
-def test_calls_over_a_remote_connection_post_nothing_to_the_loop():
+def test_calls_over_a_remote_connection_post_nothing_to_the_loop(libvirtd):
     """libvirt's client turns its socket's watch off and on around every call it makes
     over a remote connection. Those updates go to libvirt's own event thread: none of
     them may wake the asyncio loop (through libvirtaio each call posted two callbacks
     to it, ~0.1 ms of the loop's time per call: issue 16, GetInstance p99)."""
-    lvd = Libvirtd()
-    lvd.start()
-
     async def body() -> None:
-        src = LibvirtSource(lvd.uri)
+        src = LibvirtSource(libvirtd.uri)
         await src.start()
         loop = asyncio.get_running_loop()
         posted: list[str] = []
@@ -439,16 +436,12 @@ def test_calls_over_a_remote_connection_post_nothing_to_the_loop():
             loop.call_soon_threadsafe = counting        # type: ignore[method-assign]
             threading.Thread(target=calls).start()
             await until(done.is_set, 30, "200 calls over the remote connection")
-            del loop.call_soon_threadsafe
             assert answers == [libvirt.VIR_DOMAIN_RUNNING] * 200
             assert posted == [], f"the calls posted {len(posted)} callbacks: {posted[:4]}"
         finally:
             vars(loop).pop("call_soon_threadsafe", None)
             await src.stop()
-    try:
-        run(body)
-    finally:
-        lvd.stop()
+    run(body)
 
 
 def _inside_libvirt_open() -> bool:
