@@ -238,6 +238,10 @@ class ComputerSystemProvider(Provider):
                 self._by_uuid.pop(change.uuid, None)
         backend.inventory.subscribe(forget)
 
+    async def close(self) -> None:
+        """The templates hold this server's class (see wbem/instance.forget_classes)."""
+        _TEMPLATES.clear()
+
     def instance(self, rec: DomainRecord) -> CIMInstance:
         """The system of a record: the same object while the record (and the
         RequestedState shown) is unchanged."""

@@ -155,6 +155,8 @@ class ServerHandle:
         # No request is served any more: stop what providers run in the background
         # (before the sources those tasks call are stopped).
         await self.dispatcher.registry.close()
+        from ..wbem.instance import forget_classes
+        forget_classes()
         if self.indications is not None:
             await self.indications.close()
         if self.sources is not None:

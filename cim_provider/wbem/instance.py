@@ -106,6 +106,16 @@ _RECENT: dict[int, tuple[Any, Any]] = {}
 _MAX_RECENT = 64
 
 
+def forget_classes() -> None:
+    """Drop the shared shapes and the properties made last, which hold classes. A
+    server calls it when it closes, so that its repository goes with it: the caches
+    are per process, the classes per server (a process that starts servers one after
+    another, the tests', kept up to 4,096 shapes' classes). Another server still
+    running makes what it needs again."""
+    _SHAPES.clear()
+    _RECENT.clear()
+
+
 class Instance(CIMInstance):
     """A provider's instance, immutable once returned; see the module docstring.
 
