@@ -2,6 +2,8 @@
 providers (see tests/support/wbem_server.py)."""
 from __future__ import annotations
 
+import gc
+
 import pytest
 import pywbem
 
@@ -10,6 +12,16 @@ try:
                                            make_test_providers)
 except ImportError:  # tests/ itself on sys.path (pytest's default rootdir conftest import)
     from support.wbem_server import InProcessServer, SubprocessServer, make_test_providers
+
+
+def pytest_collection_finish(session):
+    """What the process holds once the tests are collected (pywbem, libvirt, the test
+    modules: ~140,000 objects) lives until it ends: frozen, full collections skip it.
+    In-process servers share this process, and a full collection pauses them; with a
+    grown heap (test_server_close.py) one took over a second, past the deadline of an
+    indication."""
+    gc.collect()
+    gc.freeze()
 
 
 @pytest.fixture(scope="session")
