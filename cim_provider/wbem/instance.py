@@ -200,8 +200,8 @@ class Instance(CIMInstance):
         if len(_RECENT) >= _MAX_RECENT:
             try:
                 _RECENT.pop(next(iter(_RECENT)), None)
-            except RuntimeError:     # changed meanwhile (another thread): next time
-                pass
+            except (RuntimeError, StopIteration):   # changed or emptied meanwhile (another
+                pass                                 # thread, forget_classes): next time
         _RECENT[id(self)] = (self, props)
         return props
 
