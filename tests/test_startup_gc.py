@@ -8,6 +8,16 @@ import gc
 from cim_provider.server import main
 
 
+def _as_conftest_left_it() -> None:
+    """Collector on, and what is alive frozen again (conftest freezes the process's
+    holdings after collection; unfreezing them here would make every later full
+    collection walk them)."""
+    gc.enable()
+    gc.unfreeze()
+    gc.collect()
+    gc.freeze()
+
+
 def test_off_during_startup_then_frozen_and_on():
     assert gc.isenabled()
     try:
@@ -22,8 +32,7 @@ def test_off_during_startup_then_frozen_and_on():
         tracked = {id(o) for o in gc.get_objects()}
         assert not any(id(m) in tracked for m in made)
     finally:
-        gc.enable()
-        gc.unfreeze()
+        _as_conftest_left_it()
 
 
 def test_left_alone_when_already_off():
@@ -34,5 +43,4 @@ def test_left_alone_when_already_off():
         main.end_startup_collection()
         assert not gc.isenabled()
     finally:
-        gc.enable()
-        gc.unfreeze()
+        _as_conftest_left_it()
