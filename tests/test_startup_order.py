@@ -35,6 +35,7 @@ except ImportError:  # tests/ itself on sys.path
 
 pytestmark = pytest.mark.timeout(180)
 
+HOST_CLASS = "VIRT_HostSystem"
 NO_BUS = "unix:path=/nonexistent/cim-provider-test-bus"
 HEAVY = ("aiohttp", "pywbem", "cim_provider.server.http", "cim_provider.wbem.dispatch",
          "cim_provider.providers")
@@ -63,6 +64,20 @@ def watched_open(uri=None):
     return real_open(uri)
 
 libvirt.open = watched_open
+
+# The host name, resolved beside the open: held until the open has begun (a resolver
+# that answers late), noting whether the open began while it was still held.
+from cim_provider.server import main as server_main
+real_fqdn = server_main.host_fqdn
+
+def held_fqdn(timeout=2.0):
+    bound = time.monotonic() + 60
+    while "before" not in seen and time.monotonic() < bound:
+        time.sleep(0.01)
+    seen.setdefault("open_while_naming", "before" in seen)
+    return "probe-host.example.test"
+
+server_main.host_fqdn = held_fqdn
 from cim_provider import cli
 try:
     code = cli.main(sys.argv[1:])
@@ -115,6 +130,9 @@ def test_libvirt_opens_first_and_the_server_is_imported_meanwhile(tmp_path):
         ws.wait_accepting(port, time.monotonic() + 120, proc)
         # It serves what the early open brought: one enumeration has every domain.
         assert domain_names(f"http://127.0.0.1:{port}") == set(names)
+        # ... and names the host as the resolver answered once the open had begun.
+        hosts = connect_wbem(f"http://127.0.0.1:{port}").EnumerateInstances(HOST_CLASS)
+        assert [str(h["Name"]) for h in hosts] == ["probe-host.example.test"]
         proc.send_signal(signal.SIGTERM)
         stdout, _ = proc.communicate(timeout=60)
     finally:
@@ -125,6 +143,7 @@ def test_libvirt_opens_first_and_the_server_is_imported_meanwhile(tmp_path):
     assert seen["before"] == [], "imported before libvirt's open started"
     assert seen["main_thread"] is False, "the open must not hold up the loop's thread"
     assert seen["imported_while_open"] is True, "the server was not imported during the open"
+    assert seen["open_while_naming"] is True, "the open waited for the host name"
 
 
 def test_a_missing_schema_is_said_first_and_libvirt_is_never_opened(tmp_path):

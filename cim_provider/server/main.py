@@ -312,7 +312,11 @@ async def _serve(args: argparse.Namespace, t0: float) -> int:
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
-    host = host_fqdn()
+    # The host name is resolved beside libvirt's open: a broken resolver (host_fqdn
+    # waits up to 2 s for it) must not delay the open. Only a self-signed TLS pair to
+    # make needs it before.
+    naming = asyncio.ensure_future(asyncio.to_thread(host_fqdn))
+    host = await naming if args.https_listen and getattr(args, "cert", None) is None else ""
     state_dir = args.state_dir or default_state_dir()
     listen = args.listen or ([] if args.https_listen else [("127.0.0.1", 5988)])
     try:
@@ -332,6 +336,7 @@ async def _serve(args: argparse.Namespace, t0: float) -> int:
     if repo is None:                   # unreadable schema: exit 2 (load_repository said why)
         opening.add_done_callback(close_opened)
         return 2
+    host = host or await naming
     sources = await start_sources(
         libvirt_uri=args.libvirt_uri, manager_bus=args.manager_bus,
         call_timeout=args.libvirt_timeout, manager_timeout=args.manager_timeout,
