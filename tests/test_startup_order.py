@@ -22,6 +22,8 @@ from pathlib import Path
 
 import pytest
 
+from cim_provider.providers.backend import HOST_CLASS
+
 try:
     from tests.support import stop_process
     from tests.support import wbem_server as ws
@@ -35,7 +37,6 @@ except ImportError:  # tests/ itself on sys.path
 
 pytestmark = pytest.mark.timeout(180)
 
-HOST_CLASS = "VIRT_HostSystem"
 NO_BUS = "unix:path=/nonexistent/cim-provider-test-bus"
 HEAVY = ("aiohttp", "pywbem", "cim_provider.server.http", "cim_provider.wbem.dispatch",
          "cim_provider.providers")
@@ -68,7 +69,6 @@ libvirt.open = watched_open
 # The host name, resolved beside the open: held until the open has begun (a resolver
 # that answers late), noting whether the open began while it was still held.
 from cim_provider.server import main as server_main
-real_fqdn = server_main.host_fqdn
 
 def held_fqdn(timeout=2.0):
     bound = time.monotonic() + 60
