@@ -14,10 +14,21 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cim_provider.domain.domxml import (_TYPE_NAMES, DomainXMLError, _int, _kib,
+from cim_provider.domain.domxml import (_TYPE_NAMES, _UNIT_KIB, DomainXMLError, _int, _kib,
                                         _roots_together, config_to_domain_xml,
                                         parse_domain_xml, parse_domain_xmls)
 from cim_provider.domain.records import (Disk, DomainConfig, Graphics, Nic, canonical_uuid)
+
+
+def reference_kib(elem: ET.Element | None) -> int | None:
+    """domxml._kib before it kept its answers, verbatim."""
+    if elem is None:
+        return None
+    value = _int(elem.text)
+    factor = _UNIT_KIB.get((elem.get("unit") or "KiB").lower())
+    if value is None or factor is None:
+        return None
+    return int(value * factor)
 
 
 def reference_parse(xml: str, autostart: bool | None = None, *,
@@ -94,8 +105,9 @@ def reference_parse(xml: str, autostart: bool | None = None, *,
         arch=os_type.get("arch") if os_type is not None else None,
         vcpus=vcpus,
         max_vcpus=_int(vcpu.text) if vcpu is not None else None,
-        memory_kib=_kib(root.find("currentMemory")) or _kib(root.find("memory")),
-        max_memory_kib=_kib(root.find("memory")),
+        memory_kib=reference_kib(root.find("currentMemory")) or
+        reference_kib(root.find("memory")),
+        max_memory_kib=reference_kib(root.find("memory")),
         autostart=None if autostart is None else bool(autostart),
         disks=tuple(disks), nics=tuple(nics), graphics=tuple(graphics))
 
@@ -156,6 +168,29 @@ def test_round_trip_of_our_own_xml():
                                  model="virtio"),))
     xml = config_to_domain_xml(cfg)
     assert parse_domain_xml(xml, detail=True) == reference_parse(xml, detail=True)
+
+
+KIB_CASES = [
+    # (description, element, KiB)
+    ("no unit: KiB", "<memory>1024</memory>", 1024),
+    ("MiB", "<memory unit='MiB'>2</memory>", 2048),
+    ("unit in any case", "<memory unit='gib'>1</memory>", 1024 ** 2),
+    ("decimal units", "<memory unit='MB'>1</memory>", 976),
+    ("bytes", "<memory unit='bytes'>4096</memory>", 4),
+    ("padded number", "<memory unit='KiB'> 512 </memory>", 512),
+    ("unknown unit", "<memory unit='parsecs'>1</memory>", None),
+    ("negative", "<memory>-1</memory>", None),
+    ("no number", "<memory unit='KiB'>lots</memory>", None),
+    ("empty", "<memory/>", None),
+]
+
+
+@pytest.mark.parametrize("desc, xml, expected", KIB_CASES, ids=[c[0] for c in KIB_CASES])
+def test_kib_kept_answers_are_the_computed_ones(desc, xml, expected):
+    """Asked again (an answer kept by (text, unit)) the same as asked first, and as the
+    computation it stands for."""
+    first, again = _kib(ET.fromstring(xml)), _kib(ET.fromstring(xml))
+    assert first == again == reference_kib(ET.fromstring(xml)) == expected
 
 
 EDGE_DOCUMENTS = [

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import random
 import socket
 import time
@@ -205,6 +206,25 @@ def test_pieces_and_their_cuts():
     part = render.pieces_of(items[5:17], offsets[5:18])
     assert part.size == offsets[17] - offsets[5] and part.pieces == render.pieces_of(
         items[5:17]).pieces
+
+
+def test_pieces_added_an_item_at_a_time_are_cut_between_items():
+    """Pieces.add_item (an instance's pieces at once): the same pieces and size as one
+    add per piece, every cut at an item's end, no chunk past an item beyond CHUNK."""
+    rnd = random.Random(5)
+    items = [tuple(bytes([97 + j]) * rnd.randrange(1, CHUNK // 4) for j in range(rnd.randrange(1, 5)))
+             for _ in range(60)]
+    by_item, by_piece = Pieces(), Pieces()
+    for item in items:
+        by_item.add_item(item)
+        by_piece.add_all(item)
+    assert by_item.pieces == by_piece.pieces and by_item.size == by_piece.size
+    ends = set(itertools.accumulate(len(item) for item in items))
+    assert by_item.cuts and set(by_item.cuts) <= ends
+    biggest = max(sum(map(len, item)) for item in items)
+    for chunk in by_item.chunks():
+        assert sum(map(len, chunk)) < CHUNK + biggest
+    assert [x for chunk in by_item.chunks() for x in chunk] == by_piece.pieces
 
 
 def test_enumerations_are_rendered_once_per_tuple(alltypes):

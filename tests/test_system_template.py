@@ -24,6 +24,7 @@ from cim_provider.wbem.repository import Repository
 UUID = "4dea22b3-1d52-d8f3-2516-782e98ab3fa0"
 NASTY = "a<b>c&d\"e'f \u00e9\u4e2d\U0001F600 ]]> &amp; \r\x01"
 MARKS = "\ue000U\ue001 \ue000N\ue001 \ue000"      # the template's own markers in a value
+BRACES = "{0}{1} }{ {{x}} {2!r:>9} {"            # format fields and stray braces
 
 
 def config(name: str = "web", title: str | None = None, autostart: bool | None = None,
@@ -56,6 +57,9 @@ TESTCASES = [
     ("the template's markers in name and title",
      DomainRecord(UUID, running=running(name=MARKS, title=MARKS)), 12, True),
     ("markers in the UUID key", DomainRecord(MARKS, defined=config(uuid=MARKS)), 12, True),
+    ("braces in name and title (a template is a format string)",
+     DomainRecord(UUID, running=running(name=BRACES, title=BRACES)), 12, True),
+    ("braces in the UUID key", DomainRecord(BRACES, defined=config(uuid=BRACES)), 12, True),
     ("stopped on a failure: the general way",
      DomainRecord(UUID, defined=config(), stop_reason="crashed <oops> & gone"), 12, False),
 ]

@@ -39,14 +39,24 @@ def _int(text: str | None) -> int | None:
     return v if v >= 0 else None
 
 
+# _kib's answers by (text, unit): the hosts' domains share a few memory sizes, and
+# start-up reads two of them per domain (issue 16). Bounded; full, it only misses.
+_KIB_SEEN: dict[tuple[str | None, str | None], int | None] = {}
+_KIB_SEEN_MAX = 1024
+
+
 def _kib(elem: ET.Element | None) -> int | None:
     if elem is None:
         return None
-    value = _int(elem.text)
-    factor = _UNIT_KIB.get((elem.get("unit") or "KiB").lower())
-    if value is None or factor is None:
-        return None
-    return shared_number(int(value * factor))
+    key = (elem.text, elem.get("unit"))
+    if key in _KIB_SEEN:
+        return _KIB_SEEN[key]
+    value = _int(key[0])
+    factor = _UNIT_KIB.get((key[1] or "KiB").lower())
+    kib = None if value is None or factor is None else shared_number(int(value * factor))
+    if len(_KIB_SEEN) < _KIB_SEEN_MAX:
+        _KIB_SEEN[key] = kib
+    return kib
 
 
 def _first(elem: ET.Element, tag: str) -> ET.Element | None:
@@ -172,11 +182,16 @@ def config_from_root(root: ET.Element, autostart: bool | None = None, *,
                 if g is not None:
                     graphics.append(g)
     vcpu = first.get("vcpu")
-    vcpus = _int(vcpu.get("current")) if vcpu is not None and vcpu.get("current") else None
-    if vcpus is None and vcpu is not None:
-        vcpus = _int(vcpu.text)
+    max_vcpus = vcpus = None
+    if vcpu is not None:
+        max_vcpus = _int(vcpu.text)
+        current = vcpu.get("current")
+        vcpus = _int(current) if current else None
+        if vcpus is None:
+            vcpus = max_vcpus
     dtype = (root.get("type") or "").lower()
     memory = first.get("memory")
+    max_memory = _kib(memory)
     return DomainConfig(
         uuid=uuid, name=name,
         title=((title_el.text or None) if title_el is not None else None),
@@ -184,9 +199,9 @@ def config_from_root(root: ET.Element, autostart: bool | None = None, *,
         os_type=shared_word(os_type.text.strip()) if os_type is not None and os_type.text else None,
         arch=shared_word(os_type.get("arch")) if os_type is not None else None,
         vcpus=vcpus,
-        max_vcpus=_int(vcpu.text) if vcpu is not None else None,
-        memory_kib=_kib(first.get("currentMemory")) or _kib(memory),
-        max_memory_kib=_kib(memory),
+        max_vcpus=max_vcpus,
+        memory_kib=_kib(first.get("currentMemory")) or max_memory,
+        max_memory_kib=max_memory,
         autostart=None if autostart is None else bool(autostart),
         disks=tuple(disks), nics=tuple(nics), graphics=tuple(graphics))
 

@@ -125,30 +125,35 @@ def _values(uuid: str, name: str, title: str | None, kind: str,
 # A system's INSTANCE written from a template per class and kind of record (issue 16:
 # start-up renders 10,000 of them before the first enumeration answers, ~20 µs each the
 # general way). A template is what render.py writes for the values of `_values` with
-# three markers in place of the UUID, the name and the title, cut at the markers; a
-# system is its template with each marker's value escaped (writer.esc works character by
+# three markers in place of the UUID, the name and the title, turned into a format
+# string (its own braces doubled, each marker a numbered field); a system is its
+# template formatted with the three values escaped (writer.esc works character by
 # character, so escaping a value inside a string equals escaping the pieces). The
 # markers are private-use characters that esc leaves alone; no fixed text holds them.
 _MARK_UUID, _MARK_NAME, _MARK_TITLE = "\ue000U\ue001", "\ue000N\ue001", "\ue000T\ue001"
+_FIELDS = {_MARK_UUID: "{0}", _MARK_NAME: "{1}", _MARK_TITLE: "{2}"}
 _MARKS = re.compile("(\ue000[UNT]\ue001)")
-_TEMPLATES: dict[tuple, tuple[Any, tuple[str, ...]]] = {}
+_TEMPLATES: dict[tuple, tuple[Any, str]] = {}
 _TEMPLATES_MAX = 256           # kinds of record x states x RequestedState: a few dozen
 
 
-def _template(cls: Any, key: tuple) -> tuple[str, ...]:
-    """The cut INSTANCE text for `key` (see system_body): fixed text at even indexes,
-    markers at odd ones."""
+def _template(cls: Any, key: tuple) -> str:
+    """The INSTANCE text for `key` (see system_body) as a format string: field 0 the
+    UUID, 1 the name, 2 the title."""
     hit = _TEMPLATES.get(key)
     if hit is not None and hit[0] is cls:
         return hit[1]
     _cls_id, titled, kind, state, requested, autostart = key
     values = _values(_MARK_UUID, _MARK_NAME, _MARK_TITLE if titled else None, kind,
                      (state[0], list(state[1]), state[2]), requested, autostart, None)
-    pieces = tuple(_MARKS.split(instance_xml_of(CS_CLASS, *split_values(cls, values))))
+    pieces = _MARKS.split(instance_xml_of(CS_CLASS, *split_values(cls, values)))
+    # fixed text at even indexes, markers at odd ones
+    template = "".join(_FIELDS[p] if i % 2 else p.replace("{", "{{").replace("}", "}}")
+                       for i, p in enumerate(pieces))
     if len(_TEMPLATES) >= _TEMPLATES_MAX:
         _TEMPLATES.clear()
-    _TEMPLATES[key] = (cls, pieces)
-    return pieces
+    _TEMPLATES[key] = (cls, template)
+    return template
 
 
 def system_body(rec: DomainRecord, requested: int, cls: Any) -> str | None:
@@ -161,10 +166,7 @@ def system_body(rec: DomainRecord, requested: int, cls: Any) -> str | None:
     enabled, opstatus, health = state_of(rec)
     key = (id(cls), bool(title), _kind_text(rec), (enabled, tuple(opstatus), health),
            requested, _autostart(rec))
-    pieces = _template(cls, key)
-    fill = {_MARK_UUID: esc(rec.uuid), _MARK_NAME: esc(name),
-            _MARK_TITLE: esc(title) if title else ""}
-    return "".join([p if i % 2 == 0 else fill[p] for i, p in enumerate(pieces)])
+    return _template(cls, key).format(esc(rec.uuid), esc(name), esc(title) if title else "")
 
 
 class SystemInstance(Instance):

@@ -2,7 +2,7 @@
 front, the dispatcher and the providers."""
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +54,18 @@ class Pieces:
     def add_all(self, pieces: Iterable[bytes]) -> None:
         for piece in pieces:
             self.add(piece)
+
+    def add_item(self, item: Sequence[bytes]) -> None:
+        """The few pieces of one item (an instance's): counted together, and a cut
+        when due comes after the item, not inside it. A call per piece was a sixth of
+        the first enumeration of 10,000 systems (issue 16, start-up)."""
+        self.pieces += item
+        n = sum(map(len, item))
+        self.size += n
+        self.since += n
+        if self.since >= CHUNK:
+            self.cuts.append(len(self.pieces))
+            self.since = 0
 
     def extend(self, other: Pieces) -> None:
         """`other`'s pieces after these (its cuts kept, shifted)."""

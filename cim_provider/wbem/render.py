@@ -383,7 +383,7 @@ class Renders:
         cacheable = True
         pace = Pacer()
         for inst in insts:
-            out.add_all(render(inst))
+            out.add_item(render(inst))
             cacheable = cacheable and isinstance(inst, Instance)
             await pace.tick()
         return self._keep(key, insts, out, None, cacheable).pieces
@@ -447,7 +447,7 @@ def pieces_of(items: Sequence[Any], offsets: Sequence[int] | None = None) -> Pie
     out = Pieces()
     if offsets is None:
         for item in items:
-            out.add_all(item if type(item) is tuple else (item,))
+            out.add_item(item if type(item) is tuple else (item,))
         return out
     pieces: list[bytes] = []
     cuts: list[int] = []
