@@ -459,6 +459,8 @@ def report(r: dict) -> str:
 if __name__ == "__main__":
     import tempfile
     sys.path.insert(0, str(ROOT))
+    from bench.run import compile_bytecode
+    compile_bytecode()
     sizes = sorted(int(a) for a in sys.argv[1:]) or [10_000]
     with tempfile.TemporaryDirectory(prefix="cim-bench-inproc-") as tmp:
         # the smaller sizes: GetInstance only (python -m bench.inprocess 100 1000 10000)

@@ -940,8 +940,19 @@ def main(argv: list[str] | None = None) -> int:
     return run(ap.parse_args(argv))
 
 
+def compile_bytecode() -> None:
+    """The servers measured run from this checkout (an editable install): its modules'
+    bytecode is compiled first, as `pip install` does for an installed cim-provider.
+    Python reads cached bytecode even where PYTHONDONTWRITEBYTECODE stops it from
+    writing any, and without it every start compiles each module again (~20 ms before
+    libvirt's open alone)."""
+    import compileall
+    compileall.compile_dir(str(ROOT / "cim_provider"), quiet=1)
+
+
 def run(args: argparse.Namespace) -> int:
     ns = args.n or [100, 1000, 10000]
+    compile_bytecode()
     SERVE_EXTRA[:] = getattr(args, "serve_arg", [])
     results = []
     inproc = None

@@ -38,8 +38,8 @@ except ImportError:  # tests/ itself on sys.path
 pytestmark = pytest.mark.timeout(180)
 
 NO_BUS = "unix:path=/nonexistent/cim-provider-test-bus"
-HEAVY = ("aiohttp", "pywbem", "cim_provider.server.http", "cim_provider.wbem.dispatch",
-         "cim_provider.providers")
+HEAVY = ("asyncio", "uvloop", "aiohttp", "pywbem", "cim_provider.server.http",
+         "cim_provider.wbem.dispatch", "cim_provider.providers")
 
 # cli.main(["serve", ...]) with libvirt.open wrapped: at the first call it notes which
 # heavy modules are there already and on which thread it runs, then holds the open
@@ -47,7 +47,7 @@ HEAVY = ("aiohttp", "pywbem", "cim_provider.server.http", "cim_provider.wbem.dis
 # opens, so the wait ends at once; a server that imported it only after the open would
 # reach the bound instead. What was seen is printed as one JSON line at the end.
 PROBE = r"""
-import json, sys, threading, time
+import json, os, signal, sys, threading, time
 import libvirt
 
 HEAVY = %r
@@ -57,6 +57,9 @@ real_open = libvirt.open
 def watched_open(uri=None):
     if "before" not in seen:
         seen["before"] = [m for m in HEAVY if m in sys.modules]
+        if os.environ.get("PROBE_STOP_AT_OPEN"):   # a stop asked for before the loop runs
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real_open(uri)
         seen["main_thread"] = threading.current_thread() is threading.main_thread()
         bound = time.monotonic() + 60
         while "cim_provider.server.http" not in sys.modules and time.monotonic() < bound:
@@ -144,6 +147,24 @@ def test_libvirt_opens_first_and_the_server_is_imported_meanwhile(tmp_path):
     assert seen["main_thread"] is False, "the open must not hold up the loop's thread"
     assert seen["imported_while_open"] is True, "the server was not imported during the open"
     assert seen["open_while_naming"] is True, "the open waited for the host name"
+
+
+def test_a_stop_asked_for_before_the_loop_runs_stops_the_server_cleanly(tmp_path):
+    """SIGTERM while libvirt's open is being started (before the event loop and its
+    signal handlers): noted, and the server stops as for one that arrives later, with
+    exit 0 (not killed by the signal)."""
+    node = tmp_path / "node.xml"
+    write_node(node, ["early-stop"])
+    log = tmp_path / "serve.log"
+    with log.open("w") as err:
+        proc = subprocess.run(
+            [sys.executable, "-c", PROBE, "serve", "--listen", f"127.0.0.1:{ws.free_port()}",
+             "--libvirt-uri", f"test://{node}", "--manager-bus", NO_BUS,
+             "--state-dir", str(tmp_path / "state"), "--metrics-interval", "0"],
+            stdout=subprocess.PIPE, stderr=err, text=True, timeout=120, cwd=str(ws.ROOT),
+            env={**_env(), "PROBE_STOP_AT_OPEN": "1"})
+    assert proc.returncode == 0, log.read_text()
+    assert _seen(proc.stdout)["before"] == []
 
 
 def test_a_missing_schema_is_said_first_and_libvirt_is_never_opened(tmp_path):

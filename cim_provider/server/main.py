@@ -3,16 +3,16 @@
 One asyncio loop carries HTTP, D-Bus and libvirt events. `start_server` is also
 what the demo and the tests use in-process.
 
-Importing this module imports nothing heavy: `serve` starts libvirt's open (seconds for
-thousands of domains, without the GIL) before aiohttp and the server's own modules are
-imported, and imports them in a worker thread while it runs (issue 16, start-up;
-docs/architecture.md, "Sources"). So those are imported inside the functions that use
-them; tests/test_startup_order.py checks the order.
+Importing this module imports nothing heavy, not even asyncio: `serve` starts libvirt's
+open (seconds for thousands of domains, without the GIL) before its event loop exists
+and before aiohttp and the server's own modules are imported, and imports them in a
+worker thread while it runs (issue 16, start-up; docs/architecture.md, "Sources"). So
+those are imported inside the functions that use them; tests/test_startup_order.py
+checks the order.
 """
 from __future__ import annotations
 
 import argparse
-import asyncio
 import functools
 import gc
 import logging
@@ -30,6 +30,7 @@ from .options import add_arguments, default_state_dir  # noqa: F401  (cli.py: se
 from ..schema_setup import load_repository, schema_missing
 
 if TYPE_CHECKING:
+    import asyncio
     import concurrent.futures
 
     import libvirt
@@ -94,6 +95,8 @@ async def start_sources(*, libvirt_uri: str | None = None, libvirt_conn=None,
     `metrics_interval`: seconds between usage samples of the running domains (0: none);
     `libvirt_opening`: an open of `libvirt_uri` already under way (libvirt_events.open_soon)
     that the first connection takes instead of opening another."""
+    import asyncio
+
     from ..inventory.inventory import Inventory
     from ..sources.libvirt import LibvirtSource
     inv = Inventory()
@@ -302,21 +305,43 @@ def _publish_job(indications: IndicationService, provider: JobsProvider, job: Jo
                                "JobStatus"], classname="CIM_InstModification"))
 
 
-async def _serve(args: argparse.Namespace, t0: float) -> int:
-    from .notify import Notifier
-    notifier = Notifier.from_env()        # systemd Type=notify; a no-op without it
+@dataclass
+class _Begun:
+    """What `serve` did before its event loop runs (_begin)."""
+    sec: security.Security
+    state_dir: Path
+    host: str                    # "" until `naming` has it
+    naming: concurrent.futures.Future[str]
+    opening: concurrent.futures.Future[libvirt.virConnect]
+
+
+# SIGTERM/SIGINT seen before the loop's own handlers are in place (_begin).
+_EARLY_STOP: list[int] = []
+
+
+def _note_stop(signum: int, _frame: object) -> None:
+    _EARLY_STOP.append(signum)
+
+
+def _begin(args: argparse.Namespace) -> _Begun | int:
+    """Before the event loop: the refusals (exit 2, libvirt untouched), then libvirt's
+    open started (seconds for a test:/// node of 10,000 domains, in a thread and without
+    the GIL). Nothing heavier than libvirt itself is imported first: asyncio, uvloop,
+    aiohttp and the server's own modules come while the open runs (issue 16, start-up:
+    spawn to the first complete enumeration; tests/test_startup_order.py)."""
+    # A stop asked for from here on stops the server cleanly (exit 0) once its loop runs,
+    # also one that arrives while it starts (a listener may accept before start-up ends).
+    _EARLY_STOP.clear()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _note_stop)
     if schema_missing(args.cache_dir):    # exit 2, having said what to run, and nothing else
         return 2
-    # From here on a SIGTERM/SIGINT stops the server cleanly (exit 0), also one that
-    # arrives while it starts (a listener may accept before start-up has finished).
-    stop = asyncio.Event()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
     # The host name is resolved beside libvirt's open: a broken resolver (host_fqdn
     # waits up to 2 s for it) must not delay the open. Only a self-signed TLS pair to
     # make needs it before.
-    naming = asyncio.ensure_future(asyncio.to_thread(host_fqdn))
-    host = await naming if args.https_listen and getattr(args, "cert", None) is None else ""
+    from ..sources.libvirt_threads import in_thread
+    naming = in_thread(host_fqdn, "host-name")
+    host = naming.result() if args.https_listen and getattr(args, "cert", None) is None else ""
     state_dir = args.state_dir or default_state_dir()
     listen = args.listen or ([] if args.https_listen else [("127.0.0.1", 5988)])
     try:
@@ -325,18 +350,29 @@ async def _serve(args: argparse.Namespace, t0: float) -> int:
     except security.StartupError as exc:
         log.error("not starting: %s", exc)
         return 2
-    # libvirt's open first (seconds for a test:/// node of 10,000 domains, in a thread
-    # and without the GIL): the rest of the server is imported and the class repository
-    # loaded in a worker thread while it runs (issue 16, start-up: spawn to the first
-    # complete enumeration). Nothing before this line imports aiohttp
-    # (tests/test_startup_order.py).
-    from ..sources.libvirt_events import close_opened, open_soon
-    opening = open_soon(args.libvirt_uri)
+    from ..sources.libvirt_events import open_soon
+    return _Begun(sec, state_dir, host, naming, open_soon(args.libvirt_uri))
+
+
+async def _serve(args: argparse.Namespace, t0: float, begun: _Begun) -> int:
+    import asyncio
+
+    from ..sources.libvirt_events import close_opened
+    from .notify import Notifier
+    notifier = Notifier.from_env()        # systemd Type=notify; a no-op without it
+    stop = asyncio.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        asyncio.get_running_loop().add_signal_handler(sig, stop.set)
+    if _EARLY_STOP:
+        stop.set()
+    sec, state_dir, opening = begun.sec, begun.state_dir, begun.opening
+    # The rest of the server is imported and the class repository loaded in a worker
+    # thread while libvirt opens.
     repo = await asyncio.to_thread(_load_while_libvirt_opens, args)
     if repo is None:                   # unreadable schema: exit 2 (load_repository said why)
         opening.add_done_callback(close_opened)
         return 2
-    host = host or await naming
+    host = begun.host or await asyncio.wrap_future(begun.naming)
     sources = await start_sources(
         libvirt_uri=args.libvirt_uri, manager_bus=args.manager_bus,
         call_timeout=args.libvirt_timeout, manager_timeout=args.manager_timeout,
@@ -430,6 +466,7 @@ def run_loop(main) -> int:
     try:
         import uvloop
     except ImportError:
+        import asyncio
         return asyncio.run(main)
     return uvloop.run(main)
 
@@ -468,7 +505,10 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.monotonic()
     _STARTUP_GC = begin_startup_collection()
     try:
-        return run_loop(_serve(args, t0))       # no schema: exit 2
+        begun = _begin(args)
+        if not isinstance(begun, _Begun):       # refused: exit 2
+            return begun
+        return run_loop(_serve(args, t0, begun))
     finally:
         if _STARTUP_GC:                  # stopped before it was ready
             _STARTUP_GC = False
