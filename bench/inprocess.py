@@ -33,8 +33,8 @@ from types import SimpleNamespace
 import pywbem
 
 from bench.run import (EXE, NS, ROOT, SERVE_EXTRA, RawClient, Setup, _classname, _envelope,
-                       _instancename, free_port, getinstance_latency, loop_stall,
-                       mock_peer, pull_all, timed_with_floors)
+                       _instancename, compile_bytecode, free_port, getinstance_latency,
+                       loop_stall, mock_peer, pull_all, timed_with_floors)
 from cim_provider.busdaemon import PrivateBus
 from cim_provider.domain.domxml import config_to_domain_xml
 from cim_provider.domain.records import DomainConfig
@@ -83,11 +83,6 @@ def libvirt_list(uri: str) -> tuple[float, float]:
     if child.returncode != 0 or not line:
         raise RuntimeError(f"listing {uri} failed (exit {child.returncode})")
     return from_spawn, float(line.split()[0])
-
-
-def libvirt_list_time(uri: str, runs: int = 3) -> float:
-    """Median over `runs` of libvirt_list's time from the spawn."""
-    return statistics.median(libvirt_list(uri)[0] for _ in range(runs))
 
 
 def _rss_mib(pid: int) -> float:
@@ -459,7 +454,6 @@ def report(r: dict) -> str:
 if __name__ == "__main__":
     import tempfile
     sys.path.insert(0, str(ROOT))
-    from bench.run import compile_bytecode
     compile_bytecode()
     sizes = sorted(int(a) for a in sys.argv[1:]) or [10_000]
     with tempfile.TemporaryDirectory(prefix="cim-bench-inproc-") as tmp:

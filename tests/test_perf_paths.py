@@ -202,6 +202,7 @@ def test_pieces_and_their_cuts():
         offsets.append(offsets[-1] + (sum(map(len, item)) if type(item) is tuple else len(item)))
     fast, slow = render.pieces_of(items, offsets), render.pieces_of(items)
     assert fast.pieces == slow.pieces and fast.size == slow.size
+    assert fast.cuts == slow.cuts and fast.since == slow.since
     assert b"".join(b"".join(c) for c in fast.chunks()) == b"".join(slow.pieces)
     part = render.pieces_of(items[5:17], offsets[5:18])
     assert part.size == offsets[17] - offsets[5] and part.pieces == render.pieces_of(

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -57,6 +58,7 @@ real_open = libvirt.open
 def watched_open(uri=None):
     if "before" not in seen:
         seen["before"] = [m for m in HEAVY if m in sys.modules]
+        seen["notify_socket"] = os.environ.get("NOTIFY_SOCKET")
         if os.environ.get("PROBE_STOP_AT_OPEN"):   # a stop asked for before the loop runs
             os.kill(os.getpid(), signal.SIGTERM)
             return real_open(uri)
@@ -124,12 +126,19 @@ def test_libvirt_opens_first_and_the_server_is_imported_meanwhile(tmp_path):
     write_node(node, names)
     port = ws.free_port()
     log = (tmp_path / "serve.log").open("w")
+    # systemd's notify socket: out of the environment before libvirt's open (its thread,
+    # and what it may spawn, must neither see it nor race its removal).
+    notify = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    notify.bind(str(tmp_path / "notify"))
+    notify.settimeout(60)
     proc = subprocess.Popen(
         [sys.executable, "-c", PROBE, "serve", "--listen", f"127.0.0.1:{port}",
          "--libvirt-uri", f"test://{node}", "--manager-bus", NO_BUS,
          "--state-dir", str(tmp_path / "state"), "--metrics-interval", "0"],
-        stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(ws.ROOT), env=_env())
+        stdout=subprocess.PIPE, stderr=log, text=True, cwd=str(ws.ROOT),
+        env={**_env(), "NOTIFY_SOCKET": str(tmp_path / "notify")})
     try:
+        assert b"READY=1" in notify.recv(4096).split(b"\n")
         ws.wait_accepting(port, time.monotonic() + 120, proc)
         # It serves what the early open brought: one enumeration has every domain.
         assert domain_names(f"http://127.0.0.1:{port}") == set(names)
@@ -141,9 +150,11 @@ def test_libvirt_opens_first_and_the_server_is_imported_meanwhile(tmp_path):
     finally:
         stop_process(proc)
         log.close()
+        notify.close()
     assert proc.returncode == 0, (tmp_path / "serve.log").read_text()
     seen = _seen(stdout)
     assert seen["before"] == [], "imported before libvirt's open started"
+    assert seen["notify_socket"] is None, "NOTIFY_SOCKET still set when libvirt opened"
     assert seen["main_thread"] is False, "the open must not hold up the loop's thread"
     assert seen["imported_while_open"] is True, "the server was not imported during the open"
     assert seen["open_while_naming"] is True, "the open waited for the host name"
@@ -293,3 +304,25 @@ def test_the_source_takes_the_early_open_with_its_timeout_and_closes_what_is_lef
     asyncio.run(scenario())
     assert late.closed.wait(30) and untaken.closed.wait(30)
     assert not taken.closed.is_set()
+
+
+REFUSALS = [
+    # (description, extra options, what makes the start refuse)
+    ("no DMTF schema", ["--cache-dir", "{empty}"], "schema"),
+    ("plain HTTP on a non-loopback address", ["--listen", "192.0.2.1:5988"], "security"),
+]
+
+
+@pytest.mark.parametrize("desc, extra, why", REFUSALS, ids=[r[0] for r in REFUSALS])
+def test_a_refused_start_leaves_the_signal_handlers_as_they_were(tmp_path, desc, extra, why):
+    """serve's steps before its event loop (server/main.py `_begin`) note a stop asked
+    for meanwhile; refused, they put SIGINT's and SIGTERM's handlers back."""
+    from cim_provider import cli
+    from cim_provider.server import main as server_main
+    (tmp_path / "empty").mkdir()
+    args = cli.parse_args(["serve", "--libvirt-uri", "test:///default", "--manager-bus",
+                           NO_BUS, "--state-dir", str(tmp_path / "state"),
+                           *[e.format(empty=tmp_path / "empty") for e in extra]])
+    before = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)}
+    assert server_main._begin(args) == 2, why
+    assert {sig: signal.getsignal(sig) for sig in before} == before

@@ -109,7 +109,20 @@ def test_templates_follow_the_class(cls):
         cs.SystemInstance(rec, 12, other).body_text()
     other = cls.copy()
     assert cs.SystemInstance(rec, 12, other).body_text() == first
-    assert any(kept is other for kept, _pieces in cs._TEMPLATES.values())
+    assert any(kept is other for kept, _template in cs._TEMPLATES.values())
+
+
+def test_braces_in_the_fixed_text_are_written_as_they_are(cls, monkeypatch):
+    """A template is a format string: braces of its own fixed text (here a kind's
+    description) come out as they are, beside braces in the values."""
+    from cim_provider.domain.records import Kind
+    monkeypatch.setitem(cs._KIND_TEXT, Kind.RUNNING_ONLY, "odd {0} }{ {{x}} {2!r} text {")
+    monkeypatch.setattr(cs, "_TEMPLATES", {})
+    rec = DomainRecord(UUID, running=running(name=BRACES, title=BRACES))
+    inst = cs.SystemInstance(rec, 12, cls)
+    assert inst.body_text() is not None
+    assert render.body_of(inst).decode("utf-8") == w.instance_xml(general(rec, 12))
+    assert "odd {0} }{ {{x}} {2!r} text {" in inst.body_text()
 
 
 NAME_CASES = [

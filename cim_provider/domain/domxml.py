@@ -40,21 +40,24 @@ def _int(text: str | None) -> int | None:
 
 
 # _kib's answers by (text, unit): the hosts' domains share a few memory sizes, and
-# start-up reads two of them per domain (issue 16). Bounded; full, it only misses.
+# start-up reads two of them per domain (issue 16). Bounded, and only for short texts;
+# full, it only misses. Entries are never removed, so threads may share it unlocked.
 _KIB_SEEN: dict[tuple[str | None, str | None], int | None] = {}
 _KIB_SEEN_MAX = 1024
+_UNSEEN = object()
 
 
 def _kib(elem: ET.Element | None) -> int | None:
     if elem is None:
         return None
     key = (elem.text, elem.get("unit"))
-    if key in _KIB_SEEN:
-        return _KIB_SEEN[key]
+    hit = _KIB_SEEN.get(key, _UNSEEN)
+    if hit is not _UNSEEN:
+        return hit  # type: ignore[return-value]
     value = _int(key[0])
     factor = _UNIT_KIB.get((key[1] or "KiB").lower())
     kib = None if value is None or factor is None else shared_number(int(value * factor))
-    if len(_KIB_SEEN) < _KIB_SEEN_MAX:
+    if len(_KIB_SEEN) < _KIB_SEEN_MAX and len(key[0] or "") <= 32 and len(key[1] or "") <= 8:
         _KIB_SEEN[key] = kib
     return kib
 

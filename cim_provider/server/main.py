@@ -1,14 +1,16 @@
 """`cim-provider serve`: the WBEM server, wired from its parts.
 
-One asyncio loop carries HTTP, D-Bus and libvirt events. `start_server` is also
-what the demo and the tests use in-process.
+One asyncio loop carries HTTP and D-Bus; libvirt's events come from a thread of their
+own (sources/libvirt_events.py). `start_server` is also what the demo and the tests use
+in-process.
 
 Importing this module imports nothing heavy, not even asyncio: `serve` starts libvirt's
 open (seconds for thousands of domains, without the GIL) before its event loop exists
 and before aiohttp and the server's own modules are imported, and imports them in a
 worker thread while it runs (issue 16, start-up; docs/architecture.md, "Sources"). So
 those are imported inside the functions that use them; tests/test_startup_order.py
-checks the order.
+checks the order. It runs past 500 lines because that order (before the loop, while
+libvirt opens, after) is kept readable in one module rather than spread over several.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Callable
 
 from . import heap, security
 from .listen import show_address
+from .notify import Notifier
 from .options import add_arguments, default_state_dir  # noqa: F401  (cli.py: serve's options)
 from ..schema_setup import load_repository, schema_missing
 
@@ -308,6 +311,7 @@ def _publish_job(indications: IndicationService, provider: JobsProvider, job: Jo
 @dataclass
 class _Begun:
     """What `serve` did before its event loop runs (_begin)."""
+    notifier: Notifier
     sec: security.Security
     state_dir: Path
     host: str                    # "" until `naming` has it
@@ -326,40 +330,50 @@ def _note_stop(signum: int, _frame: object) -> None:
 def _begin(args: argparse.Namespace) -> _Begun | int:
     """Before the event loop: the refusals (exit 2, libvirt untouched), then libvirt's
     open started (seconds for a test:/// node of 10,000 domains, in a thread and without
-    the GIL). Nothing heavier than libvirt itself is imported first: asyncio, uvloop,
-    aiohttp and the server's own modules come while the open runs (issue 16, start-up:
-    spawn to the first complete enumeration; tests/test_startup_order.py)."""
+    the GIL). Without --users or --pam-service nothing heavier than libvirt itself is
+    imported first: asyncio, uvloop, aiohttp and the server's own modules come while the
+    open runs (issue 16, start-up: spawn to the first complete enumeration;
+    tests/test_startup_order.py)."""
+    # First, before any thread or child process runs: $NOTIFY_SOCKET out of the
+    # environment (notify.py), which no other thread may read while it is removed.
+    notifier = Notifier.from_env()        # systemd Type=notify; a no-op without it
     # A stop asked for from here on stops the server cleanly (exit 0) once its loop runs,
     # also one that arrives while it starts (a listener may accept before start-up ends).
     _EARLY_STOP.clear()
-    for sig in (signal.SIGINT, signal.SIGTERM):
-        signal.signal(sig, _note_stop)
-    if schema_missing(args.cache_dir):    # exit 2, having said what to run, and nothing else
-        return 2
-    # The host name is resolved beside libvirt's open: a broken resolver (host_fqdn
-    # waits up to 2 s for it) must not delay the open. Only a self-signed TLS pair to
-    # make needs it before.
-    from ..sources.libvirt_threads import in_thread
-    naming = in_thread(host_fqdn, "host-name")
-    host = naming.result() if args.https_listen and getattr(args, "cert", None) is None else ""
-    state_dir = args.state_dir or default_state_dir()
-    listen = args.listen or ([] if args.https_listen else [("127.0.0.1", 5988)])
+    previous = {sig: signal.signal(sig, _note_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
+    begun: _Begun | int = 2
     try:
-        sec = security.prepare(args, listen=listen, https=args.https_listen or [],
-                               state_dir=state_dir, host=host)
-    except security.StartupError as exc:
-        log.error("not starting: %s", exc)
-        return 2
-    from ..sources.libvirt_events import open_soon
-    return _Begun(sec, state_dir, host, naming, open_soon(args.libvirt_uri))
+        if schema_missing(args.cache_dir):    # exit 2, having said what to run, and nothing else
+            return begun
+        # The host name is resolved beside libvirt's open: a broken resolver (host_fqdn
+        # waits up to 2 s for it) must not delay the open. Only a self-signed TLS pair
+        # to make needs it before.
+        from ..sources.libvirt_threads import in_thread
+        naming = in_thread(host_fqdn, "host-name")
+        host = naming.result() if args.https_listen and getattr(args, "cert", None) is None \
+            else ""
+        state_dir = args.state_dir or default_state_dir()
+        listen = args.listen or ([] if args.https_listen else [("127.0.0.1", 5988)])
+        try:
+            sec = security.prepare(args, listen=listen, https=args.https_listen or [],
+                                   state_dir=state_dir, host=host)
+        except security.StartupError as exc:
+            log.error("not starting: %s", exc)
+            return begun
+        from ..sources.libvirt_events import open_soon
+        begun = _Begun(notifier, sec, state_dir, host, naming, open_soon(args.libvirt_uri))
+        return begun
+    finally:
+        if not isinstance(begun, _Begun):   # refused or failed: the handlers as they were
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
 
 
 async def _serve(args: argparse.Namespace, t0: float, begun: _Begun) -> int:
     import asyncio
 
     from ..sources.libvirt_events import close_opened
-    from .notify import Notifier
-    notifier = Notifier.from_env()        # systemd Type=notify; a no-op without it
+    notifier = begun.notifier
     stop = asyncio.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         asyncio.get_running_loop().add_signal_handler(sig, stop.set)
